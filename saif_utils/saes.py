@@ -1,0 +1,388 @@
+"""SAEs with sae-lens: validate and load released SAEs, train TopK SAEs on our own activations, save/load, evaluate."""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import TokenCorpus, build_token_corpus
+from .io import atomic_dir, atomic_path, cache_root, content_hash, sha256_file, write_json
+from .models import length_buckets, read_residual_tokens
+from .profiles import Profile, SAETrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINING_RECORD = "training.json"
+
+
+# ---------------------------------------------------------------- released SAEs
+def validate_release(release: str, sae_id: str) -> None:
+    """Check `release`/`sae_id` against sae-lens's bundled registry (offline); raise listing close valid names."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = difflib.get_close_matches(release, directory, n=5, cutoff=0.4)
+        raise ValueError(f"unknown SAE release {release!r}; closest sae-lens releases: {close or sorted(directory)[:10]}")
+    ids = directory[release].saes_map
+    if sae_id not in ids:
+        close = difflib.get_close_matches(sae_id, ids, n=5, cutoff=0.4)
+        raise ValueError(f"unknown sae_id {sae_id!r} in release {release!r}; closest ids: {close or sorted(ids)[:10]}")
+
+
+def neuronpedia_id(release: str, sae_id: str) -> str | None:
+    """Neuronpedia dashboard id of a released SAE (e.g. 'gemma-2-2b/25-gemmascope-res-16k'), if sae-lens knows one."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()[release].neuronpedia_id.get(sae_id)
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu"):
+    """Validate the names offline, then download and load a released SAE with sae-lens."""
+    from sae_lens import SAE
+
+    validate_release(release, sae_id)
+    return SAE.from_pretrained(release, sae_id, device=device)
+
+
+# ---------------------------------------------------------------- checks, save, load
+def sae_layer(sae) -> int | None:
+    """Layer index parsed from the SAE's hook name (`blocks.L.hook_resid_post` or `model.layers.L`)."""
+    match = re.search(r"(?:blocks|layers)\.(\d+)\b", sae.cfg.metadata.hook_name or "")
+    return int(match.group(1)) if match else None
+
+
+def check_sae(sae, layer: int, d_model: int) -> None:
+    """Raise when an SAE cannot read `layer` of a model with width `d_model`."""
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model}: "
+                         f"pick an SAE trained on this model")
+    hooked = sae_layer(sae)
+    if hooked is not None and hooked != layer:
+        raise ValueError(f"SAE hook {sae.cfg.metadata.hook_name!r} reads layer {hooked}, but layer={layer} was requested")
+
+
+def save_sae(sae, dest: str | Path, record: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write an SAE atomically in sae-lens format (`cfg.json` + `sae_weights.safetensors`) plus an optional record."""
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        if dtype is not None:
+            original = sae.cfg.dtype
+            sae.to(dtype=dtype)
+            sae.cfg.dtype = str(dtype).removeprefix("torch.")
+            sae.save_model(tmp)
+            sae.to(dtype=getattr(torch, original))
+            sae.cfg.dtype = original
+        else:
+            sae.save_model(tmp)
+        if record is not None:
+            (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return dest
+
+
+def load_local_sae(path: str | Path, device: str = "cpu"):
+    """Load an SAE saved in sae-lens format, in float32 whatever dtype it was stored in."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"no sae-lens SAE at {path} (expected cfg.json and sae_weights.safetensors)")
+    return SAE.load_from_disk(path, device=device, dtype="float32")
+
+
+# ---------------------------------------------------------------- activations
+def model_fingerprint(profile: Profile) -> str:
+    """Identity of the weights activations come from: the GGUF's sha256 or the hub id."""
+    from .models import gguf_path
+
+    return sha256_file(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
+
+
+def collect_activations(model, profile: Profile, corpus: TokenCorpus, layers: list[int],
+                        splits: tuple[str, ...] = ("train", "eval")) -> dict[str, dict[int, np.ndarray]]:
+    """fp16 residual activations of the corpus's `splits` at `layers` → `{split: {layer: [n_tok, d]}}`, cached on disk.
+
+    One forward pass per batch serves every layer (it stops after the deepest one). The cache key covers the
+    model weights, the split's token ids and the layer, so any change to the corpus or model yields a new entry.
+    """
+    root = cache_root() / "activations" / profile.model.name
+    ids_by_split = {"train": corpus.train_ids, "eval": corpus.eval_ids}
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for split in splits:
+        key = {"model": model_fingerprint(profile), "tokens": corpus.manifest[split]["token_ids_hash"],
+               "skip_first": corpus.manifest["skip_first"]}
+        paths = {layer: root / f"{split}-L{layer}-{content_hash(key | {'layer': layer})}.npy" for layer in layers}
+        missing = [layer for layer, path in paths.items() if not path.is_file()]
+        if missing:
+            acts = read_residual_tokens(model, ids_by_split[split], missing, skip_first=corpus.manifest["skip_first"],
+                                        batch_size=profile.batch_size, remote=profile.remote,
+                                        desc=f"{split} activations", dtype=torch.float16)
+            for layer in missing:
+                with atomic_path(paths[layer]) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, acts[layer].numpy())
+            del acts
+        out[split] = {layer: np.load(path, mmap_mode="r") for layer, path in paths.items()}
+    return out
+
+
+# ---------------------------------------------------------------- training
+def _batches(acts: np.ndarray, batch_size: int, seed: int):
+    """Endless shuffled float32 batches over the rows of `acts`, a fresh permutation each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    n = acts.shape[0]
+    data = torch.from_numpy(np.ascontiguousarray(acts))
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield data[order[start:start + batch_size]].float()
+
+
+def train_sae(train_acts: np.ndarray, cfg: SAETrainConfig, layer: int, model_name: str):
+    """Train a TopK or BatchTopK SAE with sae-lens's `SAETrainer` on cached activations `[n_tokens, d_in]`."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(cfg.seed)
+    d_in = train_acts.shape[1]
+    common = dict(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
+                  normalize_activations="expected_average_only_in", dtype="float32", device="cpu")
+    if cfg.architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+    else:
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae.cfg.metadata.model_name = model_name
+    sae.cfg.metadata.hook_head_index = None
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.total_steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr * cfg.lr_end_fraction,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=int(cfg.total_steps * cfg.lr_decay_fraction),
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=max(cfg.dead_feature_window, 50),
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=min(50, cfg.total_steps),
+    )
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train_acts, cfg.batch_size, cfg.seed))
+    with torch.enable_grad():  # callers may run under inference_mode
+        trainer.fit()
+    return _inference_sae(sae)
+
+
+def _inference_sae(training_sae):
+    """Convert a training SAE into its inference class (TopK → TopKSAE, BatchTopK → JumpReLUSAE) via a save/load."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_sae.save_inference_model(tmp)
+        return load_local_sae(tmp)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096) -> dict:
+    """Explained variance (1 − FVU over the whole set), mean L0, dead fraction and per-latent firing frequency."""
+    sq_err = 0.0
+    l0_sum = 0.0
+    fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    x_all = torch.from_numpy(np.ascontiguousarray(acts)).float()
+    total_var = ((x_all - x_all.mean(0)) ** 2).sum().item()
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start:start + batch_size]
+        feats = sae.encode(x)
+        recon = sae.decode(feats)
+        sq_err += ((x - recon) ** 2).sum().item()
+        active = feats > 0
+        l0_sum += active.sum().item()
+        fire_counts += active.sum(0)
+    n = x_all.shape[0]
+    return {"n_tokens": n, "explained_variance": 1 - sq_err / total_var, "l0": l0_sum / n,
+            "dead_frac": (fire_counts == 0).float().mean().item(), "firing_freq": (fire_counts / n).numpy()}
+
+
+@torch.inference_mode()
+def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[int]], batch_size: int = 8,
+                          skip_first: int = 1, remote: bool = False) -> dict[int, dict]:
+    """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
+    and the mean KL(clean ‖ spliced), over every real token after the first `skip_first` (the splice skips them too)."""
+    totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "kl": 0.0} for layer in saes}
+    n_pred = 0
+    for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        width = batch.input_ids.shape[1]
+        starts = torch.tensor([width - len(token_ids[i]) for i in batch.rows])
+        splice = (torch.arange(width)[None, :] >= (starts[:, None] + skip_first))[..., None]  # [B, S, 1]
+        keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
+        targets = batch.input_ids[:, 1:][keep][:, None]
+        with model.trace(inputs, remote=remote):
+            clean_logits = model.lm_head.output.detach().save()
+        logp_clean = torch.log_softmax(clean_logits[:, :-1][keep].float(), -1)
+        ce_clean = -logp_clean.gather(1, targets).sum().item()
+        for layer, sae in saes.items():
+            with model.trace(inputs, remote=remote):
+                resid = model.model.layers[layer].output
+                resid[:] = torch.where(splice, sae(resid), resid)
+                spliced_logits = model.lm_head.output.detach().save()
+            logp_spliced = torch.log_softmax(spliced_logits[:, :-1][keep].float(), -1)
+            totals[layer]["ce_clean"] += ce_clean
+            totals[layer]["ce_spliced"] += -logp_spliced.gather(1, targets).sum().item()
+            totals[layer]["kl"] += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
+        n_pred += int(keep.sum())
+    return {layer: {k: v / n_pred for k, v in t.items()} | {"n_predictions": n_pred} for layer, t in totals.items()}
+
+
+# ---------------------------------------------------------------- a profile's SAEs
+def training_recipe(profile: Profile, layer: int, corpus_manifest: dict) -> dict:
+    """Everything that determines a trained SAE: model weights, layer, training config and corpus identity."""
+    return {"model": profile.model.name, "model_fingerprint": model_fingerprint(profile), "layer": layer,
+            "train_config": asdict(profile.sae_train),
+            "corpus": {k: corpus_manifest[k] for k in ("sources", "seed", "context_size", "skip_first")}
+            | {"train_hash": corpus_manifest["train"]["token_ids_hash"]}}
+
+
+def shipped_sae_path(profile: Profile, layer: int) -> Path | None:
+    """Committed SAE folder for `layer` if the profile ships one."""
+    return REPO_ROOT / profile.shipped_sae_dir / f"layer_{layer}" if profile.shipped_sae_dir else None
+
+
+def _recipe_matches(path: Path, recipe: dict) -> bool:
+    record_file = path / TRAINING_RECORD
+    return record_file.is_file() and json.loads(record_file.read_text()).get("recipe_hash") == content_hash(recipe)
+
+
+def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, dict]:
+    """The profile's SAE per layer → `{layer: {"sae", "path", "source", "record"}}`.
+
+    Released SAEs are downloaded through sae-lens. Otherwise a committed SAE whose recipe matches is reused,
+    then the user cache; anything missing (or everything, with `retrain`) is trained from cached activations.
+    """
+    d_model = profile.model.d_model
+    if not profile.trains_saes:
+        out = {}
+        for layer in profile.sae_layers:
+            validate_release(profile.sae_release, profile.sae_id(layer))
+        for layer in profile.sae_layers:
+            sae = load_pretrained_sae(profile.sae_release, profile.sae_id(layer), profile.device)
+            check_sae(sae, layer, d_model)
+            out[layer] = {"sae": sae, "path": f"{profile.sae_release}/{profile.sae_id(layer)}", "source": "released",
+                          "record": {}}
+        return out
+
+    cfg = profile.sae_train
+    corpus = build_token_corpus(model.tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+    recipes = {layer: training_recipe(profile, layer, corpus.manifest) for layer in profile.sae_layers}
+    found: dict[int, tuple[Path, str]] = {}
+    for layer, recipe in recipes.items():
+        shipped = shipped_sae_path(profile, layer)
+        cached = cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
+        if not retrain and shipped is not None and _recipe_matches(shipped, recipe):
+            found[layer] = (shipped, "shipped")
+        elif not retrain and _recipe_matches(cached, recipe):
+            found[layer] = (cached, "cache")
+    to_train = [layer for layer in profile.sae_layers if layer not in found]
+    if to_train:
+        acts = collect_activations(model, profile, corpus, to_train)
+        for layer in tqdm(to_train, desc="train SAEs"):
+            recipe = recipes[layer]
+            sae = train_sae(acts["train"][layer], cfg, layer, profile.model.name)
+            metrics = reconstruction_metrics(sae, acts["eval"][layer])
+            record = {"recipe": recipe, "recipe_hash": content_hash(recipe), "corpus_manifest": corpus.manifest,
+                      "eval": {k: v for k, v in metrics.items() if k != "firing_freq"}}
+            dest = cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
+            save_sae(sae, dest, record)
+            found[layer] = (dest, "trained")
+    out = {}
+    for layer in profile.sae_layers:
+        path, source = found[layer]
+        sae = load_local_sae(path, profile.device)
+        check_sae(sae, layer, d_model)
+        out[layer] = {"sae": sae, "path": str(path), "source": source,
+                      "record": json.loads((path / TRAINING_RECORD).read_text())}
+    return out
+
+
+def ship_saes(profile: Profile, saes: dict[int, dict]) -> list[Path]:
+    """Copy a profile's trained SAEs into its committed folder in fp16 (≈ 5 MB each) with their training records."""
+    if profile.shipped_sae_dir is None:
+        raise ValueError(f"profile {profile.name!r} has no shipped_sae_dir to write to")
+    written = []
+    for layer, entry in saes.items():
+        dest = shipped_sae_path(profile, layer)
+        save_sae(entry["sae"], dest, entry["record"], dtype=torch.float16)
+        written.append(dest)
+    return written
+
+
+METRIC_TARGETS = {"explained_variance": 0.80, "l0": 64, "dead_frac": 0.10}
+"""Issue-2 quality bar for every trained SAE: explained variance ≥, mean L0 ≤, dead fraction ≤."""
+
+
+def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: int = 8000):
+    """One row per SAE layer: reconstruction metrics on held-out tokens and spliced next-token CE/KL.
+
+    Returns `(metrics, firing)`: the metrics DataFrame and a tidy `(layer, latent, firing_freq)` DataFrame.
+    Held-out tokens are the corpus's eval split, whose documents never enter SAE training.
+    """
+    import pandas as pd
+
+    cfg = profile.sae_train
+    corpus = build_token_corpus(model.tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+    eval_acts = collect_activations(model, profile, corpus, list(saes), splits=("eval",))["eval"]
+    ce_ids, n_tok = [], 0
+    for ids in corpus.eval_ids:
+        if n_tok >= n_ce_tokens:
+            break
+        ce_ids.append(ids)
+        n_tok += len(ids) - corpus.manifest["skip_first"]
+    ce = spliced_cross_entropy(model, {layer: e["sae"] for layer, e in saes.items()}, ce_ids,
+                               batch_size=profile.batch_size, skip_first=corpus.manifest["skip_first"],
+                               remote=profile.remote)
+    rows, firing = [], []
+    for layer, entry in saes.items():
+        sae = entry["sae"]
+        rec = reconstruction_metrics(sae, eval_acts[layer])
+        rows.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
+                     "n_tokens": rec["n_tokens"], "explained_variance": rec["explained_variance"], "l0": rec["l0"],
+                     "dead_frac": rec["dead_frac"], "ce_clean": ce[layer]["ce_clean"],
+                     "ce_spliced": ce[layer]["ce_spliced"], "kl": ce[layer]["kl"],
+                     "n_ce_predictions": ce[layer]["n_predictions"], "source": entry["source"]})
+        firing.append(pd.DataFrame({"layer": layer, "latent": range(sae.cfg.d_sae), "firing_freq": rec["firing_freq"]}))
+    metrics = pd.DataFrame(rows)
+    metrics["ce_increase"] = metrics["ce_spliced"] - metrics["ce_clean"]
+    metrics["meets_targets"] = ((metrics["explained_variance"] >= METRIC_TARGETS["explained_variance"])
+                                & (metrics["l0"] <= METRIC_TARGETS["l0"])
+                                & (metrics["dead_frac"] <= METRIC_TARGETS["dead_frac"]))
+    return metrics, pd.concat(firing, ignore_index=True)
+
+
+def load_run_saes(stage_path: str | Path, device: str = "cpu") -> dict[int, object]:
+    """The SAEs notebook 01 recorded in `<stage_path>/saes.json` → `{layer: sae}` (later stages start here)."""
+    manifest_file = Path(stage_path) / "saes.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file} is missing: run notebooks/01_sae_loading.ipynb for this output_dir first")
+    out = {}
+    for layer, entry in json.loads(manifest_file.read_text()).items():
+        if entry["source"] == "released":
+            release, sae_id = entry["path"].split("/", 1)
+            out[int(layer)] = load_pretrained_sae(release, sae_id, device)
+        else:
+            out[int(layer)] = load_local_sae(entry["path"], device)
+    return out
+
+
+def clear_cache(kind: str) -> None:
+    """Delete one cache family (`models`, `activations` or `saes`) under the cache root."""
+    if kind not in ("models", "activations", "saes"):
+        raise ValueError(f"clear_cache: kind={kind!r}; allowed: 'models', 'activations', 'saes'")
+    shutil.rmtree(cache_root() / kind, ignore_errors=True)
