@@ -109,6 +109,8 @@ class Profile:
     """Prompts per forward pass when reading activations."""
     neuronpedia_model: str | None = None
     """Neuronpedia model id for latent dashboard links (released SAEs only)."""
+    stage_defaults: dict = field(default_factory=dict)
+    """Per-stage config defaults, e.g. {"discovery": {"n_passages": 3}}; notebook parameters override them."""
 
     def __post_init__(self) -> None:
         if not self.sae_layers:
@@ -171,6 +173,8 @@ PROFILES: dict[str, Profile] = {
                 lr=1e-3, lr_warm_up_steps=5, dead_feature_window=20, context_size=64,
             ),
             batch_size=8,
+            stage_defaults={"discovery": {"n_passages": 3, "n_bootstrap": 10,
+                                          "tasks": ("translate_fr", "summarize")}},
         ),
         Profile(
             name="default",
@@ -178,6 +182,8 @@ PROFILES: dict[str, Profile] = {
             model=SMOLLM2_135M,
             sae_layers=(10, 15, 20, 29),
             shipped_sae_dir="data/saes/smollm2-135m-instruct",
+            # 12 passages × 191 variants × 2 positions ≈ 4.6k prompts ≈ 10 min of CPU forward passes.
+            stage_defaults={"discovery": {"n_passages": 12}},
         ),
         Profile(
             name="gemma-2-2b",
@@ -245,7 +251,7 @@ def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
         close = difflib.get_close_matches(name, PROFILES, n=3, cutoff=0.3)
         raise ValueError(f"unknown profile={name!r}; allowed: {sorted(PROFILES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     profile = PROFILES[name]
-    profile_fields = {f.name for f in fields(Profile)} - {"name", "model", "sae_train"}
+    profile_fields = {f.name for f in fields(Profile)} - {"name", "model", "sae_train", "stage_defaults"}
     train_fields = {f"sae_{f.name}" for f in fields(SAETrainConfig)}
     top, train = {}, {}
     for key, value in overrides.items():
@@ -260,3 +266,24 @@ def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
     if remote:
         top["remote"] = True
     return replace(profile, **top)
+
+
+def stage_config(cls: type, profile: Profile, stage: str, **params: Any):
+    """A stage's frozen config: the dataclass defaults, then `profile.stage_defaults[stage]`, then every
+    notebook parameter that is not None (type-checked against the field it sets)."""
+    allowed = {f.name: f for f in fields(cls)}
+    values = dict(profile.stage_defaults.get(stage, {}))
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key not in allowed:
+            raise ValueError(f"unknown {stage} parameter {key!r}; allowed: {sorted(allowed)}")
+        default = allowed[key].default
+        if default is None:  # optional tuple fields such as `tasks`
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                raise TypeError(f"parameter {key}={value!r} must be a list of strings or None")
+            value = tuple(value)
+        else:
+            value = _coerce(value, default, key)
+        values[key] = value
+    return cls(**values)

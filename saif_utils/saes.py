@@ -43,6 +43,14 @@ def neuronpedia_id(release: str, sae_id: str) -> str | None:
     return get_pretrained_saes_directory()[release].neuronpedia_id.get(sae_id)
 
 
+def neuronpedia_ids(profile: Profile) -> dict[int, str]:
+    """Neuronpedia dashboard ids per layer for a profile's released SAEs (empty for SAEs we trained)."""
+    if profile.trains_saes:
+        return {}
+    ids = {layer: neuronpedia_id(profile.sae_release, profile.sae_id(layer)) for layer in profile.sae_layers}
+    return {layer: value for layer, value in ids.items() if value}
+
+
 def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu"):
     """Validate the names offline, then download and load a released SAE with sae-lens."""
     from sae_lens import SAE

@@ -10,7 +10,7 @@ from saif_utils.pipeline import numbered_notebooks, run_pipeline
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, saif_cache):
     output_dir = tmp_path_factory.mktemp("outputs") / "tiny"
-    timings = run_pipeline("tiny", output_dir, only=["01"])
+    timings = run_pipeline("tiny", output_dir)
     return output_dir, timings
 
 
@@ -44,7 +44,7 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     assert all(math.isfinite(v) for v in metrics[["ce_clean", "ce_spliced", "kl"]].to_numpy().ravel())
     assert (stage / "01_sae_loading.ipynb").is_file() and (stage / "latent_firing.png").is_file()
     assert (stage / "saes.json").is_file() and (output_dir / "timings.csv").is_file()
-    assert list(timings["stage"]) == ["01_sae_loading"]
+    assert list(timings["stage"]) == [nb.stem for nb in numbered_notebooks()]
 
 
 def test_01_saes_reload_from_the_run_manifest(tiny_run, tiny_profile):
@@ -53,3 +53,34 @@ def test_01_saes_reload_from_the_run_manifest(tiny_run, tiny_profile):
     saes = load_run_saes(tiny_run[0] / "01_sae_loading")
     assert sorted(saes) == list(tiny_profile.sae_layers)
     assert all(sae.cfg.d_in == tiny_profile.model.d_model for sae in saes.values())
+
+
+def test_02_writes_scores_selections_and_robustness(tiny_run):
+    stage = tiny_run[0] / "02_feature_discovery"
+    scores = pd.read_parquet(stage / "latent_scores.parquet")
+    expected = ["task", "layer", "position", "latent", "freq_pos", "freq_neg", "mean_diff", "consistency", "score", "rank"]
+    assert set(expected) <= set(scores.columns)
+    assert {"translate_fr", "summarize"} <= set(scores["task"]) and set(scores["position"]) == {"post", "pre"}
+    assert scores["consistency"].between(0, 1).all() and scores["freq_pos"].between(0, 1).all()
+    # every (task, layer, position, contrast) ranks every latent exactly once
+    for _, group in scores.groupby(["task", "layer", "position", "contrast"]):
+        assert sorted(group["rank"]) == list(range(1, len(group) + 1))
+    selected = pd.read_csv(stage / "selected_latents.csv")
+    assert list(selected.columns[:7]) == ["task", "layer", "position", "contrast", "rank", "latent", "weight"]
+    assert (selected["score"] > 0).all()
+    robust = pd.read_csv(stage / "robustness.csv")
+    assert {"bootstrap_jaccard", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"} <= set(robust["metric"])
+    assert {"translate_fr"} <= set(robust[robust["metric"] == "bootstrap_jaccard"]["task"])
+    for name in ("top_latents_by_language.png", "consistency_vs_sensitivity.png"):
+        assert (stage / name).is_file(), name
+
+
+def test_03_writes_proximity_with_a_random_control(tiny_run):
+    stage = tiny_run[0] / "03_semantic_proximity"
+    prox = pd.read_parquet(stage / "proximity.parquet")
+    assert set(prox["control"]) == {True, False}
+    assert prox["top_tokens"].str.count(r" \| ").eq(19).all(), "20 logit-lens tokens per latent"
+    assert prox["cos_instruction"].between(-1, 1).all()
+    overlap = pd.read_csv(stage / "task_overlap.csv")
+    diag = overlap[overlap["task_a"] == overlap["task_b"]]["jaccard"].dropna()
+    assert (diag == 1).all()

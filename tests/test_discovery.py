@@ -1,0 +1,91 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saif_utils.discovery import (
+    DiscoveryConfig, PairSet, build_pairs, jaccard, latent_stats, rank_latents, robustness, select_variants,
+)
+
+
+def test_latent_stats_on_a_hand_built_case():
+    # latent 0: fires on every positive, never on negatives → consistency 1, large effect
+    # latent 1: fires equally on both → consistency 0 (negative not far below), mean_diff 0
+    # latent 2: fires on half of the positives only
+    pos = torch.tensor([[2.0, 1.0, 1.0], [2.0, 1.0, 0.0], [2.0, 1.0, 1.0], [2.0, 1.0, 0.0]])
+    neg = torch.tensor([[0.0, 1.0, 0.0]] * 4)
+    stats = latent_stats(pos, neg, fire_threshold=0.0, negative_ratio=0.25)
+    np.testing.assert_allclose(stats["freq_pos"], [1, 1, 0.5])
+    np.testing.assert_allclose(stats["freq_neg"], [0, 1, 0])
+    np.testing.assert_allclose(stats["mean_diff"], [2, 0, 0.5])
+    np.testing.assert_allclose(stats["consistency"], [1, 0, 0.5])
+    assert stats["score"][0] > stats["score"][2] > stats["score"][1] == 0
+    assert list(rank_latents(stats["score"])) == [0, 2, 1]
+
+
+def test_negative_ratio_defines_far_less():
+    pos, neg = torch.tensor([[1.0]]), torch.tensor([[0.2]])
+    assert latent_stats(pos, neg, negative_ratio=0.25)["consistency"][0] == 1
+    assert latent_stats(pos, neg, negative_ratio=0.1)["consistency"][0] == 0
+
+
+def test_jaccard():
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and jaccard([1], [1]) == 1.0
+    assert np.isnan(jaccard([], []))
+
+
+def _toy_prompts():
+    rows = []
+    for p in ("a", "b"):
+        rows.append({"prompt_id": f"{p}|-|none", "passage_id": p, "task": None, "position": "none", "label": "negative",
+                     "variant_id": None, "language": None, "kind": None})
+        for task, v in (("translate_fr", "fr1"), ("translate_es", "es1")):
+            rows.append({"prompt_id": f"{p}|{v}|post", "passage_id": p, "task": task, "position": "post",
+                         "label": "positive", "variant_id": v, "language": "en", "kind": "paraphrase"})
+    return pd.DataFrame(rows)
+
+
+def test_build_pairs_aligns_positives_with_their_passage_negative_and_siblings():
+    prompts = _toy_prompts()
+    # rows: a-neg, a-fr, a-es, b-neg, b-fr, b-es ; one latent whose value is the row number
+    acts = torch.arange(6, dtype=torch.float32)[:, None]
+    content = build_pairs(prompts, acts, "translate_fr", "post", "content")
+    assert content.pos[:, 0].tolist() == [1, 4] and content.neg[:, 0].tolist() == [0, 3]
+    sibling = build_pairs(prompts, acts, "translate_fr", "post", "sibling", ["translate_es"])
+    assert sibling.neg[:, 0].tolist() == [2, 5], "sibling negatives take the max over content and sibling prompts"
+    with pytest.raises(ValueError, match="needs sibling tasks"):
+        build_pairs(prompts, acts, "translate_fr", "post", "sibling", [])
+    with pytest.raises(ValueError, match="no prompts for task='summarize'"):
+        build_pairs(prompts, acts, "summarize", "post", "content")
+
+
+def test_robustness_recovers_a_planted_latent_set():
+    gen = torch.Generator().manual_seed(0)
+    n_passages, n_variants, d = 10, 6, 200
+    planted = [3, 17, 42, 99, 150]
+    neg = torch.rand(n_passages * n_variants, d, generator=gen) * 0.1
+    pos = neg + torch.rand(n_passages * n_variants, d, generator=gen) * 0.02
+    pos[:, planted] += 2.0
+    meta = pd.DataFrame({"passage_id": np.repeat([f"p{i}" for i in range(n_passages)], n_variants),
+                         "variant_id": np.tile([f"v{j}" for j in range(n_variants)], n_passages),
+                         "language": np.tile(["en", "en", "en", "fr", "de", "zh"], n_passages),
+                         "kind": np.tile(["paraphrase"] * 3 + ["translation"] * 3, n_passages)})
+    cfg = DiscoveryConfig(jaccard_k=5, n_bootstrap=20)
+    rows = {r["metric"]: r for r in robustness(PairSet(pos, neg, meta), cfg)}
+    assert rows["bootstrap_jaccard"]["value"] == 1.0
+    assert rows["paraphrase_vs_translation_jaccard"]["value"] == 1.0
+
+
+def test_config_and_task_selection_fail_fast():
+    with pytest.raises(ValueError, match="read_at='middle'"):
+        DiscoveryConfig(read_at="middle")
+    with pytest.raises(ValueError, match="n_passages=0 must be ≥ 1"):
+        DiscoveryConfig(n_passages=0)
+    from saif_utils.data import load_tasks, load_variants
+
+    tasks = load_tasks()
+    variants = load_variants(tasks=tasks)
+    chosen = select_variants(variants, tasks, ["translate_fr"])
+    assert set(chosen["base_task"]) == {"translate_fr", "translate_es", "translate_de"}
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['translate_xx'\]"):
+        select_variants(variants, tasks, ["translate_xx"])
