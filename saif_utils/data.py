@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class DataError(ValueError):
 def _check_row(row: Any, cls: type, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    required = {f.name for f in fields(cls) if f.default is f.default_factory is dataclasses_missing()}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
     allowed = {f.name for f in fields(cls)}
     missing = sorted(required - row.keys())
     if missing:
@@ -79,13 +79,6 @@ def _check_row(row: Any, cls: type, where: str) -> dict:
         if name in ENUMS and value not in ENUMS[name]:
             raise DataError(f"{where}: field {name!r} is {value!r}; allowed: {list(ENUMS[name])}")
     return row
-
-
-def dataclasses_missing():
-    """The sentinel dataclasses uses for 'no default' (a field without one is required in the JSONL)."""
-    import dataclasses
-
-    return dataclasses.MISSING
 
 
 def read_jsonl(path: str | Path, cls: type) -> list:

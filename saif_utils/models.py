@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_dir, cache_root, sha256_file
-from .profiles import ModelSpec, Profile, check_layer
+from .profiles import ModelSpec, Profile
 
 CACHE_MANIFEST = "saif_cache.json"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import TokenCorpus, build_token_corpus
-from .io import atomic_dir, atomic_path, cache_root, content_hash, sha256_file, write_json
+from .io import atomic_dir, atomic_path, cache_root, content_hash, sha256_file
 from .models import length_buckets, read_residual_tokens
 from .profiles import Profile, SAETrainConfig
 
@@ -251,6 +250,11 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
 
 
 # ---------------------------------------------------------------- a profile's SAEs
+def sae_corpus(tokenizer, cfg: SAETrainConfig) -> TokenCorpus:
+    """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics."""
+    return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+
+
 def training_recipe(profile: Profile, layer: int, corpus_manifest: dict) -> dict:
     """Everything that determines a trained SAE: model weights, layer, training config and corpus identity."""
     return {"model": profile.model.name, "model_fingerprint": model_fingerprint(profile), "layer": layer,
@@ -288,16 +292,17 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
         return out
 
     cfg = profile.sae_train
-    corpus = build_token_corpus(model.tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+    corpus = sae_corpus(model.tokenizer, cfg)
     recipes = {layer: training_recipe(profile, layer, corpus.manifest) for layer in profile.sae_layers}
+    cached = {layer: cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
+              for layer, recipe in recipes.items()}
     found: dict[int, tuple[Path, str]] = {}
     for layer, recipe in recipes.items():
         shipped = shipped_sae_path(profile, layer)
-        cached = cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
         if not retrain and shipped is not None and _recipe_matches(shipped, recipe):
             found[layer] = (shipped, "shipped")
-        elif not retrain and _recipe_matches(cached, recipe):
-            found[layer] = (cached, "cache")
+        elif not retrain and _recipe_matches(cached[layer], recipe):
+            found[layer] = (cached[layer], "cache")
     to_train = [layer for layer in profile.sae_layers if layer not in found]
     if to_train:
         acts = collect_activations(model, profile, corpus, to_train)
@@ -307,9 +312,8 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
             metrics = reconstruction_metrics(sae, acts["eval"][layer])
             record = {"recipe": recipe, "recipe_hash": content_hash(recipe), "corpus_manifest": corpus.manifest,
                       "eval": {k: v for k, v in metrics.items() if k != "firing_freq"}}
-            dest = cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
-            save_sae(sae, dest, record)
-            found[layer] = (dest, "trained")
+            save_sae(sae, cached[layer], record)
+            found[layer] = (cached[layer], "trained")
     out = {}
     for layer in profile.sae_layers:
         path, source = found[layer]
@@ -344,8 +348,7 @@ def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_token
     """
     import pandas as pd
 
-    cfg = profile.sae_train
-    corpus = build_token_corpus(model.tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+    corpus = sae_corpus(model.tokenizer, profile.sae_train)
     eval_acts = collect_activations(model, profile, corpus, list(saes), splits=("eval",))["eval"]
     ce_ids, n_tok = [], 0
     for ids in corpus.eval_ids:
@@ -387,10 +390,3 @@ def load_run_saes(stage_path: str | Path, device: str = "cpu") -> dict[int, obje
         else:
             out[int(layer)] = load_local_sae(entry["path"], device)
     return out
-
-
-def clear_cache(kind: str) -> None:
-    """Delete one cache family (`models`, `activations` or `saes`) under the cache root."""
-    if kind not in ("models", "activations", "saes"):
-        raise ValueError(f"clear_cache: kind={kind!r}; allowed: 'models', 'activations', 'saes'")
-    shutil.rmtree(cache_root() / kind, ignore_errors=True)

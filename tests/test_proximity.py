@@ -1,5 +1,4 @@
 import pandas as pd
-import torch
 
 from saif_utils.proximity import is_french_related, logit_lens, overlap_matrix, random_control
 
