@@ -44,7 +44,7 @@ class SAETrainConfig:
     """Distinct training tokens whose activations are collected (all non-pad tokens after the first of each text)."""
     n_eval_tokens: int = 40_000
     """Held-out tokens (disjoint texts) for explained variance, L0 and dead-latent fraction."""
-    epochs: int = 3
+    epochs: int = 4
     """Passes over the cached training activations."""
     batch_size: int = 1024
     """Activations per optimisation step."""
@@ -58,7 +58,7 @@ class SAETrainConfig:
     """Linear warm-up steps."""
     aux_loss_coefficient: float = 1.0
     """AuxK coefficient: dead latents learn to reconstruct the residual error of the live ones."""
-    dead_feature_window: int = 200
+    dead_feature_window: int = 100
     """Steps without firing after which a latent counts as dead for AuxK."""
     context_size: int = 256
     """Maximum tokens per training text."""
