@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce test lab lock clean-outputs
+.PHONY: help venv reproduce test lab ship-saes lock clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -45,6 +45,11 @@ test: venv  ## run the test suite (tiny profile; includes papermill runs of ever
 
 lab: venv  ## open the notebooks in JupyterLab with the project's kernel
 	$(BIN)/jupyter lab notebooks
+
+ship-saes: venv  ## train (or reuse cached) SAEs of PROFILE and copy them, fp16, into its data/saes folder
+	$(BIN)/python -c "from saif_utils.models import load_model; from saif_utils.profiles import get_profile; \
+	from saif_utils.saes import profile_saes, ship_saes; p = get_profile('$(PROFILE)'); \
+	print(*ship_saes(p, profile_saes(load_model(p), p)), sep='\n')"
 
 lock: venv  ## regenerate requirements.lock and environment.yml from .venv
 	$(BIN)/python tools/write_lock.py

@@ -143,7 +143,7 @@ def _batches(acts: np.ndarray, batch_size: int, seed: int):
     """Endless shuffled float32 batches over the rows of `acts`, a fresh permutation each epoch."""
     gen = torch.Generator().manual_seed(seed)
     n = acts.shape[0]
-    data = torch.from_numpy(np.ascontiguousarray(acts))
+    data = torch.from_numpy(np.array(acts))  # a writable in-memory copy of the (read-only) memmap
     while True:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1, batch_size):
