@@ -147,7 +147,8 @@ def load_variants(path: str | Path = INSTRUCTIONS_PATH, tasks: dict[str, Task] |
                     raise DataError(f"{where}: text has a {{keyword}} placeholder but task {variant.task!r} has no keywords")
                 for word in keywords:
                     rows.append({**variant.__dict__, "task": f"{variant.task}:{word}", "base_task": variant.task,
-                                 "keyword": word, "text": variant.text.format(keyword=word)})
+                                 "variant_id": f"{variant.variant_id}:{word}", "keyword": word,
+                                 "text": variant.text.format(keyword=word)})
             else:
                 rows.append({**variant.__dict__, "base_task": variant.task, "keyword": None})
     return pd.DataFrame(rows)
@@ -211,6 +212,9 @@ def build_prompts(tokenizer, variants: pd.DataFrame, passages: pd.DataFrame,
         row.update(token_positions(tokenizer, row["user_text"], row["instruction"]))
         row["prompt_id"] = f"{row['passage_id']}|{row['variant_id'] or '-'}|{row['position']}"
     df = pd.DataFrame(rows)
+    duplicated = df["prompt_id"][df["prompt_id"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"build_prompts: prompt ids {list(duplicated[:3])} repeat; variant_id must be unique per variant")
     return df[["prompt_id", *[c for c in df.columns if c != "prompt_id"]]]
 
 

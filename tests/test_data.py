@@ -21,6 +21,7 @@ def test_shipped_data_meets_the_schema_and_sizes():
         assert (base["kind"] == "paraphrase").sum() >= 12, task
         assert base.loc[base["kind"] == "translation", "language"].nunique() >= 5, task
     assert {"keyword:ocean", "keyword:music"} <= set(variants["task"])
+    assert variants["variant_id"].is_unique, "keyword sub-tasks need their own variant ids"
     assert len(passages) >= 150 and (passages["split"] == "test").sum() >= 40
     assert passages.groupby("passage_id")["split"].nunique().max() == 1
 
@@ -91,3 +92,13 @@ def test_build_prompts_pairs_every_variant_with_one_negative(tiny_model):
     assert (df["label"] == "negative").sum() == 2
     neg = df[df["label"] == "negative"].iloc[0]
     assert neg["user_text"] == passages.iloc[0]["text"] and neg["idx_last_instruction"] == -1
+
+
+def test_keyword_sub_tasks_get_distinct_prompts(tiny_model):
+    variants = load_variants()
+    variants = variants[variants["base_task"] == "keyword"].groupby("task").head(1)
+    df = build_prompts(tiny_model.tokenizer, variants, load_passages().head(1), ["post"])
+    positives = df[df["label"] == "positive"]
+    assert positives["prompt_id"].is_unique and positives["task"].nunique() == 3
+    for row in positives.itertuples():
+        assert row.task.split(":")[1] in row.user_text
