@@ -149,13 +149,31 @@ def check_bullet_list(response: str, source: str | None = None) -> Verdict:
     return Verdict(bullets >= 2 and bullets == len(lines), bullets >= 2)
 
 
+def check_json(response: str, source: str | None = None) -> Verdict:
+    """Strict: the response (a ```json fence allowed around it) parses as a JSON object or array.
+    Loose: it starts like JSON — '{', '[' or a ```json fence — even if truncated.
+
+    >>> check_json('{"a": 1}'), check_json('```json {"a": [1,'), check_json("Sure: a b c")
+    (Verdict(strict=True, loose=True), Verdict(strict=False, loose=True), Verdict(strict=False, loose=False))
+    """
+    import json
+
+    text = response.strip()
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
+    try:
+        strict = isinstance(json.loads(body), (dict, list))
+    except ValueError:
+        strict = False
+    return Verdict(strict, bool(re.match(r"(\{|\[|```json)", text)))
+
+
 def checker_for(task: str) -> Callable[[str, str], Verdict]:
     """The checker of a (sub-)task: `keyword:<word>` binds its word; others take (response, source)."""
     if task.startswith("keyword:"):
         word = task.split(":", 1)[1]
         return lambda response, source=None: check_keyword(response, word)
     checkers = {"translate_fr": check_translate_fr, "summarize": check_summarize, "uppercase": check_uppercase,
-                "bullet_list": check_bullet_list}
+                "bullet_list": check_bullet_list, "json": check_json}
     if task not in checkers:
         raise ValueError(f"no checker for task={task!r}; allowed: {sorted(checkers)} or 'keyword:<word>'")
     return checkers[task]

@@ -91,6 +91,7 @@ def test_summary_uppercase_bullets_and_dispatch():
     assert not check_summarize("The stock market fell sharply today.", source).loose
     assert check_uppercase("HELLO WORLD!").strict and not check_uppercase("123").loose
     assert check_bullet_list("* a\n* b").strict and not check_bullet_list("- only one").loose
+    assert checker_for("json")('```json\n{"a": 1}\n```', "src").strict
     assert checker_for("keyword:ocean")("The ocean.", "src").strict
     with pytest.raises(ValueError, match="no checker for task='poetry'"):
         checker_for("poetry")
@@ -102,3 +103,12 @@ def test_sentences_repetition_and_bootstrap():
     mean, low, high = bootstrap_ci([1, 0, 1, 1, 0, 1, 0, 1] * 5)
     assert low < mean < high and mean == pytest.approx(0.625)
     assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0, 1.0)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    import saif_utils.evaluation as evaluation
+
+    result = doctest.testmod(evaluation)
+    assert result.attempted >= 6 and result.failed == 0
