@@ -182,7 +182,7 @@ PROFILES: dict[str, Profile] = {
             model=SMOLLM2_135M,
             sae_layers=(10, 15, 20, 29),
             shipped_sae_dir="data/saes/smollm2-135m-instruct",
-            # 12 passages × 191 variants × 2 positions ≈ 4.6k prompts ≈ 10 min of CPU forward passes.
+            # 12 passages × 213 variants × 2 positions ≈ 5.2k prompts ≈ 11 min of CPU forward passes.
             stage_defaults={"discovery": {"n_passages": 12}},
         ),
         Profile(
