@@ -198,10 +198,13 @@ def top_latents(pairs: PairSet, cfg: DiscoveryConfig, k: int, mask: np.ndarray |
     return order[score[order] > 0]
 
 
-def robustness(pairs: PairSet, cfg: DiscoveryConfig) -> list[dict]:
-    """Top-`jaccard_k` stability: bootstrap over passages, and paraphrase-only vs translation-only selections."""
+def robustness(pairs: PairSet, cfg: DiscoveryConfig, full: np.ndarray | None = None) -> list[dict]:
+    """Top-`jaccard_k` stability: bootstrap over passages, and paraphrase-only vs translation-only selections.
+
+    `full` is the selection on all pairs when the caller already has it (it is recomputed otherwise).
+    """
     k = cfg.jaccard_k
-    full = top_latents(pairs, cfg, k)
+    full = top_latents(pairs, cfg, k) if full is None else np.asarray(full)[:k]
     passages = pairs.meta["passage_id"].to_numpy()
     unique = np.unique(passages)
     rng = np.random.default_rng(cfg.seed)
@@ -269,7 +272,7 @@ def run_discovery(model, saes: dict[int, object], prompts: pd.DataFrame, tasks: 
             tops[(task, layer, position, contrast)] = top["latent"].to_numpy()
             selected.append(top[["rank", "latent", "mean_diff", "consistency", "score"]]
                             .rename(columns={"mean_diff": "weight"}).assign(**keys))
-            robust += [r | keys for r in robustness(pairs, cfg)]
+            robust += [r | keys for r in robustness(pairs, cfg, top["latent"].to_numpy())]
             breakdowns.append(breakdown(pairs, top["latent"][: cfg.jaccard_k], cfg).assign(**keys))
     if {"post", "pre"} <= set(cfg.positions):
         for (task, layer, position, contrast), top in tops.items():
