@@ -241,3 +241,17 @@ def token_positions(tokenizer, user_text: str, instruction: str | None) -> dict:
         idx_instr = max(i for i, (start, end) in enumerate(offsets) if start < instr_end and end > instr_start)
     return {"prompt": prompt, "input_ids": enc["input_ids"], "n_tokens": len(enc["input_ids"]),
             "idx_last_prompt": len(enc["input_ids"]) - 1, "idx_end_user": idx_end_user, "idx_last_instruction": idx_instr}
+
+
+def evaluation_prompts(tokenizer, passages: pd.DataFrame, instruction: str | None = None,
+                       position: str = "post") -> pd.DataFrame:
+    """One chat prompt per passage — content alone, or with `instruction` at `position` — for generation.
+
+    Columns: passage_id, split, source (the passage text the checkers compare against), user_text, input_ids.
+    """
+    if passages.empty:
+        raise ValueError("evaluation_prompts: no passages; check content_path and the split sizes")
+    user_texts = [join_content(text, instruction, position) for text in passages["text"]]
+    ids = tokenizer([chat_prompt(tokenizer, t) for t in user_texts], add_special_tokens=False)["input_ids"]
+    return pd.DataFrame({"passage_id": passages["passage_id"].to_numpy(), "split": passages["split"].to_numpy(),
+                         "source": passages["text"].to_numpy(), "user_text": user_texts, "input_ids": ids})

@@ -320,3 +320,30 @@ def sibling_overlap(selected: pd.DataFrame, k: int) -> pd.DataFrame:
             rows.append({"task": task, "layer": layer, "position": position,
                          "content_vs_sibling_jaccard": jaccard(by["content"], by["sibling"])})
     return pd.DataFrame(rows)
+
+
+def diff_in_means(prompts: pd.DataFrame, resid: dict[int, torch.Tensor], positions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Mean positive minus mean paired content-only negative residual for every target (sub-)task, layer and
+    position → `{"<task>|<layer>|<position>": [d_model]}` (the diff-in-means steering baseline)."""
+    out = {}
+    for task in sorted(prompts.loc[prompts["label"] == "positive", "task"].unique()):
+        for layer, acts in resid.items():
+            for position in positions:
+                pairs = build_pairs(prompts, acts.float(), task, position, "content")
+                out[f"{task}|{layer}|{position}"] = (pairs.pos.mean(0) - pairs.neg.mean(0)).contiguous()
+    return out
+
+
+def save_directions(directions: dict[str, torch.Tensor], dest) -> None:
+    """Write named direction vectors atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    with atomic_path(dest) as tmp:
+        save_file(directions, str(tmp))
+
+
+def load_directions(path) -> dict[str, torch.Tensor]:
+    """Named direction vectors written by `save_directions`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import pandas as pd
 
 FRENCH_P_MIN = 0.8
 """fastText probability above which a text counts as French."""
@@ -199,3 +200,31 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000
     res = bootstrap((arr,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
                     random_state=np.random.default_rng(seed))
     return float(arr.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def judge(responses: pd.DataFrame) -> pd.DataFrame:
+    """Add `strict`, `loose` and `repetition` to a table with columns task, response and source."""
+    verdicts = [checker_for(task)(response, source) for task, response, source
+                in zip(responses["task"], responses["response"], responses["source"])]
+    return responses.assign(strict=[v.strict for v in verdicts], loose=[v.loose for v in verdicts],
+                            repetition=[repetition_rate(r) for r in responses["response"]])
+
+
+def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """One row per group of `keys`: n, strict and loose accuracy with 95 % bootstrap CIs, and fluency.
+
+    `fluency` = exp(−mean token NLL) of the responses under the unsteered model (geometric-mean token probability:
+    1 = perfectly predictable, → 0 = gibberish); `nll` and `repetition` are reported beside it.
+    """
+    rows = []
+    for key, group in judged.groupby(list(keys), sort=False, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(group)
+        for name in ("strict", "loose"):
+            mean, low, high = bootstrap_ci(group[name].astype(float), seed=seed)
+            row |= {f"{name}_acc": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
+        row["fluency"] = float(np.exp(-group["nll"].mean())) if "nll" in group else np.nan
+        row["nll"] = float(group["nll"].mean()) if "nll" in group else np.nan
+        row["repetition"] = float(group["repetition"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -5,12 +5,19 @@ layer and on every model.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .models import length_buckets
+from .io import atomic_path, cache_root, content_hash
+from .models import length_buckets, read_residual_tokens
 
 Span = Literal["prompt", "generated", "both"]
 SPANS = ("prompt", "generated", "both")
@@ -41,34 +48,183 @@ def scale_direction(direction: torch.Tensor, alpha: float, mean_norm: float) -> 
     return direction / direction.norm() * float(alpha) * float(mean_norm)
 
 
-@torch.inference_mode()
-def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, vector: torch.Tensor | None,
-                     max_new_tokens: int, span: Span = "both", batch_size: int = 8,
-                     remote: bool = False) -> list[list[int]]:
-    """Greedy generation of exactly `max_new_tokens` per prompt, adding `vector` to the output of decoder block
-    `layer` at the prompt positions, at every generated token, or both. Returns the new token ids per prompt.
+# ---------------------------------------------------------------- interventions on one layer's residual
+@dataclass(frozen=True, eq=False)
+class AddVector:
+    """Add a fixed vector to the residual (steering)."""
 
-    nnsight's `tracer.iter[:N]` visits the forward pass of each step: step 0 is the whole (left-padded) prompt,
-    each later step one new token under the KV cache — so "generated" really reaches every new token.
-    """
-    if span not in SPANS:
-        raise ValueError(f"span={span!r}; allowed: {list(SPANS)}")
+    vector: torch.Tensor
+
+    def delta(self, resid: torch.Tensor) -> torch.Tensor:
+        """What to add to a residual `[B, S, d]`."""
+        return self.vector.to(resid.dtype)
+
+    def fingerprint(self) -> dict:
+        """Cache identity: the vector's exact bytes."""
+        return {"add": hashlib.sha256(self.vector.float().contiguous().numpy().tobytes()).hexdigest()[:16]}
+
+
+@dataclass(frozen=True, eq=False)
+class AblateLatents:
+    """Subtract the decoded contribution Σ_j a_j(h) · W_dec[j] of `latents` from the residual (causal ablation)."""
+
+    sae: object
+    latents: tuple[int, ...]
+    sae_key: str
+    """Identifies the SAE weights in cache keys (e.g. the hash in its training record)."""
+
+    def delta(self, resid: torch.Tensor) -> torch.Tensor:
+        """Minus the latents' reconstruction of `resid` `[B, S, d]`."""
+        idx = torch.as_tensor(self.latents)
+        acts = self.sae.encode(resid.float())[..., idx]
+        return -(acts @ self.sae.W_dec[idx].float()).to(resid.dtype)
+
+    def fingerprint(self) -> dict:
+        """Cache identity: the SAE and the latent set."""
+        return {"ablate": self.sae_key, "latents": sorted(map(int, self.latents))}
+
+
+Intervention = AddVector | AblateLatents
+
+
+def _check_layer(model, layer: int) -> None:
     n_layers = len(model.model.layers)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
-    steps = range(max_new_tokens)
-    active = {0} if span == "prompt" else set(steps[1:]) if span == "generated" else set(steps)
+
+
+@torch.inference_mode()
+def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit: Intervention | torch.Tensor | None,
+                     max_new_tokens: int, span: Span = "both", batch_size: int = 8, remote: bool = False,
+                     desc: str = "generating") -> list[list[int]]:
+    """Greedy generation of up to `max_new_tokens` per prompt (stopping at end-of-turn) with `edit` applied to the
+    output of decoder block `layer` at the prompt positions, at every generated token, or both. A bare tensor means
+    `AddVector(tensor)`. Returns the new token ids per prompt, without the end-of-turn token.
+
+    nnsight's `tracer.iter[:]` visits the forward pass of each step: step 0 is the whole (left-padded) prompt,
+    each later step one new token under the KV cache — so "generated" really reaches every new token. The loop is
+    open-ended because a batch whose rows all finish stops early; the result is read in a second invoke, which
+    runs after the loop however it ends.
+    """
+    if span not in SPANS:
+        raise ValueError(f"span={span!r}; allowed: {list(SPANS)}")
+    _check_layer(model, layer)
+    if isinstance(edit, torch.Tensor):
+        edit = AddVector(edit)
+    stop_ids = {model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
     out: list[list[int] | None] = [None] * len(token_ids)
-    for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        with model.generate(inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
-            if vector is not None:
-                for step in tracer.iter[:max_new_tokens]:
-                    if step in active:
-                        model.model.layers[layer].output[:] += vector
-            result = tracer.result.save()
+    batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
+    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 3):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with model.generate(max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
+                with tracer.invoke({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
+                    if edit is not None and span == "prompt":
+                        resid = model.model.layers[layer].output  # the first forward: the whole prompt
+                        resid[:] += edit.delta(resid)
+                    elif edit is not None:
+                        # Every step must touch the module: a step that waits on nothing would spin forever.
+                        for step in tracer.iter[:]:
+                            resid = model.model.layers[layer].output
+                            if step > 0 or span == "both":
+                                resid[:] += edit.delta(resid)
+                with tracer.invoke():
+                    result = tracer.result.save()
         width = batch.input_ids.shape[1]
         for r, i in enumerate(batch.rows):
-            out[i] = result[r, width:].tolist()
+            new = result[r, width:].tolist()
+            out[i] = new[: next((j for j, t in enumerate(new) if t in stop_ids), len(new))]
+    return out
+
+
+def cached_generate(model, model_key: str, token_ids: Sequence[Sequence[int]], layer: int | None,
+                    edit: Intervention | None, max_new_tokens: int, span: Span = "both", batch_size: int = 8,
+                    remote: bool = False, desc: str = "generating") -> list[list[int]]:
+    """`generate_steered` with one cache entry per prompt, keyed by (model, layer, intervention, span, prompt ids,
+    decoding): a rerun after a crash, or with one more α, generates only what is new. Entries are written atomically
+    and checked on read (a truncated or corrupt entry is regenerated)."""
+    base = {"model": model_key, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+            "edit": None if edit is None else {"layer": layer, "span": span, **edit.fingerprint()}}
+    paths = [cache_root() / "generations" / f"{content_hash(base | {'prompt': list(ids)})}.json" for ids in token_ids]
+
+    def read(path):
+        try:
+            ids = json.loads(path.read_text())["ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return ids if isinstance(ids, list) and len(ids) <= max_new_tokens else None
+
+    out = [read(path) for path in paths]
+    missing = [i for i, ids in enumerate(out) if ids is None]
+    if missing:
+        fresh = generate_steered(model, [token_ids[i] for i in missing], 0 if layer is None else layer, edit,
+                                 max_new_tokens, span, batch_size, remote, desc)
+        for i, ids in zip(missing, fresh):
+            with atomic_path(paths[i]) as tmp:
+                tmp.write_text(json.dumps({"ids": ids}))
+            out[i] = ids
+    return out
+
+
+# ---------------------------------------------------------------- scales, baselines and likelihoods
+def mean_residual_norm(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 16,
+                       remote: bool = False) -> dict[int, float]:
+    """Mean L2 norm of the residual at each layer over every real token but the first (the attention sink)."""
+    resid = read_residual_tokens(model, token_ids, layers, batch_size=batch_size, remote=remote, desc="residual norms")
+    return {layer: float(acts.float().norm(dim=-1).mean()) for layer, acts in resid.items()}
+
+
+def random_latents(d_sae: int, k: int, exclude: Sequence[int], seed: int) -> np.ndarray:
+    """`k` distinct latents drawn uniformly from those not in `exclude` (seeded)."""
+    pool = np.setdiff1d(np.arange(d_sae), np.asarray(exclude, dtype=int))
+    if k > len(pool):
+        raise ValueError(f"k={k} random latents requested but only {len(pool)} are available (d_sae={d_sae})")
+    return np.sort(np.random.default_rng(seed).choice(pool, size=k, replace=False))
+
+
+def mass_matched_latents(mass: np.ndarray, selected: Sequence[int], seed: int, window: int = 10) -> np.ndarray:
+    """For each selected latent, a different non-selected latent drawn among the `window` nearest to it in
+    activation mass (`mass[j]` = summed activation of latent j): a random set with matched total mass."""
+    selected = [int(j) for j in selected]
+    pool = np.setdiff1d(np.arange(len(mass)), selected)
+    pool = pool[np.argsort(mass[pool], kind="stable")]
+    rng = np.random.default_rng(seed)
+    taken: set[int] = set()
+    out = []
+    for j in selected:
+        centre = int(np.searchsorted(mass[pool], mass[j]))
+        lo = max(0, centre - window)
+        candidates = [int(c) for c in pool[lo:centre + window] if int(c) not in taken]
+        pick = int(rng.choice(candidates))
+        taken.add(pick)
+        out.append(pick)
+    return np.asarray(out)
+
+
+@torch.inference_mode()
+def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
+                         layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
+                         remote: bool = False) -> np.ndarray:
+    """Mean log-probability per token of each continuation given its prefix (teacher-forced), optionally with
+    `edit` applied at every position of decoder block `layer`."""
+    if len(prefix_ids) != len(cont_ids):
+        raise ValueError(f"{len(prefix_ids)} prefixes but {len(cont_ids)} continuations")
+    if edit is not None:
+        _check_layer(model, layer)
+    full = [list(p) + list(c) for p, c in zip(prefix_ids, cont_ids)]
+    out = np.full(len(full), np.nan)
+    for batch in length_buckets(full, batch_size, model.tokenizer.pad_token_id):
+        width = batch.input_ids.shape[1]
+        targets = batch.input_ids[:, 1:]
+        with model.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote):
+            if edit is not None:
+                resid = model.model.layers[layer].output
+                resid[:] += edit.delta(resid)
+            logits = model.lm_head.output
+            token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None])[..., 0].save()
+        for r, i in enumerate(batch.rows):
+            n_cont = len(cont_ids[i])
+            if n_cont:
+                out[i] = float(token_lp[r, width - 1 - n_cont:].mean())
     return out

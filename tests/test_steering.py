@@ -27,18 +27,22 @@ def _hook_generate(hf_model, tok, ids, vector):
     try:
         with torch.inference_mode():
             out = hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                                    max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=tok.pad_token_id)
+                                    max_new_tokens=N_NEW, pad_token_id=tok.pad_token_id)
     finally:
         handle.remove()
     width = batch.input_ids.shape[1]
-    return {i: out[r, width:].tolist() for r, i in enumerate(batch.rows)}, handle
+    trimmed = {}
+    for r, i in enumerate(batch.rows):
+        new = out[r, width:].tolist()
+        trimmed[i] = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return trimmed, handle
 
 
 def test_steering_reaches_every_generated_token(tiny_model, setup):
     ids, vector = setup
     steered = generate_steered(tiny_model, ids, LAYER, vector, N_NEW, span="both")
     reference, _ = _hook_generate(tiny_model._module, tiny_model.tokenizer, ids, vector)
-    assert [len(s) for s in steered] == [N_NEW, N_NEW]
+    assert [len(s) for s in steered] == [N_NEW, N_NEW], "the steered prompts run to the token limit"
     assert steered == [reference[0], reference[1]], "nnsight steering must match a torch hook token for token"
     plain = generate_steered(tiny_model, ids, LAYER, None, N_NEW)
     prompt_only = generate_steered(tiny_model, ids, LAYER, vector, N_NEW, span="prompt")
@@ -86,3 +90,87 @@ def test_vector_construction_and_bad_inputs(tiny_model):
         scale_direction(unit, float("nan"), 1.0)
     with pytest.raises(ValueError, match="span='all'"):
         generate_steered(tiny_model, [[1, 2]], LAYER, unit, 2, span="all")
+
+
+def _toy_sae(d_sae=64, k=8, seed=0):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=d_sae, k=k))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(576, d_sae, generator=gen) / 24)
+        sae.W_dec.copy_(torch.randn(d_sae, 576, generator=gen))
+    return sae
+
+
+def test_ablation_removes_exactly_the_latents_contribution(tiny_model, setup):
+    """The nnsight ablation leaves exactly h − Σ_j a_j(h) W_dec[j] in the residual."""
+    from saif_utils.steering import AblateLatents
+
+    ids, _ = setup
+    sae, latents = _toy_sae(), (3, 7, 11)
+    edit = AblateLatents(sae, latents, "toy")
+    (batch,) = length_buckets(ids, 8, tiny_model.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.inference_mode(), tiny_model.trace(inputs):
+        resid = tiny_model.model.layers[LAYER].output
+        resid[:] += edit.delta(resid)
+        nn_resid = tiny_model.model.layers[LAYER].output.save()
+    with torch.inference_mode(), tiny_model.trace(inputs):
+        clean = tiny_model.model.layers[LAYER].output.save()
+    removed = sae.encode(clean)[..., list(latents)]
+    assert removed.abs().sum() > 0, "the toy latents must fire for the test to mean anything"
+    expected = clean - removed @ sae.W_dec[list(latents)]
+    torch.testing.assert_close(nn_resid, expected, atol=1e-4, rtol=1e-4)
+    generated = generate_steered(tiny_model, ids, LAYER, edit, 6)
+    assert all(0 < len(g) <= 6 for g in generated)
+
+
+def test_generation_cache_reuses_and_repairs_entries(tiny_model, setup, tmp_path, monkeypatch):
+    from saif_utils.steering import AddVector, cached_generate
+
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
+    ids, vector = setup
+    first = cached_generate(tiny_model, "tiny", ids, LAYER, AddVector(vector), 5)
+    entries = sorted((tmp_path / "generations").glob("*.json"))
+    assert len(entries) == 2
+    assert first == generate_steered(tiny_model, ids, LAYER, vector, 5)
+    entries[0].write_text('{"ids": [1, 2')  # a torn write
+    stamp = entries[1].stat().st_mtime_ns
+    assert cached_generate(tiny_model, "tiny", ids, LAYER, AddVector(vector), 5) == first
+    assert entries[1].stat().st_mtime_ns == stamp, "an intact entry is reused, not regenerated"
+    other = cached_generate(tiny_model, "tiny", ids, LAYER, AddVector(vector * 2), 5)
+    assert len(list((tmp_path / "generations").glob("*.json"))) == 4 and other != first
+
+
+def test_continuation_logprob_matches_a_plain_forward(tiny_model):
+    from saif_utils.steering import continuation_logprob
+
+    tok = tiny_model.tokenizer
+    prefix = tokenize(tok, [chat_prompt(tok, "Name a colour."), chat_prompt(tok, "Hi")])
+    cont = [tok("Blue is a colour.")["input_ids"], tok("Hello!")["input_ids"]]
+    got = continuation_logprob(tiny_model, prefix, cont)
+    for i in range(2):
+        full = torch.tensor([prefix[i] + cont[i]])
+        with torch.inference_mode():
+            lp = tiny_model._module(full).logits[0, :-1].log_softmax(-1)
+        n = len(cont[i])
+        expected = lp[-n:].gather(-1, full[0, -n:, None]).mean().item()
+        assert got[i] == pytest.approx(expected, abs=1e-4)
+
+
+def test_random_baselines_avoid_the_selection():
+    import numpy as np
+
+    from saif_utils.steering import mass_matched_latents, random_latents
+
+    picked = random_latents(100, 10, exclude=range(50), seed=1)
+    assert len(set(picked)) == 10 and (picked >= 50).all()
+    assert (random_latents(100, 10, range(50), 1) == picked).all(), "seeded"
+    with pytest.raises(ValueError, match="k=60 random latents"):
+        random_latents(100, 60, range(50), 0)
+    mass = np.arange(200, dtype=float)
+    selected = [20, 100, 150]
+    matched = mass_matched_latents(mass, selected, seed=0, window=5)
+    assert not set(matched) & set(selected) and len(set(matched)) == 3
+    assert np.abs(mass[matched] - mass[selected]).max() <= 6
