@@ -173,8 +173,13 @@ PROFILES: dict[str, Profile] = {
                 lr=1e-3, lr_warm_up_steps=5, dead_feature_window=20, context_size=64,
             ),
             batch_size=8,
-            stage_defaults={"discovery": {"n_passages": 3, "n_bootstrap": 10,
-                                          "tasks": ("translate_fr", "summarize")}},
+            stage_defaults={
+                "discovery": {"n_passages": 3, "n_bootstrap": 10, "tasks": ("translate_fr", "summarize")},
+                "ablation": {"tasks": ("translate_fr", "summarize"), "k": 5, "n_test": 3, "max_new_tokens": 8,
+                             "n_random_draws": 2},
+                "steering": {"tasks": ("translate_fr", "summarize"), "k_grid": (1, 5), "k_start": 5,
+                             "alpha_grid": (0.5,), "n_val": 2, "n_test": 3, "max_new_tokens": 8, "n_random_draws": 2},
+            },
         ),
         Profile(
             name="default",
@@ -183,7 +188,19 @@ PROFILES: dict[str, Profile] = {
             sae_layers=(10, 15, 20, 29),
             shipped_sae_dir="data/saes/smollm2-135m-instruct",
             # 12 passages × 213 variants × 2 positions ≈ 5.2k prompts ≈ 11 min of CPU forward passes.
-            stage_defaults={"discovery": {"n_passages": 12}},
+            # Steering: a staged search (layer × α at k=15, then k, then position) on 16 val passages; the `full`
+            # profile sweeps the whole grid.
+            stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
+        ),
+        Profile(
+            name="full",
+            description="The default model and SAEs with the whole steering grid (layer × k × α × position) and ablation at every layer.",
+            model=SMOLLM2_135M,
+            sae_layers=(10, 15, 20, 29),
+            shipped_sae_dir="data/saes/smollm2-135m-instruct",
+            stage_defaults={"discovery": {"n_passages": 24},
+                            "steering": {"search": "grid", "alpha_grid": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0),
+                                         "n_val": 25}},
         ),
         Profile(
             name="gemma-2-2b",
@@ -279,9 +296,9 @@ def stage_config(cls: type, profile: Profile, stage: str, **params: Any):
         if key not in allowed:
             raise ValueError(f"unknown {stage} parameter {key!r}; allowed: {sorted(allowed)}")
         default = allowed[key].default
-        if default is None:  # optional tuple fields such as `tasks`
-            if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
-                raise TypeError(f"parameter {key}={value!r} must be a list of strings or None")
+        if default is None:  # optional tuple fields such as `tasks` (strings) or `layers` (integers)
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value)):
+                raise TypeError(f"parameter {key}={value!r} must be a list (of task names or layers) or None")
             value = tuple(value)
         else:
             value = _coerce(value, default, key)

@@ -390,3 +390,14 @@ def load_run_saes(stage_path: str | Path, device: str = "cpu") -> dict[int, obje
         else:
             out[int(layer)] = load_local_sae(entry["path"], device)
     return out
+
+
+def sae_fingerprint(sae) -> str:
+    """Short hash of an SAE's weights (cache keys for generations under interventions that use it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
