@@ -9,14 +9,14 @@ import seaborn as sns
 
 
 def ci_dotplot(ax, table: pd.DataFrame, value: str, label: str, hue: str, hue_order: Sequence[str] | None = None,
-               low: str | None = None, high: str | None = None, palette: str = "Set2") -> None:
+               low: str | None = None, high: str | None = None, palette: str | dict = "Set2") -> None:
     """Horizontal dots at `value` with error bars from `low`/`high` (default `<stem>_ci_low/_ci_high` where `value`
-    is `<stem>_acc` or `<stem>`), one row per `label`, dodged by `hue`."""
+    is `<stem>_acc` or `<stem>`), one row per `label`, dodged by `hue`; `palette` is a seaborn name or {hue: colour}."""
     stem = value.removesuffix("_acc")
     low, high = low or f"{stem}_ci_low", high or f"{stem}_ci_high"
     labels = list(dict.fromkeys(table[label]))
     hues = list(hue_order or dict.fromkeys(table[hue]))
-    colours = sns.color_palette(palette, len(hues))
+    colours = [palette[h] for h in hues] if isinstance(palette, dict) else sns.color_palette(palette, len(hues))
     offsets = np.linspace(-0.25, 0.25, len(hues)) if len(hues) > 1 else [0.0]
     for offset, name, colour in zip(offsets, hues, colours):
         sub = table[table[hue] == name].set_index(label).reindex(labels)

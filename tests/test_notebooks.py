@@ -84,3 +84,47 @@ def test_03_writes_proximity_with_a_random_control(tiny_run):
     overlap = pd.read_csv(stage / "task_overlap.csv")
     diag = overlap[overlap["task_a"] == overlap["task_b"]]["jaccard"].dropna()
     assert (diag == 1).all()
+
+
+def test_04_writes_ablation_against_mass_matched_random_latents(tiny_run, tiny_profile):
+    stage = tiny_run[0] / "04_causal_ablation"
+    table = pd.read_csv(stage / "ablation.csv")
+    expected = ["task", "layer", "k", "condition", "n", "strict_acc", "strict_ci_low", "strict_ci_high", "loose_acc",
+                "loose_ci_low", "loose_ci_high"]
+    assert list(table.columns[: len(expected)]) == expected
+    assert set(table["condition"]) == {"none", "selected", "random"}
+    assert set(table["layer"]) <= set(tiny_profile.sae_layers)
+    assert (table["strict_ci_low"] <= table["strict_acc"]).all() and (table["strict_acc"] <= table["strict_ci_high"]).all()
+    none = table[table["condition"] == "none"]
+    assert (none["logprob_drop"] == 0).all() and (none["mass_removed"] == 0).all()
+    ablated = table[table["condition"] != "none"]
+    assert (ablated["mass_removed"] > 0).all(), "an ablation must remove activation that is actually there"
+    gens = pd.read_parquet(stage / "generations.parquet")
+    assert len(gens) == table["n"].sum() and gens["response"].str.len().gt(0).any()
+    assert (stage / "ablation.png").is_file()
+
+
+def test_05_writes_sweeps_results_and_generations(tiny_run):
+    stage = tiny_run[0] / "05_steering_sweeps"
+    sweep = pd.read_parquet(stage / "sweep.parquet")
+    columns = ["task", "method", "layer", "k", "alpha", "position", "split", "n", "strict_acc", "strict_ci_low",
+               "strict_ci_high", "loose_acc", "loose_ci_low", "loose_ci_high", "fluency"]
+    assert set(columns) <= set(sweep.columns)
+    results = pd.read_csv(stage / "results.csv")
+    from saif_utils.sweeps import METHODS
+
+    for task, group in results.groupby("task"):
+        assert sorted(group["method"]) == sorted(METHODS), task
+    assert (results["split"] == "test").all() and (sweep[sweep["split"] == "val"]["method"].isin(["saif", "diff_in_means"])).all()
+    # the configuration reported on test is one that was evaluated on val
+    val = sweep[sweep["split"] == "val"]
+    for row in results[results["method"] == "saif"].itertuples():
+        assert ((val["task"] == row.task) & (val["method"] == "saif") & (val["layer"] == row.layer)
+                & (val["k"] == row.k) & (val["alpha"] == row.alpha) & (val["position"] == row.position)).any()
+    assert results["fluency"].between(0, 1).all()
+    gens = pd.read_parquet(stage / "generations.parquet")
+    assert {"passage_id", "response", "strict", "loose", "nll", "method", "split"} <= set(gens.columns)
+    assert set(gens[gens["split"] == "test"]["passage_id"]).isdisjoint(gens[gens["split"] == "val"]["passage_id"])
+    for name in ("results.png", "accuracy_vs_k.png", "accuracy_fluency_vs_alpha.png", "layer_comparison.png",
+                 "residual_norms.csv"):
+        assert (stage / name).is_file(), name

@@ -36,3 +36,22 @@ def test_remote_needs_a_hub_model():
     assert get_profile("llama-3.1-8b", remote=True).remote
     with pytest.raises(ValueError, match="remote=True needs a model deployed on NDIF"):
         get_profile("default", remote=True)
+
+
+def test_every_profiles_stage_defaults_build_valid_configs():
+    """A typo in a profile's stage defaults must fail here, not an hour into a run."""
+    from saif_utils.ablation import AblationConfig
+    from saif_utils.discovery import DiscoveryConfig
+    from saif_utils.profiles import stage_config
+    from saif_utils.sweeps import SweepConfig
+
+    stages = {"discovery": DiscoveryConfig, "ablation": AblationConfig, "steering": SweepConfig}
+    for profile in PROFILES.values():
+        assert set(profile.stage_defaults) <= set(stages), profile.name
+        for stage, cls in stages.items():
+            cfg = stage_config(cls, profile, stage)
+            layers = getattr(cfg, "layers", None) or ()
+            assert set(layers) <= set(profile.sae_layers), (profile.name, stage)
+    assert stage_config(SweepConfig, PROFILES["full"], "steering").search == "grid"
+    with pytest.raises(TypeError, match="must be a list"):
+        stage_config(SweepConfig, PROFILES["default"], "steering", layers=15)

@@ -1,0 +1,56 @@
+"""The sweep protocol: search stages, the choice of configuration on val, and fail-fast validation."""
+import pandas as pd
+import pytest
+
+from saif_utils.sweeps import Condition, SweepConfig, best_condition, prompting_instructions, search_space
+
+
+def test_staged_search_refines_layer_alpha_then_k_then_position():
+    cfg = SweepConfig(k_grid=(1, 5), alpha_grid=(0.3, 0.5), k_start=5)
+    stages = search_space(cfg, "json", "saif", (10, 20))
+    assert [len(s) for s in stages] == [4, 2, 1]
+    assert {(c.layer, c.alpha, c.k, c.position) for c in stages[0]} == {
+        (10, 0.3, 5, "post"), (10, 0.5, 5, "post"), (20, 0.3, 5, "post"), (20, 0.5, 5, "post")}
+    assert [c.k for c in stages[1]] == [1, 5] and stages[1][0].layer is None  # taken from the best so far
+    assert stages[2][0].position == "pre"
+    dim = search_space(cfg, "json", "diff_in_means", (10, 20))
+    assert [len(s) for s in dim] == [4, 1] and all(c.k is None for s in dim for c in s)
+    grid = search_space(SweepConfig(search="grid", k_grid=(1, 5), alpha_grid=(0.3, 0.5)), "json", "saif", (10, 20))
+    assert len(grid) == 1 and len(grid[0]) == 2 * 2 * 2 * 2
+
+
+def test_best_condition_prefers_accuracy_then_fluency_then_smaller_settings():
+    rows = pd.DataFrame([
+        {"task": "t", "method": "saif", "layer": 20, "k": 15, "alpha": 0.5, "position": "post", "strict_acc": 0.5,
+         "loose_acc": 0.5, "fluency": 0.1},
+        {"task": "t", "method": "saif", "layer": 10, "k": 15, "alpha": 0.5, "position": "post", "strict_acc": 0.5,
+         "loose_acc": 0.5, "fluency": 0.3},
+        {"task": "t", "method": "saif", "layer": 10, "k": 5, "alpha": 0.3, "position": "post", "strict_acc": 0.5,
+         "loose_acc": 0.5, "fluency": 0.3},
+        {"task": "t", "method": "saif", "layer": 15, "k": 15, "alpha": 0.7, "position": "post", "strict_acc": 0.2,
+         "loose_acc": 0.6, "fluency": 0.9},
+    ])
+    assert best_condition(rows) == Condition("t", "saif", 10, 5, 0.3, "post")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"search": "random"}, "search='random'; allowed"),
+    ({"k_grid": (0, 5)}, r"k values \[0\] must be integers ≥ 1"),
+    ({"alpha_grid": (0.5, float("inf"))}, r"alpha_grid contains \[inf\]"),
+    ({"positions": ("middle",)}, "positions contains 'middle'"),
+    ({"n_test": 0}, "n_test=0 must be ≥ 1"),
+    ({"tasks": ()}, "tasks=\\(\\) selects nothing"),
+])
+def test_bad_sweep_parameters_fail_with_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SweepConfig(**kwargs)
+
+
+def test_prompting_instruction_lookup_names_the_missing_variant():
+    from saif_utils.data import load_variants
+
+    variants = load_variants()
+    found = prompting_instructions(variants, ("translate_fr", "keyword:ocean"), "en-00")
+    assert "French" in found["translate_fr"] and "ocean" in found["keyword:ocean"]
+    with pytest.raises(ValueError, match="no variant 'translate_fr-xx-99'"):
+        prompting_instructions(variants, ("translate_fr",), "xx-99")
