@@ -20,6 +20,9 @@ TRANSLATION_SIM_MIN = 0.83
 translation pairs 0.85–0.92, unrelated French sentences 0.68–0.81)."""
 SUMMARY_SIM_MIN = 0.5
 """MiniLM cosine above which a summary counts as close to its source."""
+DEGENERATE_REPETITION = 0.5
+"""Repetition rate (share of repeated word 3-grams) from which a response counts as degenerate — a loop such as
+"ocean ocean ocean …" that a checker may still accept. Ordinary answers of this model stay below 0.1."""
 
 
 @dataclass(frozen=True)
@@ -203,28 +206,35 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000
 
 
 def judge(responses: pd.DataFrame) -> pd.DataFrame:
-    """Add `strict`, `loose` and `repetition` to a table with columns task, response and source."""
+    """Add `strict`, `loose`, `repetition`, `degenerate` and the fluent verdicts `fluent_strict` / `fluent_loose`
+    (passes and is not degenerate) to a table with columns task, response and source."""
     verdicts = [checker_for(task)(response, source) for task, response, source
                 in zip(responses["task"], responses["response"], responses["source"])]
-    return responses.assign(strict=[v.strict for v in verdicts], loose=[v.loose for v in verdicts],
-                            repetition=[repetition_rate(r) for r in responses["response"]])
+    repetition = np.array([repetition_rate(r) for r in responses["response"]])
+    degenerate = repetition >= DEGENERATE_REPETITION
+    strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])
+    return responses.assign(strict=strict, loose=loose, repetition=repetition, degenerate=degenerate,
+                            fluent_strict=strict & ~degenerate, fluent_loose=loose & ~degenerate)
 
 
 def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
-    """One row per group of `keys`: n, strict and loose accuracy with 95 % bootstrap CIs, and fluency.
+    """One row per group of `keys`: n, strict and loose accuracy — raw and counting degenerate responses as
+    failures (`fluent_*`) — with 95 % bootstrap CIs, the degenerate rate, and fluency.
 
     `fluency` = exp(−mean token NLL) of the responses under the unsteered model (geometric-mean token probability:
-    1 = perfectly predictable, → 0 = gibberish); `nll` and `repetition` are reported beside it.
+    1 = predictable text, → 0 = gibberish). A loop is very predictable, so read it with `repetition` and
+    `degenerate_rate` beside it.
     """
     rows = []
     for key, group in judged.groupby(list(keys), sort=False, dropna=False):
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["n"] = len(group)
-        for name in ("strict", "loose"):
+        for name in ("strict", "loose", "fluent_strict", "fluent_loose"):
             mean, low, high = bootstrap_ci(group[name].astype(float), seed=seed)
             row |= {f"{name}_acc": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
         row["fluency"] = float(np.exp(-group["nll"].mean())) if "nll" in group else np.nan
         row["nll"] = float(group["nll"].mean()) if "nll" in group else np.nan
         row["repetition"] = float(group["repetition"].mean())
+        row["degenerate_rate"] = float(group["degenerate"].mean())
         rows.append(row)
     return pd.DataFrame(rows)

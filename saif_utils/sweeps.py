@@ -9,7 +9,8 @@ Methods, all on identical prompts and judged by the same checkers:
 * `random_latents` — content alone plus k random latents with the selected weights, same norm (SAIF's configuration);
 * `saif_plus_prompt` — the instruction in the prompt *and* the SAIF vector.
 
-(layer, k, α, extraction position) are chosen on the `val` passages and reported on the disjoint `test` passages.
+(layer, k, α, extraction position) are chosen on the `val` passages — by strict + loose accuracy where a degenerate
+response (a repetition loop) counts as a failure — and reported on the disjoint `test` passages.
 """
 from __future__ import annotations
 
@@ -230,10 +231,11 @@ def search_space(cfg: SweepConfig, task: str, method: str, layers: tuple[int, ..
 
 
 def best_condition(table: pd.DataFrame) -> Condition:
-    """The configuration with the highest strict + loose accuracy on val; ties → more fluent, then smaller
-    layer, k and α (deterministic)."""
-    ranked = table.assign(objective=table["strict_acc"] + table["loose_acc"]).sort_values(
-        ["objective", "fluency", "layer", "k", "alpha"], ascending=[False, False, True, True, True], kind="stable")
+    """The configuration with the highest strict + loose accuracy on val, counting degenerate responses (loops) as
+    failures; ties → fewer degenerate responses, then smaller layer, k and α (deterministic)."""
+    ranked = table.assign(objective=table["fluent_strict_acc"] + table["fluent_loose_acc"]).sort_values(
+        ["objective", "degenerate_rate", "layer", "k", "alpha"], ascending=[False, True, True, True, True],
+        kind="stable")
     row = ranked.iloc[0]
     k = None if pd.isna(row["k"]) else int(row["k"])
     return Condition(row["task"], row["method"], int(row["layer"]), k, float(row["alpha"]), row["position"])

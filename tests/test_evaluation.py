@@ -121,9 +121,22 @@ def test_accuracy_table_reports_n_cis_and_fluency():
     from saif_utils.evaluation import accuracy_table
 
     judged = pd.DataFrame({"task": ["a"] * 40 + ["b"] * 4, "strict": [True] * 10 + [False] * 30 + [True] * 4,
-                           "loose": [True] * 40 + [False] * 4, "nll": [1.0] * 44, "repetition": [0.0] * 44})
+                           "loose": [True] * 40 + [False] * 4, "nll": [1.0] * 44, "repetition": [0.0] * 44,
+                           "degenerate": [False] * 44})
+    judged = judged.assign(fluent_strict=judged["strict"], fluent_loose=judged["loose"])
     table = accuracy_table(judged, ["task"]).set_index("task")
     assert table.loc["a", "n"] == 40 and table.loc["a", "strict_acc"] == 0.25
     assert table.loc["a", "strict_ci_low"] < 0.25 < table.loc["a", "strict_ci_high"]
     assert table.loc["b", "strict_ci_low"] == table.loc["b", "strict_ci_high"] == 1.0  # degenerate sample
     assert table.loc["a", "fluency"] == pytest.approx(np.exp(-1.0))
+
+
+def test_judge_flags_loops_that_a_checker_accepts():
+    import pandas as pd
+
+    from saif_utils.evaluation import judge
+
+    judged = judge(pd.DataFrame({"task": ["keyword:ocean"] * 2, "source": ["x", "x"],
+                                 "response": ["The ocean is calm tonight.", "ocean " * 20]}))
+    assert judged["strict"].tolist() == [True, True]
+    assert judged["degenerate"].tolist() == [False, True] and judged["fluent_strict"].tolist() == [True, False]

@@ -18,8 +18,8 @@ def cell(row, name: str) -> str:
 
 
 def steering_table(results: pd.DataFrame) -> str:
-    lines = ["| task | method | config (layer, k, α, position) | n | strict [95 % CI] | loose [95 % CI] | fluency |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | config (layer, k, α, position) | n | strict [95 % CI] | loose [95 % CI] "
+             "| strict, loops = fail | degenerate |", "|---|---|---|---|---|---|---|---|"]
     results = results.assign(order=results["method"].map(METHODS.index)).sort_values(["task", "order"])
     for row in results.to_dict("records"):
         config = "—"
@@ -27,7 +27,7 @@ def steering_table(results: pd.DataFrame) -> str:
             k = "—" if pd.isna(row["k"]) else int(row["k"])
             config = f"L{int(row['layer'])}, {k}, {row['alpha']:g}, {row['position']}"
         lines.append(f"| {row['task']} | {row['method']} | {config} | {row['n']} | {cell(row, 'strict')} | "
-                     f"{cell(row, 'loose')} | {row['fluency']:.3f} |")
+                     f"{cell(row, 'loose')} | {cell(row, 'fluent_strict')} | {row['degenerate_rate']:.2f} |")
     return "\n".join(lines)
 
 
