@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce test lab ship-saes lock clean-outputs
+.PHONY: help venv reproduce test bench lab ship-saes lock clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -42,6 +42,9 @@ reproduce: venv  ## run every notebook on PROFILE (default: default) into output
 
 test: venv  ## run the test suite (tiny profile; includes papermill runs of every notebook)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv  ## run the benchmarks (ratios measured side by side; one JSON line each)
+	cd benchmarks && for script in bench_*.py; do echo "== $$script"; TQDM_DISABLE=1 ../$(BIN)/python $$script || exit 1; done
 
 lab: venv  ## open the notebooks in JupyterLab with the project's kernel
 	$(BIN)/jupyter lab notebooks

@@ -96,8 +96,9 @@ def _check_layer(model, layer: int) -> None:
 @torch.inference_mode()
 def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit: Intervention | torch.Tensor | None,
                      max_new_tokens: int, span: Span = "both", batch_size: int = 8, remote: bool = False,
-                     desc: str = "generating") -> list[list[int]]:
-    """Greedy generation of up to `max_new_tokens` per prompt (stopping at end-of-turn) with `edit` applied to the
+                     desc: str = "generating", min_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy generation of up to `max_new_tokens` per prompt (stopping at end-of-turn, never before
+    `min_new_tokens` — benchmarks use it to fix the amount of work) with `edit` applied to the
     output of decoder block `layer` at the prompt positions, at every generated token, or both. A bare tensor means
     `AddVector(tensor)`. Returns the new token ids per prompt, without the end-of-turn token.
 
@@ -117,7 +118,7 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 3):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with model.generate(max_new_tokens=max_new_tokens, do_sample=False,
+            with model.generate(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
                 with tracer.invoke({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
                     if edit is not None and span == "prompt":

@@ -1,0 +1,43 @@
+"""Shared benchmark helpers: the default model, a fixed prompt set, and median-of-N timing after a warm-up."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def default_model():
+    """The default profile's model (SmolLM2-135M-Instruct from its GGUF)."""
+    from saif_utils.models import load_model
+    from saif_utils.profiles import get_profile
+
+    profile = get_profile("default")
+    return profile, load_model(profile)
+
+
+def content_prompts(tokenizer, n: int, split: str = "val") -> list[list[int]]:
+    """Token ids of `n` content-only chat prompts from the repository's passages."""
+    from saif_utils.data import evaluation_prompts, load_passages
+
+    passages = load_passages()
+    return list(evaluation_prompts(tokenizer, passages[passages["split"] == split].head(n))["input_ids"])
+
+
+def report(name: str, figures: dict) -> None:
+    """Print the figures as aligned lines, then one JSON line for machines."""
+    for key, value in figures.items():
+        print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
+    print(json.dumps({"benchmark": name, **figures}))
