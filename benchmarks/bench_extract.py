@@ -24,17 +24,18 @@ def main() -> None:
             for batch in batches:
                 hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
-    figures = {"bare_forward_s": median_seconds(bare)}
-    for name, layer in (("middle", profile.sae_layers[1]), ("final", profile.sae_layers[-1])):
-        sae = load_local_sae(shipped_sae_path(profile, layer))
+    layers = {"middle": profile.sae_layers[1], "final": profile.sae_layers[-1]}
+    saes = {name: load_local_sae(shipped_sae_path(profile, layer)) for name, layer in layers.items()}
 
-        def extract(layer=layer, sae=sae):
-            encode(sae, read_residual(model, ids, [layer], batch_size=BATCH)[layer])
+    def extract(name):
+        return lambda: encode(saes[name], read_residual(model, ids, [layers[name]], batch_size=BATCH)[layers[name]])
 
-        seconds = median_seconds(extract)
+    times = median_seconds({"bare": bare, **{name: extract(name) for name in layers}})
+    figures = {"bare_forward_s": times["bare"]}
+    for name, layer in layers.items():
         figures[f"{name}_layer"] = layer
-        figures[f"{name}_extract_s"] = seconds
-        figures[f"{name}_over_bare"] = figures["bare_forward_s"] / seconds
+        figures[f"{name}_extract_s"] = times[name]
+        figures[f"{name}_over_bare"] = times["bare"] / times[name]
     figures["target_final_over_bare"] = 0.9
     report("extract", figures)
 

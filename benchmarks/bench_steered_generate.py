@@ -36,8 +36,7 @@ def main() -> None:
         generate_steered(model, ids, LAYER, vector, N_NEW, batch_size=N_PROMPTS, min_new_tokens=N_NEW)
 
     tokens = N_PROMPTS * N_NEW
-    times = {"plain_hf_generate": median_seconds(plain), "torch_hook": median_seconds(hooked),
-             "saif_utils_nnsight": median_seconds(steered)}
+    times = median_seconds({"plain_hf_generate": plain, "torch_hook": hooked, "saif_utils_nnsight": steered})
     figures = {f"{k}_tok_per_s": tokens / v for k, v in times.items()}
     figures["steered_over_plain"] = times["plain_hf_generate"] / times["saif_utils_nnsight"]
     figures["steered_over_hook"] = times["torch_hook"] / times["saif_utils_nnsight"]
