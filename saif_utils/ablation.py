@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .discovery import encode
+from .discovery import check_selection, encode, top_selected
 from .evaluation import accuracy_table, bootstrap_ci, judge
 from .models import read_residual_tokens
 from .steering import AblateLatents, cached_generate, continuation_logprob, mass_matched_latents
@@ -121,17 +121,10 @@ def run_ablation(model, model_key: str, saes: dict[int, object], sae_keys: dict[
                  remote: bool = False) -> dict[str, pd.DataFrame]:
     """Ablate every task at every layer; `prompts[task]` are its instructed test prompts. Returns `ablation` (the
     table) and `generations` (every judged response)."""
-    missing = sorted(set(cfg.tasks) - set(selected["task"]))
-    if missing:
-        raise ValueError(f"tasks {missing} have no selected latents in notebook 02's output; "
-                         f"allowed: {sorted(selected['task'].unique())}")
-    bad_layers = sorted(set(layers) - set(saes))
-    if bad_layers:
-        raise ValueError(f"layers {bad_layers} have no SAE; allowed: {sorted(saes)}")
+    check_selection(selected, cfg.tasks, saes, layers)
     judged = []
     for task, layer in tqdm([(t, la) for t in cfg.tasks for la in layers], desc="ablation"):
-        rows = selected[(selected["task"] == task) & (selected["layer"] == layer) & (selected["position"] == cfg.position)]
-        latents = rows.nsmallest(cfg.k, "rank")["latent"].to_numpy()
+        latents = top_selected(selected, task, layer, cfg.position, cfg.k)["latent"].to_numpy()
         if len(latents) == 0:
             continue
         judged.append(ablate_task(model, model_key, saes[layer], sae_keys[layer], prompts[task], task, layer, latents,

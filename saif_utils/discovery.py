@@ -322,6 +322,23 @@ def sibling_overlap(selected: pd.DataFrame, k: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def top_selected(selected: pd.DataFrame, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
+    """The top-k rows (rank, latent, weight, …) of selected_latents.csv for one task, layer and position."""
+    rows = selected[(selected["task"] == task) & (selected["layer"] == layer) & (selected["position"] == position)]
+    return rows.nsmallest(k, "rank")
+
+
+def check_selection(selected: pd.DataFrame, tasks: Sequence[str], saes: dict, layers: Sequence[int]) -> None:
+    """Fail before any generation if a task has no latents in selected_latents.csv or a layer has no SAE."""
+    unknown = sorted(set(tasks) - set(selected["task"]))
+    if unknown:
+        raise ValueError(f"tasks {unknown} have no selected latents in notebook 02's output; "
+                         f"allowed: {sorted(selected['task'].unique())} (or rerun 02 with these tasks)")
+    missing = sorted(set(layers) - set(saes))
+    if missing:
+        raise ValueError(f"layers {missing} have no SAE; allowed: {sorted(saes)}")
+
+
 def diff_in_means(prompts: pd.DataFrame, resid: dict[int, torch.Tensor], positions: Sequence[str]) -> dict[str, torch.Tensor]:
     """Mean positive minus mean paired content-only negative residual for every target (sub-)task, layer and
     position → `{"<task>|<layer>|<position>": [d_model]}` (the diff-in-means steering baseline)."""

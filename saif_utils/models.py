@@ -131,6 +131,13 @@ def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: 
         yield Batch(rows, ids, mask)
 
 
+def check_model_layer(model, layer: int) -> None:
+    """Raise, naming the valid range, unless `layer` indexes a decoder block of the loaded `model`."""
+    n_layers = len(model.model.layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
+
+
 def residual_batches(
     model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 16,
     remote: bool = False, desc: str = "residual",
@@ -139,10 +146,9 @@ def residual_batches(
 
     The residual at layer L is the output of decoder block L (sae-lens `blocks.L.hook_resid_post`).
     """
-    n_layers = len(model.model.layers)
     for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
+        check_model_layer(model, layer)
+    n_layers = len(model.model.layers)
     deepest = max(layers)
     pad_id = model.tokenizer.pad_token_id
     batches = list(length_buckets(token_ids, batch_size, pad_id))

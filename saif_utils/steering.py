@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_path, cache_root, content_hash
-from .models import length_buckets, read_residual_tokens
+from .models import check_model_layer, length_buckets, read_residual_tokens
 
 Span = Literal["prompt", "generated", "both"]
 SPANS = ("prompt", "generated", "both")
@@ -87,12 +87,6 @@ class AblateLatents:
 Intervention = AddVector | AblateLatents
 
 
-def _check_layer(model, layer: int) -> None:
-    n_layers = len(model.model.layers)
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
-
-
 @torch.inference_mode()
 def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit: Intervention | torch.Tensor | None,
                      max_new_tokens: int, span: Span = "both", batch_size: int = 8, remote: bool = False,
@@ -109,7 +103,7 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     """
     if span not in SPANS:
         raise ValueError(f"span={span!r}; allowed: {list(SPANS)}")
-    _check_layer(model, layer)
+    check_model_layer(model, layer)
     if isinstance(edit, torch.Tensor):
         edit = AddVector(edit)
     stop_ids = {model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
@@ -186,7 +180,7 @@ def random_latents(d_sae: int, k: int, exclude: Sequence[int], seed: int) -> np.
 
 def mass_matched_latents(mass: np.ndarray, selected: Sequence[int], seed: int, window: int = 10) -> np.ndarray:
     """For each selected latent, a different non-selected latent drawn among the `window` nearest to it in
-    activation mass (`mass[j]` = summed activation of latent j): a random set with matched total mass."""
+    activation mass (`mass[j]`, e.g. latent j's mean activation): a random set with matched total mass."""
     selected = [int(j) for j in selected]
     pool = np.setdiff1d(np.arange(len(mass)), selected)
     pool = pool[np.argsort(mass[pool], kind="stable")]
@@ -212,7 +206,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
     if len(prefix_ids) != len(cont_ids):
         raise ValueError(f"{len(prefix_ids)} prefixes but {len(cont_ids)} continuations")
     if edit is not None:
-        _check_layer(model, layer)
+        check_model_layer(model, layer)
     full = [list(p) + list(c) for p, c in zip(prefix_ids, cont_ids)]
     out = np.full(len(full), np.nan)
     for batch in length_buckets(full, batch_size, model.tokenizer.pad_token_id):

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import evaluation_prompts
+from .discovery import check_selection, top_selected
 from .evaluation import accuracy_table, judge
 from .models import chat_prompt
 from .steering import AddVector, cached_generate, continuation_logprob, direction_from_latents, random_latents, scale_direction
@@ -128,9 +129,7 @@ class SteeringSetup:
 
     def latents(self, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
         """The top-k selected latents (rank, latent, weight) of a task at a layer and extraction position."""
-        sel = self.selected
-        rows = sel[(sel["task"] == task) & (sel["layer"] == layer) & (sel["position"] == position)]
-        return rows.nsmallest(k, "rank")
+        return top_selected(self.selected, task, layer, position, k)
 
 
 def prompting_instructions(variants: pd.DataFrame, tasks: tuple[str, ...], suffix: str) -> dict[str, str]:
@@ -148,14 +147,8 @@ def prompting_instructions(variants: pd.DataFrame, tasks: tuple[str, ...], suffi
 
 def validate_setup(setup: SteeringSetup, layers: tuple[int, ...]) -> None:
     """Fail before any generation if a task, layer or k cannot be served by notebook 02's outputs."""
-    cfg, sel = setup.cfg, setup.selected
-    unknown = sorted(set(cfg.tasks) - set(sel["task"]))
-    if unknown:
-        raise ValueError(f"tasks {unknown} have no selected latents in notebook 02's output; "
-                         f"allowed: {sorted(sel['task'].unique())} (or rerun 02 with these tasks)")
-    missing = sorted(set(layers) - set(setup.saes))
-    if missing:
-        raise ValueError(f"layers {missing} have no SAE; allowed: {sorted(setup.saes)}")
+    cfg = setup.cfg
+    check_selection(setup.selected, cfg.tasks, setup.saes, layers)
     d_sae = min(sae.cfg.d_sae for sae in setup.saes.values())
     too_big = [k for k in (*cfg.k_grid, cfg.k_start) if k > d_sae]
     if too_big:
@@ -206,7 +199,7 @@ def evaluate(setup: SteeringSetup, cond: Condition, split: str) -> pd.DataFrame:
     tok = setup.model.tokenizer
     responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in new_ids],
                                n_new_tokens=[len(g) for g in new_ids], draw=draws, n_latents=n_latents,
-                               **{k: v for k, v in cond.__dict__.items()}, split=split)
+                               **cond.__dict__, split=split)
     nll = -continuation_logprob(setup.model, [setup.nll_prefix] * len(new_ids), new_ids,
                                 batch_size=cfg.gen_batch_size, remote=setup.remote)
     return judge(responses.assign(nll=nll)).drop(columns=["input_ids", "user_text"])
