@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from .discovery import check_selection, encode, top_selected
 from .evaluation import accuracy_table, bootstrap_ci, judge
+from .io import cached_json_items, content_hash
 from .models import read_residual_tokens
-from .steering import AblateLatents, cached_generate, continuation_logprob, mass_matched_latents
+from .steering import AblateLatents, cached_generate, cached_logprob, mass_matched_latents
 
 CONDITIONS = ("none", "selected", "random")
 
@@ -33,8 +34,8 @@ class AblationConfig:
     """Test passages."""
     max_new_tokens: int = 48
     """Greedy generation length limit."""
-    gen_batch_size: int = 32
-    """Prompts generated together."""
+    gen_batch_size: int = 64
+    """Prompts generated together (a condition's 45 test prompts fit one batch)."""
     mass_window: int = 10
     """A random latent is drawn among the `mass_window` latents nearest in activation mass to a selected one."""
     n_random_draws: int = 3
@@ -55,10 +56,18 @@ class AblationConfig:
             raise ValueError("tasks=() selects nothing; name at least one task")
 
 
-def activation_mass(model, sae, token_ids, layer: int, batch_size: int = 16, remote: bool = False) -> np.ndarray:
-    """Mean activation of every latent over all prompt tokens (first token excluded) → `[d_sae]`."""
-    resid = read_residual_tokens(model, token_ids, [layer], batch_size=batch_size, remote=remote, desc="activation mass")
-    return encode(sae, resid[layer]).mean(0).numpy()
+def activation_mass(model, model_key: str, sae, sae_key: str, token_ids, layer: int, batch_size: int = 16,
+                    remote: bool = False) -> np.ndarray:
+    """Mean activation of every latent over all prompt tokens (first token excluded) → `[d_sae]`, cached by the
+    model, SAE, layer and prompts."""
+    def compute(_: list[int]) -> list[dict]:
+        resid = read_residual_tokens(model, token_ids, [layer], batch_size=batch_size, remote=remote,
+                                     desc="activation mass")
+        return [{"mass": encode(sae, resid[layer]).mean(0).tolist()}]
+
+    key = {"model": model_key, "sae": sae_key, "layer": layer, "ids": content_hash([list(ids) for ids in token_ids])}
+    (mass,) = cached_json_items("activation_mass", [key], compute, lambda entry: entry["mass"])
+    return np.asarray(mass, dtype=np.float32)
 
 
 def ablate_task(model, model_key: str, sae, sae_key: str, prompts: pd.DataFrame, task: str, layer: int,
@@ -69,7 +78,7 @@ def ablate_task(model, model_key: str, sae, sae_key: str, prompts: pd.DataFrame,
     unablated model gave (its own instruction-following continuation), teacher-forced.
     """
     ids = list(prompts["input_ids"])
-    mass = activation_mass(model, sae, ids, layer, batch_size, remote)
+    mass = activation_mass(model, model_key, sae, sae_key, ids, layer, batch_size, remote)
     draws = np.arange(len(ids)) % cfg.n_random_draws
     random_sets = [mass_matched_latents(mass, latents, seed=cfg.seed * 1000 + d, window=cfg.mass_window)
                    for d in range(cfg.n_random_draws)]
@@ -85,7 +94,7 @@ def ablate_task(model, model_key: str, sae, sae_key: str, prompts: pd.DataFrame,
                                   remote, desc=f"{task} L{layer} {condition}")
             if baseline is None:
                 baseline = out
-            lp = continuation_logprob(model, sub, [baseline[i] for i in rows], layer, edit, batch_size, remote)
+            lp = cached_logprob(model, model_key, sub, [baseline[i] for i in rows], layer, edit, batch_size, remote)
             for j, i in enumerate(rows):
                 new_ids[i], logprob[i] = out[j], lp[j]
                 removed[i] = 0.0 if edit is None else float(mass[list(edit.latents)].sum())

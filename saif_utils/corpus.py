@@ -104,6 +104,11 @@ class TokenCorpus:
     manifest: dict
 
 
+def corpus_packages() -> dict[str, str]:
+    """Installed versions of the packages the offline corpus is read from (part of every corpus identity)."""
+    return {dist: importlib.metadata.version(dist) for dist in _DIST.values()}
+
+
 def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_size: int, seed: int = 0,
                        skip_first: int = 1) -> TokenCorpus:
     """Take shuffled documents until each split holds enough usable tokens (all tokens after the first `skip_first`).
@@ -133,7 +138,7 @@ def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, conte
     eval_ids = [token_ids[i] for i in splits["eval"]]
     manifest = {
         "sources": sources,
-        "packages": {dist: importlib.metadata.version(dist) for dist in _DIST.values()},
+        "packages": corpus_packages(),
         "seed": seed,
         "context_size": context_size,
         "skip_first": skip_first,

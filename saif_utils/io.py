@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,3 +88,51 @@ def save_figure(fig: Any, dest: str | Path) -> Path:
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format=dest.suffix.lstrip(".") or "png")
     return dest
+
+
+def cached_json_items(folder: str, keys: Sequence[Any], compute: Callable[[list[int]], list[dict]],
+                      parse: Callable[[dict], Any]) -> list:
+    """One JSON entry per item under `cache_root()/folder`, named by the hash of its key.
+
+    `compute(missing)` returns a JSON dict for each missing item index; `parse(entry)` turns an entry into the value
+    or raises/returns None when it is unusable, so a torn or stale entry is recomputed rather than trusted.
+    """
+    paths = [cache_root() / folder / f"{content_hash(key)}.json" for key in keys]
+
+    def read(path: Path) -> Any:
+        try:
+            return parse(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    out = [read(path) for path in paths]
+    missing = [i for i, value in enumerate(out) if value is None]
+    if missing:
+        for i, entry in zip(missing, compute(missing)):
+            with atomic_path(paths[i]) as tmp:
+                tmp.write_text(json.dumps(entry))
+            out[i] = parse(entry)
+    return out
+
+
+def cached_frames(folder: str, key: Any, compute: Callable[[], dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """`compute()`'s named DataFrames, stored as parquet under `cache_root()/folder/<hash of key>/` and reused while
+    the key (everything the result depends on) is unchanged. A directory only appears once complete."""
+    dest = cache_root() / folder / content_hash(key)
+
+    def read() -> dict[str, pd.DataFrame] | None:
+        try:
+            names = json.loads((dest / "frames.json").read_text())["frames"]
+            return {name: pd.read_parquet(dest / f"{name}.parquet") for name in names}
+        except (OSError, ValueError, KeyError):
+            return None
+
+    if (frames := read()) is not None:
+        return frames
+    computed = compute()
+    with atomic_dir(dest) as tmp:
+        for name, df in computed.items():
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
+        (tmp / "frames.json").write_text(json.dumps({"frames": list(computed), "key": key}, default=str))
+    # Return what a warm run will read, so cold and warm runs hand identical frames to what follows.
+    return read()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,10 +117,15 @@ class Batch:
 
 
 def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Left-padded batches of similar-length sequences (sorted by length) so little compute goes to padding."""
+    """Left-padded batches of similar-length sequences (sorted by length) so little compute goes to padding.
+
+    Batches are balanced (80 sequences at batch_size 64 → two of 40, not 64 + 16): a step costs nearly the same
+    for 40 rows as for 64, so a small remainder batch would waste most of its step."""
     order = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    n_batches = -(-len(order) // batch_size)
+    size = -(-len(order) // n_batches) if n_batches else batch_size
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
         width = max(len(token_ids[i]) for i in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -170,12 +175,14 @@ Positions = Literal["last"] | Sequence[int]
 
 def read_residual(
     model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], positions: Positions = "last",
-    batch_size: int = 16, remote: bool = False,
+    batch_size: int = 16, remote: bool = False, groups: Sequence[Hashable] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Residual stream at `layers` for one position per sequence → `{layer: [n_seq, d_model]}` in input order.
 
     `positions` is "last" or one index per sequence into its own (unpadded) tokens; negative indices count
-    from the end, so -1 is the last prompt token.
+    from the end, so -1 is the last prompt token. `groups` (one key per sequence, local runs only) names
+    sequences likely to share a token prefix — e.g. every prompt built on one passage: each group's common prefix
+    is run once and its KV cache reused by the rest of the group, which changes the cost, not the result.
     """
     n = len(token_ids)
     if n == 0:
@@ -190,6 +197,8 @@ def read_residual(
         if not 0 <= index < len(seq):
             raise ValueError(f"read_residual: position {pos} outside sequence {i} of length {len(seq)}")
         resolved.append(index)
+    if groups is not None and not remote:
+        return _read_residual_shared_prefix(model, token_ids, layers, resolved, groups, batch_size)
     out: dict[int, torch.Tensor] = {}
     for batch, resid in residual_batches(model, token_ids, layers, batch_size, remote):
         width = batch.input_ids.shape[1]
@@ -219,3 +228,62 @@ def read_residual_tokens(
             for layer, acts in resid.items():
                 chunks[layer].append((i, acts[r, start:].to(dtype or acts.dtype)))
     return {layer: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for layer, parts in chunks.items()}
+
+
+def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    first, n = token_ids[0], min(len(seq) for seq in token_ids)
+    for seq in token_ids[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return n
+
+
+def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int],
+                                 index: Sequence[int], groups: Sequence[Hashable], batch_size: int,
+                                 ) -> dict[int, torch.Tensor]:
+    """`read_residual` with each group's common prefix run once: the suffixes (right-padded, so positions continue
+    from the prefix) attend to the prefix's KV cache, expanded over the batch without a copy."""
+    from transformers import DynamicCache
+
+    if len(groups) != len(token_ids):
+        raise ValueError(f"read_residual: {len(groups)} group keys for {len(token_ids)} sequences; pass one per sequence")
+    for layer in layers:
+        check_model_layer(model, layer)
+    hf_model, pad_id = model._module, model.tokenizer.pad_token_id
+    stop_early = max(layers) < len(model.model.layers) - 1
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    out: dict[int, torch.Tensor] = {}
+    for rows in tqdm(list(members.values()), desc="residual (shared prefix)", leave=False, disable=len(members) < 4):
+        # Every read position must fall in the suffix, which also keeps at least one suffix token per sequence.
+        n_prefix = min(common_prefix_length([token_ids[i] for i in rows]), *(index[i] for i in rows))
+        with torch.inference_mode():
+            prefix_cache = hf_model(torch.tensor([token_ids[rows[0]][:n_prefix]]), use_cache=True).past_key_values
+        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        rows = sorted(rows, key=lambda i: (len(token_ids[i]), i))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(token_ids[i]) for i in chunk) - n_prefix
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), n_prefix + width), dtype=torch.long)
+            mask[:, :n_prefix] = 1
+            for r, i in enumerate(chunk):
+                suffix = token_ids[i][n_prefix:]
+                ids[r, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                mask[r, n_prefix:n_prefix + len(suffix)] = 1
+            cache = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
+                                  for k, v in prefix_kv], config=hf_model.config)
+            saved = {}
+            with torch.inference_mode(), model.trace(ids, attention_mask=mask, cache=cache) as tracer:
+                for layer in sorted(layers):
+                    resid = model.model.layers[layer].output
+                    saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().save()
+                if stop_early:
+                    tracer.stop()
+            columns = torch.tensor([index[i] - n_prefix for i in chunk])
+            for layer, acts in saved.items():
+                if layer not in out:
+                    out[layer] = torch.empty((len(token_ids), acts.shape[-1]), dtype=acts.dtype)
+                out[layer][chunk] = acts[torch.arange(len(chunk)), columns]
+    return out

@@ -28,13 +28,13 @@ def logit_lens(hf_model, tokenizer, directions: torch.Tensor, top_n: int = 20) -
     """Top and bottom `top_n` tokens of each direction `[k, d_model]` read through the final norm and unembedding."""
     norm = hf_model.model.norm
     logits = hf_model.lm_head(norm(directions.to(hf_model.lm_head.weight.dtype)[:, None, :]))[:, 0]
-    out = []
-    for row in logits:
-        top = torch.topk(row, top_n).indices.tolist()
-        bottom = torch.topk(-row, top_n).indices.tolist()
-        out.append({"top_tokens": [tokenizer.decode([t]) for t in top],
-                    "bottom_tokens": [tokenizer.decode([t]) for t in bottom]})
-    return out
+    top = torch.topk(logits, top_n, dim=-1).indices
+    bottom = torch.topk(-logits, top_n, dim=-1).indices
+    # Decode each distinct token once (thousands of directions share most of their top tokens).
+    distinct = torch.unique(torch.cat([top, bottom])).tolist()
+    text = dict(zip(distinct, tokenizer.batch_decode([[t] for t in distinct])))
+    return [{"top_tokens": [text[t] for t in t_row], "bottom_tokens": [text[t] for t in b_row]}
+            for t_row, b_row in zip(top.tolist(), bottom.tolist())]
 
 
 def instruction_directions(model, instructions: dict[str, Sequence[str]], contents: Sequence[str],

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import TokenCorpus, build_token_corpus
-from .io import atomic_dir, atomic_path, cache_root, content_hash, sha256_file
+from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
 from .models import length_buckets, read_residual_tokens
 from .profiles import Profile, SAETrainConfig
 
@@ -346,6 +346,20 @@ def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_token
     Returns `(metrics, firing)`: the metrics DataFrame and a tidy `(layer, latent, firing_freq)` DataFrame.
     Held-out tokens are the corpus's eval split, whose documents never enter SAE training.
     """
+    from .corpus import corpus_packages
+
+    # Cached by everything the numbers depend on, so a warm rerun of notebook 01 skips the corpus and ~5 forward passes.
+    key = {"model": model_fingerprint(profile), "saes": {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()},
+           "sources": {layer: e["source"] for layer, e in saes.items()}, "recipe": asdict(profile.sae_train),
+           "corpus_packages": corpus_packages(),
+           "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size}
+    frames = cached_frames("sae_metrics", key, lambda: dict(zip(
+        ("metrics", "firing"), _sae_metrics(model, profile, saes, n_ce_tokens))))
+    return frames["metrics"], frames["firing"]
+
+
+def _sae_metrics(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: int):
+    """`sae_metrics_table` without the cache."""
     import pandas as pd
 
     corpus = sae_corpus(model.tokenizer, profile.sae_train)

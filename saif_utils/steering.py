@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_path, cache_root, content_hash
+from .io import cached_json_items, content_hash
 from .models import check_model_layer, length_buckets, read_residual_tokens
 
 Span = Literal["prompt", "generated", "both"]
@@ -51,13 +51,19 @@ def scale_direction(direction: torch.Tensor, alpha: float, mean_norm: float) -> 
 # ---------------------------------------------------------------- interventions on one layer's residual
 @dataclass(frozen=True, eq=False)
 class AddVector:
-    """Add a fixed vector to the residual (steering)."""
+    """Add a fixed vector `[d]` to the residual (steering), or one vector per prompt `[n_prompts, d]`, so that
+    conditions with different vectors at one layer share generation batches."""
 
     vector: torch.Tensor
 
     def delta(self, resid: torch.Tensor) -> torch.Tensor:
         """What to add to a residual `[B, S, d]`."""
-        return self.vector.to(resid.dtype)
+        vector = self.vector.to(resid.dtype)
+        return vector[:, None, :] if vector.ndim == 2 else vector
+
+    def rows(self, rows: Sequence[int]) -> AddVector:
+        """The edit for a batch holding prompts `rows` (the same edit when the vector is shared)."""
+        return AddVector(self.vector[list(rows)]) if self.vector.ndim == 2 else self
 
     def fingerprint(self) -> dict:
         """Cache identity: the vector's exact bytes."""
@@ -78,6 +84,10 @@ class AblateLatents:
         idx = torch.as_tensor(self.latents)
         acts = self.sae.encode(resid.float())[..., idx]
         return -(acts @ self.sae.W_dec[idx].float()).to(resid.dtype)
+
+    def rows(self, rows: Sequence[int]) -> AblateLatents:
+        """The edit for a batch of prompts (shared by every row)."""
+        return self
 
     def fingerprint(self) -> dict:
         """Cache identity: the SAE and the latent set."""
@@ -110,20 +120,21 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     out: list[list[int] | None] = [None] * len(token_ids)
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 3):
+        batch_edit = None if edit is None else edit.rows(batch.rows)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with model.generate(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
                 with tracer.invoke({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
-                    if edit is not None and span == "prompt":
+                    if batch_edit is not None and span == "prompt":
                         resid = model.model.layers[layer].output  # the first forward: the whole prompt
-                        resid[:] += edit.delta(resid)
-                    elif edit is not None:
+                        resid[:] += batch_edit.delta(resid)
+                    elif batch_edit is not None:
                         # Every step must touch the module: a step that waits on nothing would spin forever.
                         for step in tracer.iter[:]:
                             resid = model.model.layers[layer].output
                             if step > 0 or span == "both":
-                                resid[:] += edit.delta(resid)
+                                resid[:] += batch_edit.delta(resid)
                 with tracer.invoke():
                     result = tracer.result.save()
         width = batch.input_ids.shape[1]
@@ -134,40 +145,66 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
 
 
 def cached_generate(model, model_key: str, token_ids: Sequence[Sequence[int]], layer: int | None,
-                    edit: Intervention | None, max_new_tokens: int, span: Span = "both", batch_size: int = 8,
-                    remote: bool = False, desc: str = "generating") -> list[list[int]]:
+                    edit: Intervention | Sequence[AddVector | None] | None, max_new_tokens: int, span: Span = "both",
+                    batch_size: int = 8, remote: bool = False, desc: str = "generating") -> list[list[int]]:
     """`generate_steered` with one cache entry per prompt, keyed by (model, layer, intervention, span, prompt ids,
     decoding): a rerun after a crash, or with one more α, generates only what is new. Entries are written atomically
-    and checked on read (a truncated or corrupt entry is regenerated)."""
-    base = {"model": model_key, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-            "edit": None if edit is None else {"layer": layer, "span": span, **edit.fingerprint()}}
-    paths = [cache_root() / "generations" / f"{content_hash(base | {'prompt': list(ids)})}.json" for ids in token_ids]
+    and checked on read (a truncated or corrupt entry is regenerated).
 
-    def read(path):
-        try:
-            ids = json.loads(path.read_text())["ids"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    `edit` may also be a list with one `AddVector` (or None) per prompt: the missing prompts of every condition at
+    a layer are then generated together in full batches, each row with its own vector (None adds zeros, which
+    leaves the residual bit-identical)."""
+    per_prompt = isinstance(edit, (list, tuple))
+    edits = list(edit) if per_prompt else [edit] * len(token_ids)
+    if len(edits) != len(token_ids):
+        raise ValueError(f"{len(edits)} edits for {len(token_ids)} prompts; pass one per prompt")
+
+    def key(ids: Sequence[int], row_edit: Intervention | None) -> dict:
+        edit_key = None if row_edit is None else {"layer": layer, "span": span, **row_edit.fingerprint()}
+        return {"model": model_key, "max_new_tokens": max_new_tokens, "decoding": "greedy", "edit": edit_key,
+                "prompt": list(ids)}
+
+    def parse(entry: dict) -> list[int] | None:
+        ids = entry["ids"]
         return ids if isinstance(ids, list) and len(ids) <= max_new_tokens else None
 
-    out = [read(path) for path in paths]
-    missing = [i for i, ids in enumerate(out) if ids is None]
-    if missing:
-        fresh = generate_steered(model, [token_ids[i] for i in missing], 0 if layer is None else layer, edit,
+    def compute(missing: list[int]) -> list[dict]:
+        batch_edit = edits[missing[0]] if not per_prompt else _stack_vectors([edits[i] for i in missing])
+        fresh = generate_steered(model, [token_ids[i] for i in missing], 0 if layer is None else layer, batch_edit,
                                  max_new_tokens, span, batch_size, remote, desc)
-        for i, ids in zip(missing, fresh):
-            with atomic_path(paths[i]) as tmp:
-                tmp.write_text(json.dumps({"ids": ids}))
-            out[i] = ids
-    return out
+        return [{"ids": ids} for ids in fresh]
+
+    return cached_json_items("generations", [key(ids, e) for ids, e in zip(token_ids, edits)], compute, parse)
+
+
+def _stack_vectors(edits: Sequence[AddVector | None]) -> AddVector | None:
+    """One per-row `AddVector` for prompts with their own vectors (None → zeros); None when no row is steered."""
+    vectors = [e.vector.float() if e is not None else None for e in edits]
+    if any(e is not None and not isinstance(e, AddVector) for e in edits):
+        raise TypeError("per-prompt edits must be AddVector or None")
+    present = [v for v in vectors if v is not None]
+    if not present:
+        return None
+    zeros = torch.zeros_like(present[0])
+    return AddVector(torch.stack([zeros if v is None else v for v in vectors]))
 
 
 # ---------------------------------------------------------------- scales, baselines and likelihoods
 def mean_residual_norm(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 16,
-                       remote: bool = False) -> dict[int, float]:
-    """Mean L2 norm of the residual at each layer over every real token but the first (the attention sink)."""
-    resid = read_residual_tokens(model, token_ids, layers, batch_size=batch_size, remote=remote, desc="residual norms")
-    return {layer: float(acts.float().norm(dim=-1).mean()) for layer, acts in resid.items()}
+                       remote: bool = False, model_key: str | None = None) -> dict[int, float]:
+    """Mean L2 norm of the residual at each layer over every real token but the first (the attention sink);
+    cached when `model_key` names the weights."""
+    def compute(_: list[int]) -> list[dict]:
+        resid = read_residual_tokens(model, token_ids, layers, batch_size=batch_size, remote=remote,
+                                     desc="residual norms")
+        return [{"norms": {str(layer): float(acts.float().norm(dim=-1).mean()) for layer, acts in resid.items()}}]
+
+    if model_key is None:
+        entry = compute([0])[0]
+    else:
+        key = {"model": model_key, "ids": content_hash([list(ids) for ids in token_ids]), "layers": sorted(layers)}
+        (entry,) = cached_json_items("residual_norms", [key], compute, lambda e: e)
+    return {layer: entry["norms"][str(layer)] for layer in layers}
 
 
 def random_latents(d_sae: int, k: int, exclude: Sequence[int], seed: int) -> np.ndarray:
@@ -223,3 +260,21 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
             if n_cont:
                 out[i] = float(token_lp[r, width - 1 - n_cont:].mean())
     return out
+
+
+def cached_logprob(model, model_key: str, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
+                   layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
+                   remote: bool = False) -> np.ndarray:
+    """`continuation_logprob` with one cache entry per (model, intervention, prefix, continuation): warm reruns of
+    notebooks 04 and 05 score fluency and likelihood without a forward pass."""
+    base = {"model": model_key, "edit": None if edit is None else {"layer": layer, **edit.fingerprint()}}
+    keys = [base | {"prefix": list(p), "cont": list(c)} for p, c in zip(prefix_ids, cont_ids)]
+
+    def compute(missing: list[int]) -> list[dict]:
+        fresh = continuation_logprob(model, [prefix_ids[i] for i in missing], [cont_ids[i] for i in missing],
+                                     layer, edit, batch_size, remote)
+        return [{"logprob": None if np.isnan(v) else float(v)} for v in fresh]
+
+    # An empty continuation has no log-probability (stored as null); a 1-tuple keeps it apart from a missing entry.
+    values = cached_json_items("logprobs", keys, compute, lambda entry: (entry["logprob"],))
+    return np.array([np.nan if v is None else v for (v,) in values], dtype=float)

@@ -26,7 +26,7 @@ from .data import evaluation_prompts
 from .discovery import check_selection, top_selected
 from .evaluation import accuracy_table, judge
 from .models import chat_prompt
-from .steering import AddVector, cached_generate, continuation_logprob, direction_from_latents, random_latents, scale_direction
+from .steering import AddVector, cached_generate, cached_logprob, direction_from_latents, random_latents, scale_direction
 
 METHODS = ("no_instruction", "prompting", "saif", "diff_in_means", "random_latents", "saif_plus_prompt")
 SEARCHES = ("staged", "grid")
@@ -57,8 +57,9 @@ class SweepConfig:
     """Test passages the chosen configurations are reported on."""
     max_new_tokens: int = 48
     """Greedy generation length limit (generation also stops at end-of-turn)."""
-    gen_batch_size: int = 32
-    """Prompts generated together (left-padded, length-bucketed)."""
+    gen_batch_size: int = 64
+    """Prompts generated together (left-padded, length-bucketed; on 2 CPU cores 64 rows give 1.2× the tokens/s of
+    32 and 2.6× that of 8, as per-step overhead is shared)."""
     n_random_draws: int = 3
     """Independent random-latent sets, assigned to test prompts round-robin."""
     prompt_variant: str = "en-00"
@@ -179,30 +180,48 @@ def steering_vector(setup: SteeringSetup, cond: Condition, draw: int = 0) -> tup
 
 def evaluate(setup: SteeringSetup, cond: Condition, split: str) -> pd.DataFrame:
     """Generate for every prompt of `split` under `cond`, judge each response and score its fluency."""
+    return evaluate_many(setup, [cond], split)[0]
+
+
+def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> list[pd.DataFrame]:
+    """`evaluate` for several conditions at once: the prompts of every condition at one layer are generated in
+    shared batches (each row with its own vector), which keeps batches full when a split has few passages."""
     cfg = setup.cfg
-    instructed = cond.method in ("prompting", "saif_plus_prompt")
-    prompts = setup.prompts(split, cond.task if instructed else None)
-    ids = list(prompts["input_ids"])
-    draws = np.arange(len(ids)) % cfg.n_random_draws if cond.method == "random_latents" else np.zeros(len(ids), int)
-    new_ids: list[list[int] | None] = [None] * len(ids)
-    n_latents = 0
-    for draw in np.unique(draws):
-        rows = np.flatnonzero(draws == draw)
-        edit = None
+    jobs = []  # per condition: prompts, random draw per prompt, edit per prompt, number of latents
+    for cond in conds:
+        instructed = cond.method in ("prompting", "saif_plus_prompt")
+        prompts = setup.prompts(split, cond.task if instructed else None)
+        n = len(prompts)
+        draws = np.arange(n) % cfg.n_random_draws if cond.method == "random_latents" else np.zeros(n, int)
+        edits, n_latents = [None] * n, 0
         if cond.method not in ("no_instruction", "prompting"):
-            vector, n_latents = steering_vector(setup, cond, int(draw))
-            edit = AddVector(vector)
-        out = cached_generate(setup.model, setup.model_key, [ids[i] for i in rows], cond.layer, edit,
-                              cfg.max_new_tokens, "both", cfg.gen_batch_size, setup.remote, desc=f"{cond.method} {split}")
-        for i, generated in zip(rows, out):
-            new_ids[i] = generated
-    tok = setup.model.tokenizer
-    responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in new_ids],
-                               n_new_tokens=[len(g) for g in new_ids], draw=draws, n_latents=n_latents,
-                               **cond.__dict__, split=split)
-    nll = -continuation_logprob(setup.model, [setup.nll_prefix] * len(new_ids), new_ids,
-                                batch_size=cfg.gen_batch_size, remote=setup.remote)
-    return judge(responses.assign(nll=nll)).drop(columns=["input_ids", "user_text"])
+            for draw in np.unique(draws):
+                vector, n_latents = steering_vector(setup, cond, int(draw))
+                for i in np.flatnonzero(draws == draw):
+                    edits[i] = AddVector(vector)
+        jobs.append((prompts, draws, edits, n_latents))
+    new_ids: list[list] = [[None] * len(job[0]) for job in jobs]
+    by_layer: dict = {}
+    for c, cond in enumerate(conds):
+        by_layer.setdefault(cond.layer if jobs[c][2][0] is not None else None, []).append(c)
+    for layer, members in by_layer.items():
+        rows = [(c, i) for c in members for i in range(len(jobs[c][0]))]
+        out = cached_generate(setup.model, setup.model_key, [jobs[c][0]["input_ids"].iloc[i] for c, i in rows], layer,
+                              [jobs[c][2][i] for c, i in rows], cfg.max_new_tokens, "both", cfg.gen_batch_size,
+                              setup.remote, desc=f"{split} L{layer}" if layer is not None else f"{split} unsteered")
+        for (c, i), generated in zip(rows, out):
+            new_ids[c][i] = generated
+    flat = [g for ids in new_ids for g in ids]
+    nll = -cached_logprob(setup.model, setup.model_key, [setup.nll_prefix] * len(flat), flat,
+                          batch_size=cfg.gen_batch_size, remote=setup.remote)
+    tok, tables, start = setup.model.tokenizer, [], 0
+    for cond, (prompts, draws, _, n_latents), ids in zip(conds, jobs, new_ids):
+        responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
+                                   n_new_tokens=[len(g) for g in ids], draw=draws, n_latents=n_latents,
+                                   **cond.__dict__, split=split, nll=nll[start:start + len(ids)])
+        start += len(ids)
+        tables.append(judge(responses).drop(columns=["input_ids", "user_text"]))
+    return tables
 
 
 def search_space(cfg: SweepConfig, task: str, method: str, layers: tuple[int, ...]) -> list[list[Condition]]:
@@ -239,15 +258,16 @@ def tune(setup: SteeringSetup, task: str, method: str, layers: tuple[int, ...]) 
     judged, summaries = [], []
     best = None
     for stage in search_space(setup.cfg, task, method, layers):
+        todo = []
         for cond in stage:
             if best is not None:
                 cond = Condition(task, method, *(
                     getattr(cond, f) if getattr(cond, f) is not None else getattr(best, f)
                     for f in ("layer", "k", "alpha", "position")))
             no_latents = method != "diff_in_means" and setup.latents(task, cond.layer, cond.position, 1).empty
-            if no_latents or any(s["cond"] == cond for s in summaries):
-                continue
-            table = evaluate(setup, cond, "val")
+            if not (no_latents or cond in todo or any(s["cond"] == cond for s in summaries)):
+                todo.append(cond)
+        for cond, table in zip(todo, evaluate_many(setup, todo, "val")):
             judged.append(table)
             summaries.append({"cond": cond, "table": accuracy_table(table, CONDITION_KEYS, setup.cfg.seed)})
         if not summaries:
@@ -271,7 +291,7 @@ def run_sweeps(setup: SteeringSetup, layers: tuple[int, ...]) -> dict[str, pd.Da
                   "random_latents": Condition(task, "random_latents", saif.layer, saif.k, saif.alpha, saif.position),
                   "saif_plus_prompt": Condition(task, "saif_plus_prompt", saif.layer, saif.k, saif.alpha, saif.position),
                   "no_instruction": Condition(task, "no_instruction"), "prompting": Condition(task, "prompting")}
-        judged += [evaluate(setup, chosen[method], "test") for method in METHODS]
+        judged += evaluate_many(setup, [chosen[method] for method in METHODS], "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], setup.cfg.seed)
     results = sweep[sweep["split"] == "test"].reset_index(drop=True)

@@ -101,3 +101,29 @@ def test_bad_positions_and_layers_fail_fast(tiny_model):
         read_residual(tiny_model, ids, [1], positions=[5])
     with pytest.raises(ValueError, match="token_ids is empty"):
         read_residual(tiny_model, [], [1])
+
+
+def test_length_buckets_are_balanced():
+    seqs = [[1] * (i % 7 + 1) for i in range(80)]
+    sizes = [len(b.rows) for b in length_buckets(seqs, batch_size=64, pad_id=0)]
+    assert sizes == [40, 40]
+
+
+def test_shared_prefix_reading_matches_plain_reading(tiny_model):
+    """Grouped prompts reuse their common prefix's KV cache; the residuals must equal a plain forward's."""
+    tok = tiny_model.tokenizer
+    content = "The lighthouse keeper counted ships through the long winter night."
+    texts = [content, content + "\n\nTranslate this into French.", content + "\n\nSum it up briefly, please.",
+             "Write JSON.\n\n" + content, "Use bullet points.\n\n" + content]
+    ids = tokenize(tok, [chat_prompt(tok, t) for t in texts])
+    groups = ["post", "post", "post", "pre", "pre"]
+    # Positions: the last token, an early token (inside the common prefix: the group's prefix shrinks to it).
+    positions = [-1, -1, 5, -1, -2]
+    plain = read_residual(tiny_model, ids, [2, 6], positions, batch_size=2)
+    shared = read_residual(tiny_model, ids, [2, 6], positions, batch_size=2, groups=groups)
+    for layer in (2, 6):
+        torch.testing.assert_close(shared[layer], plain[layer], atol=1e-4, rtol=1e-4)
+    import pytest
+
+    with pytest.raises(ValueError, match="group keys"):
+        read_residual(tiny_model, ids, [2], groups=["a"])

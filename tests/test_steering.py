@@ -174,3 +174,41 @@ def test_random_baselines_avoid_the_selection():
     matched = mass_matched_latents(mass, selected, seed=0, window=5)
     assert not set(matched) & set(selected) and len(set(matched)) == 3
     assert np.abs(mass[matched] - mass[selected]).max() <= 6
+
+
+def test_per_prompt_vectors_share_a_batch_and_match_separate_runs(tiny_model, setup, tmp_path, monkeypatch):
+    from saif_utils.steering import AddVector, cached_generate
+
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
+    ids, vector = setup
+    # One call, prompt 0 steered by `vector`, prompt 1 by `-vector`, a third row (prompt 0 again) unsteered.
+    rows = [ids[0], ids[1], ids[0]]
+    together = generate_steered(tiny_model, rows, LAYER, AddVector(torch.stack([vector, -vector, 0 * vector])), N_NEW)
+    assert together[0] == generate_steered(tiny_model, [ids[0]], LAYER, vector, N_NEW)[0]
+    assert together[1] == generate_steered(tiny_model, [ids[1]], LAYER, -vector, N_NEW)[0]
+    assert together[2] == generate_steered(tiny_model, [ids[0]], LAYER, None, N_NEW)[0]
+    # Per-prompt edits through the cache: one entry per (prompt, vector); a shared-vector call then hits it.
+    cached = cached_generate(tiny_model, "tiny", rows, LAYER, [AddVector(vector), AddVector(-vector), None], N_NEW)
+    assert cached == together
+    assert len(list((tmp_path / "generations").glob("*.json"))) == 3
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "generations").glob("*.json")}
+    assert cached_generate(tiny_model, "tiny", [ids[0]], LAYER, AddVector(vector), N_NEW) == [together[0]]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "generations").glob("*.json")} == stamp
+
+
+def test_logprob_cache_reuses_entries_and_keeps_empty_continuations(tiny_model, tmp_path, monkeypatch):
+    import numpy as np
+
+    from saif_utils.steering import cached_logprob, continuation_logprob
+
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
+    tok = tiny_model.tokenizer
+    prefix = tokenize(tok, [chat_prompt(tok, "Name a colour."), chat_prompt(tok, "Hi")])
+    cont = [tok("Blue is a colour.")["input_ids"], []]
+    first = cached_logprob(tiny_model, "tiny", prefix, cont)
+    np.testing.assert_allclose(first, continuation_logprob(tiny_model, prefix, cont))
+    assert np.isnan(first[1]), "an empty continuation has no log-probability"
+    entries = list((tmp_path / "logprobs").glob("*.json"))
+    stamp = {p: p.stat().st_mtime_ns for p in entries}
+    np.testing.assert_array_equal(cached_logprob(tiny_model, "tiny", prefix, cont), first)
+    assert {p: p.stat().st_mtime_ns for p in entries} == stamp, "both entries (the NaN one too) are reused"

@@ -1,0 +1,63 @@
+"""Wall time of `make reproduce` on a profile, cold (an empty cache directory: the dequantised model, activations,
+residuals, generations and log-probs are all rebuilt; the shipped SAEs are reused) and then warm (the same cache
+directory, every entry present). Targets on a 2-core CPU for the default profile: cold ≤ 20 min, warm ≤ 2 min.
+
+    python bench_reproduce.py [--profile default] [--warm-only]
+
+`--warm-only` times one warm run against the user's own cache (after a previous `make reproduce`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import report
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGET_S = {"cold": 20 * 60, "warm": 2 * 60}
+
+
+def timed_reproduce(profile: str, output_dir: Path, cache_dir: Path | None) -> tuple[float, dict[str, float]]:
+    """Run `make reproduce` into `output_dir` (with SAIF_CACHE_DIR=`cache_dir` when given); return the wall time and
+    the per-notebook seconds the pipeline recorded."""
+    env = dict(os.environ) | ({"SAIF_CACHE_DIR": str(cache_dir)} if cache_dir else {})
+    start = time.perf_counter()
+    subprocess.run(["make", "-s", "reproduce", f"PROFILE={profile}", f"ARGS=--output-dir {output_dir}"],
+                   cwd=REPO_ROOT, env=env, check=True, stdout=sys.stderr)
+    seconds = time.perf_counter() - start
+    with open(output_dir / "timings.csv") as fh:
+        stages = {row["stage"]: float(row["seconds"]) for row in csv.DictReader(fh)}
+    return seconds, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--warm-only", action="store_true", help="time one warm run against the user's cache")
+    args = parser.parse_args()
+    figures: dict = {"profile": args.profile, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="saif-bench-") as tmp:
+        output_dir = Path(tmp) / "outputs"
+        cache_dir = None if args.warm_only else Path(tmp) / "cache"
+        runs = ("warm",) if args.warm_only else ("cold", "warm")
+        if args.warm_only:  # the outputs of one run first, so the timed run is a rerun of every notebook
+            timed_reproduce(args.profile, output_dir, None)
+        for run in runs:
+            seconds, stages = timed_reproduce(args.profile, output_dir, cache_dir)
+            figures[f"{run}_s"] = round(seconds, 1)
+            figures |= {f"{run}_{stage}_s": s for stage, s in stages.items()}
+            if args.profile == "default":
+                figures[f"{run}_over_target"] = round(seconds / TARGET_S[run], 3)
+    if "cold_s" in figures:
+        figures["warm_over_cold"] = round(figures["warm_s"] / figures["cold_s"], 3)
+    report("reproduce", figures)
+
+
+if __name__ == "__main__":
+    main()
