@@ -6,7 +6,6 @@ layer and on every model.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
