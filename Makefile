@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce test bench lab ship-saes lock clean-outputs
+.PHONY: help venv reproduce test bench check-determinism lab ship-saes lock clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -45,6 +45,9 @@ test: venv  ## run the test suite (tiny profile; includes papermill runs of ever
 
 bench: venv  ## run the benchmarks (ratios measured side by side; one JSON line each)
 	cd benchmarks && for script in bench_*.py; do echo "== $$script"; TQDM_DISABLE=1 ../$(BIN)/python $$script || exit 1; done
+
+check-determinism: venv  ## two cold runs of PROFILE with separate empty caches; fails unless the headline files are byte-identical
+	$(BIN)/python tools/check_determinism.py --profile $(PROFILE)
 
 lab: venv  ## open the notebooks in JupyterLab with the project's kernel
 	$(BIN)/jupyter lab notebooks

@@ -101,15 +101,27 @@ def read_prompt_residuals(model, prompts: pd.DataFrame, layers: Sequence[int], r
     groups = [("pre",) if pos == "pre" else ("post", p) for pos, p in zip(prompts["position"], prompts["passage_id"])]
     key = content_hash({"model": model_key, "ids": content_hash(token_ids), "index": index,
                         "shared_prefix": not remote})
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
     root = cache_root() / "residuals"
-    paths = {layer: root / f"{key}-L{layer}.pt" for layer in layers}
-    missing = [layer for layer, path in paths.items() if not path.is_file()]
+    paths = {layer: root / f"{key}-L{layer}.safetensors" for layer in layers}
+
+    def load(path):
+        try:
+            return load_file(str(path))["resid"]
+        except (OSError, SafetensorError, KeyError):
+            return None
+
+    out = {layer: load(path) for layer, path in paths.items()}
+    missing = [layer for layer, resid in out.items() if resid is None or resid.shape[0] != len(token_ids)]
     if missing:
         resid = read_residual(model, token_ids, missing, index, batch_size, remote, groups)
         for layer in missing:
             with atomic_path(paths[layer]) as tmp:
-                torch.save(resid[layer].clone(), tmp)
-    return {layer: torch.load(path, weights_only=True) for layer, path in paths.items()}
+                save_file({"resid": resid[layer].contiguous()}, str(tmp))
+            out[layer] = load(paths[layer])
+    return out
 
 
 @torch.inference_mode()

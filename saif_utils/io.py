@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that is renamed onto `dest` once the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
         if dest.exists():
@@ -136,3 +137,32 @@ def cached_frames(folder: str, key: Any, compute: Callable[[], dict[str, pd.Data
         (tmp / "frames.json").write_text(json.dumps({"frames": list(computed), "key": key}, default=str))
     # Return what a warm run will read, so cold and warm runs hand identical frames to what follows.
     return read()
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that `atomic_path` / `atomic_dir` left under `root` when their process
+    was killed (SIGKILL skips every `finally`); a temporary of a live process is left alone. Returns what was removed."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            match = re.fullmatch(r"\..+\.tmp-(\d+)(-.*)?", name)
+            if match and not _process_alive(int(match.group(1))):
+                path = Path(dirpath) / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+        dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).exists()]
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """True if a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

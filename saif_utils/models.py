@@ -36,14 +36,13 @@ def dequantised_model_dir(spec: ModelSpec) -> Path:
     """Directory holding the safetensors copy of a GGUF model, built once and keyed by the GGUF's sha256.
 
     Loading from GGUF dequantises every tensor (~17 s on 2 cores); the plain safetensors copy reloads in
-    well under a second. The cache manifest records the GGUF hash it was built from, so a stale or
-    half-written cache is never used.
+    well under a second. The cache manifest records the GGUF hash it was built from and the sha256 of every
+    weight file; both are checked before each use, so a stale, half-written or corrupted cache is rebuilt, never loaded.
     """
     src = gguf_path(spec)
     gguf_sha = sha256_file(src)
     dest = cache_root() / "models" / f"{spec.name}-{gguf_sha[:16]}"
-    manifest = dest / CACHE_MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("gguf_sha256") == gguf_sha:
+    if _cache_intact(dest, gguf_sha):
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,8 +55,21 @@ def dequantised_model_dir(spec: ModelSpec) -> Path:
     with atomic_dir(dest) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / CACHE_MANIFEST).write_text(json.dumps({"gguf": str(src), "gguf_sha256": gguf_sha}, indent=2))
+        weights = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / CACHE_MANIFEST).write_text(json.dumps({"gguf": str(src), "gguf_sha256": gguf_sha, "weights": weights},
+                                                     indent=2))
     return dest
+
+
+def _cache_intact(dest: Path, gguf_sha: str) -> bool:
+    """True when the dequantised cache was built from this GGUF and every weight file still has its recorded hash."""
+    try:
+        manifest = json.loads((dest / CACHE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    weights = manifest.get("weights")
+    return (manifest.get("gguf_sha256") == gguf_sha and bool(weights)
+            and all((dest / name).is_file() and sha256_file(dest / name) == sha for name, sha in weights.items()))
 
 
 def load_hf(spec: ModelSpec, device: str = "cpu"):
@@ -259,7 +271,7 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
         # Every read position must fall in the suffix, which also keeps at least one suffix token per sequence.
         n_prefix = min(common_prefix_length([token_ids[i] for i in rows]), *(index[i] for i in rows))
         with torch.inference_mode():
-            prefix_cache = hf_model(torch.tensor([token_ids[rows[0]][:n_prefix]]), use_cache=True).past_key_values
+            prefix_cache = hf_model(torch.tensor([token_ids[rows[0]][:n_prefix]]), use_cache=True).cache
         prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
         rows = sorted(rows, key=lambda i: (len(token_ids[i]), i))
         for start in range(0, len(rows), batch_size):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from .io import write_table
+from .io import cache_root, remove_stale_temporaries, write_table
 from .profiles import PROFILES, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +66,27 @@ def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output:
     return executed
 
 
+SECRET_NAME = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+def check_parameters(extra: dict) -> None:
+    """Refuse a parameter that looks like a credential: keys come from the environment only (an executed notebook
+    records every parameter it was given)."""
+    secret = sorted(name for name in extra if SECRET_NAME.search(name))
+    if secret:
+        raise ValueError(f"parameters {secret} look like credentials; secrets are never notebook parameters — "
+                         f"set them in the environment (e.g. NDIF_API_KEY) instead")
+
+
 def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = False, only: list[str] | None = None,
                  extra: dict | None = None) -> pd.DataFrame:
     """Run the numbered notebooks in order, printing one line per notebook; return the per-stage timings."""
     get_profile(profile, remote=remote)  # fail fast on a bad profile before starting any kernel
+    check_parameters(extra or {})
     output_dir = Path(output_dir) if output_dir else default_output_dir(profile)
+    # A run killed mid-write (SIGKILL, OOM) leaves temporaries; they are never read, but nothing partial should stay.
+    for root in (cache_root(), output_dir):
+        remove_stale_temporaries(root)
     os.environ.update(jupyter_env())
     notebooks = [nb for nb in numbered_notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not notebooks:
@@ -91,12 +108,18 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
             raise SystemExit(1) from None
         seconds = time.perf_counter() - start
         rows.append({"stage": notebook.stem, "seconds": round(seconds, 1), "executed_notebook": str(executed)})
+        record_timing(output_dir / "timings.csv", rows[-1])  # after each stage: the report (06) reads it
         print(f"[{i}/{len(notebooks)}] {notebook.stem} done in {seconds:.1f} s", flush=True)
     total = time.perf_counter() - start_all
     print(f"all {len(notebooks)} notebooks done in {total:.1f} s → {output_dir}", flush=True)
-    timings = pd.DataFrame(rows)
-    write_table(timings, output_dir / "timings.csv")
-    return timings
+    return pd.DataFrame(rows)
+
+
+def record_timing(path: Path, row: dict) -> None:
+    """Set one stage's row in a run's timings.csv (other stages' rows, e.g. from an earlier `--only` run, are kept)."""
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(row))
+    table = pd.concat([table[table["stage"] != row["stage"]], pd.DataFrame([row])], ignore_index=True)
+    write_table(table.sort_values("stage").reset_index(drop=True), path)
 
 
 def main(argv: list[str] | None = None) -> None:

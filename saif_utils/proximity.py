@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from .discovery import jaccard
+from .io import cached_json_items, content_hash
 from .models import chat_prompt, read_residual, tokenize
 
 FRENCH_WORDS = {"le", "la", "les", "des", "du", "une", "un", "et", "est", "sont", "pour", "que", "qui", "dans", "sur",
@@ -38,13 +39,26 @@ def logit_lens(hf_model, tokenizer, directions: torch.Tensor, top_n: int = 20) -
 
 
 def instruction_directions(model, instructions: dict[str, Sequence[str]], contents: Sequence[str],
-                           layers: Sequence[int], batch_size: int = 16, remote: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+                           layers: Sequence[int], batch_size: int = 16, remote: bool = False,
+                           model_key: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """The model's own representation of each task's instruction: mean residual at the last prompt token over the
-    task's instruction texts (alone, chat-formatted) minus the mean over content-only prompts → `{layer: {task: [d]}}`."""
+    task's instruction texts (alone, chat-formatted) minus the mean over content-only prompts → `{layer: {task: [d]}}`.
+    Cached by prompt content when `model_key` names the weights."""
     tok = model.tokenizer
     tasks = list(instructions)
     texts = [chat_prompt(tok, t) for task in tasks for t in instructions[task]] + [chat_prompt(tok, c) for c in contents]
-    resid = read_residual(model, tokenize(tok, texts), layers, batch_size=batch_size, remote=remote)
+    token_ids = tokenize(tok, texts)
+
+    def compute(_: list[int]) -> list[dict]:
+        resid = read_residual(model, token_ids, layers, batch_size=batch_size, remote=remote)
+        return [{"resid": {str(layer): acts.float().tolist() for layer, acts in resid.items()}}]
+
+    if model_key is None:
+        entry = compute([0])[0]
+    else:
+        key = {"model": model_key, "ids": content_hash(token_ids), "layers": sorted(layers), "batch_size": batch_size}
+        (entry,) = cached_json_items("instruction_residuals", [key], compute, lambda e: e)
+    resid = {layer: torch.tensor(entry["resid"][str(layer)]) for layer in layers}
     out = {}
     for layer, acts in resid.items():
         baseline = acts[-len(contents):].mean(0)

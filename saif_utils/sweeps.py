@@ -39,6 +39,8 @@ class SweepConfig:
 
     tasks: tuple[str, ...] = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
     """(Sub-)tasks to steer; each needs latents in notebook 02's selected_latents.csv."""
+    methods: tuple[str, ...] = METHODS
+    """Methods evaluated on test (random_latents and saif_plus_prompt reuse SAIF's tuned configuration)."""
     layers: tuple[int, ...] | None = None
     """SAE layers to sweep; None → every layer with an SAE."""
     k_grid: tuple[int, ...] = (1, 5, 10, 15, 20, 30)
@@ -72,6 +74,12 @@ class SweepConfig:
             raise ValueError(f"search={self.search!r}; allowed: {list(SEARCHES)}")
         if not self.tasks:
             raise ValueError("tasks=() selects nothing; name at least one task")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods={list(self.methods)} contains unknown {unknown}; allowed: {list(METHODS)}")
+        needs_saif = sorted({"random_latents", "saif_plus_prompt"} & set(self.methods))
+        if needs_saif and "saif" not in self.methods:
+            raise ValueError(f"methods {needs_saif} reuse SAIF's tuned configuration; add 'saif' to methods")
         for name in ("k_grid", "alpha_grid", "positions"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty; give at least one value")
@@ -282,16 +290,19 @@ def run_sweeps(setup: SteeringSetup, layers: tuple[int, ...]) -> dict[str, pd.Da
     Returns `sweep` (one row per evaluated condition and split), `results` (test rows: the chosen configuration of
     every task × method) and `generations` (every prompt, condition and judged response)."""
     validate_setup(setup, layers)
+    methods = setup.cfg.methods
     judged = []
     for task in tqdm(setup.cfg.tasks, desc="tasks"):
-        saif, saif_val = tune(setup, task, "saif", layers)
-        dim, dim_val = tune(setup, task, "diff_in_means", layers)
-        judged += saif_val + dim_val
-        chosen = {"saif": saif, "diff_in_means": dim,
-                  "random_latents": Condition(task, "random_latents", saif.layer, saif.k, saif.alpha, saif.position),
-                  "saif_plus_prompt": Condition(task, "saif_plus_prompt", saif.layer, saif.k, saif.alpha, saif.position),
-                  "no_instruction": Condition(task, "no_instruction"), "prompting": Condition(task, "prompting")}
-        judged += evaluate_many(setup, [chosen[method] for method in METHODS], "test")
+        chosen = {"no_instruction": Condition(task, "no_instruction"), "prompting": Condition(task, "prompting")}
+        for tuned in ("saif", "diff_in_means"):
+            if tuned in methods:
+                chosen[tuned], val_tables = tune(setup, task, tuned, layers)
+                judged += val_tables
+        if "saif" in methods:
+            saif = chosen["saif"]
+            for method in ("random_latents", "saif_plus_prompt"):
+                chosen[method] = Condition(task, method, saif.layer, saif.k, saif.alpha, saif.position)
+        judged += evaluate_many(setup, [chosen[method] for method in methods], "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], setup.cfg.seed)
     results = sweep[sweep["split"] == "test"].reset_index(drop=True)

@@ -28,3 +28,13 @@ def tiny_model(saif_cache, tiny_profile):
     from saif_utils.models import load_model
 
     return load_model(tiny_profile)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, saif_cache):
+    """Every numbered notebook run once on the tiny profile through the `make reproduce` runner → (output_dir, timings)."""
+    from saif_utils.pipeline import run_pipeline
+
+    output_dir = tmp_path_factory.mktemp("outputs") / "tiny"
+    timings = run_pipeline("tiny", output_dir)
+    return output_dir, timings

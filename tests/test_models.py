@@ -127,3 +127,23 @@ def test_shared_prefix_reading_matches_plain_reading(tiny_model):
 
     with pytest.raises(ValueError, match="group keys"):
         read_residual(tiny_model, ids, [2], groups=["a"])
+
+
+def test_a_corrupted_dequantised_cache_is_detected_and_rebuilt(tiny_model, tiny_profile, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from saif_utils.io import cache_root, sha256_file
+
+    built = dequantised_model_dir(tiny_profile.model)
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
+    copy = cache_root() / "models" / built.name
+    shutil.copytree(built, copy)
+    weights = copy / "model.safetensors"
+    recorded = json.loads((copy / "saif_cache.json").read_text())["weights"]["model.safetensors"]
+    with open(weights, "r+b") as fh:  # flip bytes in the middle of a tensor: same size, wrong content
+        fh.seek(weights.stat().st_size // 2)
+        fh.write(b"\x00" * 64)
+    assert sha256_file(weights) != recorded
+    assert dequantised_model_dir(tiny_profile.model) == copy
+    assert sha256_file(weights) == recorded, "the corrupted cache was rebuilt from the GGUF"

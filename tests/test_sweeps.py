@@ -45,6 +45,8 @@ def test_best_condition_prefers_fluent_accuracy_then_fewer_loops_then_smaller_se
     ({"positions": ("middle",)}, "positions contains 'middle'"),
     ({"n_test": 0}, "n_test=0 must be ≥ 1"),
     ({"tasks": ()}, "tasks=\\(\\) selects nothing"),
+    ({"methods": ("saif", "steer_harder")}, r"contains unknown \['steer_harder'\]; allowed: \['no_instruction'"),
+    ({"methods": ("prompting", "random_latents")}, "reuse SAIF's tuned configuration; add 'saif'"),
 ])
 def test_bad_sweep_parameters_fail_with_the_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -59,3 +61,28 @@ def test_prompting_instruction_lookup_names_the_missing_variant():
     assert "French" in found["translate_fr"] and "ocean" in found["keyword:ocean"]
     with pytest.raises(ValueError, match="no variant 'translate_fr-xx-99'"):
         prompting_instructions(variants, ("translate_fr",), "xx-99")
+
+
+def test_setup_validation_names_tasks_layers_and_k_before_any_generation():
+    from types import SimpleNamespace
+
+    from saif_utils.sweeps import SteeringSetup, validate_setup
+
+    selected = pd.DataFrame({"task": ["json"], "layer": [10], "position": ["post"], "rank": [1], "latent": [3],
+                             "weight": [1.0]})
+    sae = SimpleNamespace(cfg=SimpleNamespace(d_sae=64))
+
+    def setup(**cfg):
+        return SteeringSetup(model=None, model_key="m", saes={10: sae}, selected=selected,
+                             directions={"json|10|post": None}, norms={10: 1.0}, passages={}, instructions={},
+                             cfg=SweepConfig(tasks=("json",), positions=("post",), **cfg))
+
+    validate_setup(setup(k_grid=(1, 5), k_start=5), (10,))
+    with pytest.raises(ValueError, match=r"k values \[100\] exceed d_sae=64"):
+        validate_setup(setup(k_grid=(1, 100), k_start=5), (10,))
+    with pytest.raises(ValueError, match=r"layers \[20\] have no SAE; allowed: \[10\]"):
+        validate_setup(setup(k_grid=(1,), k_start=1), (10, 20))
+    bad_task = SteeringSetup(None, "m", {10: sae}, selected, {}, {10: 1.0}, {}, {},
+                             SweepConfig(tasks=("poem",), positions=("post",)))
+    with pytest.raises(ValueError, match=r"tasks \['poem'\] have no selected latents"):
+        validate_setup(bad_task, (10,))

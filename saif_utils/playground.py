@@ -1,0 +1,47 @@
+"""The interactive playground (notebook 07): one content text, answered unsteered, with the instruction written in the
+prompt, and steered — side by side with the checkers' verdicts — plus the steering latents' logit-lens tokens."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .data import join_content
+from .evaluation import judge
+from .models import chat_prompt, tokenize
+from .proximity import logit_lens
+from .steering import AddVector, cached_generate
+from .sweeps import Condition, SteeringSetup, steering_vector
+
+STEERING_METHODS = ("saif", "diff_in_means", "random_latents")
+
+
+def compare_responses(setup: SteeringSetup, content: str, task: str, method: str, layer: int, k: int, alpha: float,
+                      position: str = "post", max_new_tokens: int = 48) -> pd.DataFrame:
+    """One row per answer — unsteered, prompted, steered — with the response, strict/loose verdicts and loop flag."""
+    if method not in STEERING_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {list(STEERING_METHODS)}")
+    if not content.strip():
+        raise ValueError("content is empty; type a passage to answer")
+    tok = setup.model.tokenizer
+    plain, prompted = tokenize(tok, [chat_prompt(tok, content),
+                                     chat_prompt(tok, join_content(content, setup.instructions[task], "post"))])
+    vector, n_latents = steering_vector(setup, Condition(task, method, layer, k, alpha, position))
+    unsteered = cached_generate(setup.model, setup.model_key, [plain, prompted], None, None, max_new_tokens,
+                                remote=setup.remote, desc="unsteered")
+    steered = cached_generate(setup.model, setup.model_key, [plain], layer, AddVector(vector), max_new_tokens,
+                              remote=setup.remote, desc="steered")
+    labels = ["no instruction", f"prompted: {setup.instructions[task]!r}",
+              f"{method} (L{layer}, k={n_latents or '—'}, α={alpha:g}, {position})"]
+    responses = pd.DataFrame({"answer": labels, "task": task, "source": content,
+                              "response": [tok.decode(ids, skip_special_tokens=True).strip()
+                                           for ids in [*unsteered, *steered]]})
+    return judge(responses)[["answer", "response", "strict", "loose", "degenerate"]]
+
+
+def latent_tokens(setup: SteeringSetup, task: str, layer: int, position: str, k: int, top_n: int = 8) -> pd.DataFrame:
+    """The top-k selected latents of a task (rank, latent, weight) with the tokens their decoder directions promote."""
+    top = setup.latents(task, layer, position, k)
+    if top.empty:
+        return top
+    directions = setup.saes[layer].W_dec.detach()[top["latent"].to_numpy()]
+    lens = logit_lens(setup.model._module, setup.model.tokenizer, directions, top_n)
+    return top[["rank", "latent", "weight"]].assign(top_tokens=[" | ".join(x["top_tokens"]) for x in lens])

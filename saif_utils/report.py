@@ -1,0 +1,238 @@
+"""The run report (notebook 06): headline tables with n and 95 % CIs, figures, run times, the environment, and our
+results set beside the paper's claims — written as `report.md` and `report.html` at the top of a run's output folder.
+Every number in it is read from a table another stage wrote."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path
+from .sweeps import METHODS
+
+PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas", "scipy", "numpy")
+STATUSES = ("confirmed", "not confirmed", "not tested on this profile")
+FIGURES = {  # stage → figures shown in the report, in order
+    "01_sae_loading": ("sae_quality.png",),
+    "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
+    "03_semantic_proximity": ("cosine_selected_vs_random.png",),
+    "04_causal_ablation": ("ablation.png",),
+    "05_steering_sweeps": ("results.png", "layer_comparison.png", "accuracy_vs_k.png", "pre_vs_post.png"),
+}
+
+
+def ci_cell(row, name: str) -> str:
+    """'0.42 [0.29, 0.56]' for one accuracy and its 95 % CI."""
+    return f"{row[f'{name}_acc']:.2f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]"
+
+
+def steering_table(results: pd.DataFrame) -> str:
+    """Markdown: every task × method on test with its configuration, n, strict/loose accuracy and loop rate."""
+    lines = ["| task | method | config (layer, k, α, position) | n | strict [95 % CI] | loose [95 % CI] "
+             "| strict, loops = fail | degenerate |", "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    results = results.assign(order=results["method"].map(order)).sort_values(["task", "order"])
+    for row in results.to_dict("records"):
+        config = "—"
+        if pd.notna(row["layer"]):
+            k = "—" if pd.isna(row["k"]) else int(row["k"])
+            config = f"L{int(row['layer'])}, {k}, {row['alpha']:g}, {row['position']}"
+        lines.append(f"| {row['task']} | {row['method']} | {config} | {row['n']} | {ci_cell(row, 'strict')} | "
+                     f"{ci_cell(row, 'loose')} | {ci_cell(row, 'fluent_strict')} | {row['degenerate_rate']:.2f} |")
+    return "\n".join(lines)
+
+
+def ablation_table(table: pd.DataFrame) -> str:
+    """Markdown: strict/loose accuracy and log-prob drop per task, layer and ablation condition."""
+    lines = ["| task | layer | ablated | n | strict [95 % CI] | loose [95 % CI] | log-prob drop [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        drop = f"{row['logprob_drop']:.3f} [{row['logprob_drop_ci_low']:.3f}, {row['logprob_drop_ci_high']:.3f}]"
+        lines.append(f"| {row['task']} | {row['layer']} | {row['condition']} | {row['n']} | {ci_cell(row, 'strict')} | "
+                     f"{ci_cell(row, 'loose')} | {drop} |")
+    return "\n".join(lines)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    """A plain markdown table of a DataFrame (floats formatted with `floatfmt`)."""
+    def fmt(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "—" if np.isnan(value) else format(value, floatfmt)
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _objective(df: pd.DataFrame) -> pd.Series:
+    """The choice objective of the sweeps: strict + loose accuracy with loops counted as failures."""
+    return df["fluent_strict_acc"] + df["fluent_loose_acc"]
+
+
+def _argmax_per_task(rows: pd.DataFrame, column: str) -> dict[str, int]:
+    """Per task, the value of `column` with the highest objective; tasks whose objective does not vary are left out
+    (a flat row of zeros names no best setting)."""
+    out = {}
+    for task, g in rows.groupby("task"):
+        score = _objective(g)
+        if g[column].nunique() > 1 and score.nunique() > 1:
+            out[task] = int(g.loc[score.idxmax(), column])
+    return out
+
+
+def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], k_start: int) -> pd.DataFrame:
+    """Our measurements beside the paper's four headline claims, each confirmed / not confirmed / not tested here.
+
+    Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position."""
+    rows = []
+    saif_test = results[results["method"] == "saif"]
+    if saif_test.empty:
+        rows.append(("SAIF steering reaches > 30 % strict accuracy", "not tested on this profile", "no SAIF test rows"))
+    else:
+        above = saif_test[saif_test["strict_acc"] > 0.30]
+        evidence = "; ".join(f"{r['task']} {ci_cell(r, 'strict')} (n={r['n']})" for r in saif_test.to_dict("records"))
+        status = "confirmed" if len(above) * 2 >= len(saif_test) else "not confirmed"
+        rows.append(("SAIF steering reaches > 30 % strict accuracy",
+                     status, f"{len(above)} of {len(saif_test)} tasks above 0.30 — {evidence}"))
+    val = sweep[(sweep["method"] == "saif") & (sweep["split"] == "val")]
+    first_position = val["position"].dropna().iloc[0] if not val.empty else None
+    stage1 = val[(val["k"] == k_start) & (val["position"] == first_position)]
+    if stage1["layer"].nunique() < 2:
+        rows.append(("The final layer steers best", "not tested on this profile", "fewer than two layers swept"))
+    else:
+        best = _argmax_per_task(stage1, "layer")
+        final = max(layers)
+        n_final = sum(layer == final for layer in best.values())
+        rows.append(("The final layer steers best",
+                     "not tested on this profile" if not best else
+                     "confirmed" if n_final * 2 > len(best) else "not confirmed",
+                     f"best val layer per task (k={k_start}, tasks where the layer made no difference left out): "
+                     f"{best}; final SAE layer {final}"))
+    chosen = results[results["method"] == "saif"].set_index("task")
+    k_rows = val[val["k"].notna()]
+    best_k = {}
+    for task, g in k_rows.groupby("task"):
+        if task in chosen.index:
+            at = g[(g["layer"] == chosen.loc[task, "layer"]) & (g["alpha"] == chosen.loc[task, "alpha"])
+                   & (g["position"] == first_position)]
+            best_k |= _argmax_per_task(at, "k")
+    if not best_k:
+        rows.append(("An optimum near ~15 latents", "not tested on this profile", "k was not swept"))
+    else:
+        median = float(np.median(list(best_k.values())))
+        rows.append(("An optimum near ~15 latents", "confirmed" if 10 <= median <= 20 else "not confirmed",
+                     f"best val k per task (at its chosen layer and α; flat tasks left out): {best_k}; "
+                     f"median {median:g}"))
+    post_vs_pre = {}
+    for task, g in val.groupby("task"):
+        pre = g[g["position"] == "pre"]
+        if first_position == "post" and not pre.empty:
+            twin = g[(g["position"] == "post") & (g["layer"] == pre["layer"].iloc[0]) & (g["k"] == pre["k"].iloc[0])
+                     & (g["alpha"] == pre["alpha"].iloc[0])]
+            if not twin.empty:
+                post_vs_pre[task] = (float(_objective(twin).iloc[0]), float(_objective(pre).iloc[0]))
+    if not post_vs_pre:
+        rows.append(("Post-instruction extraction steers better than pre", "not tested on this profile",
+                     "no pre-position condition evaluated"))
+    else:
+        decided = {t: post > pre for t, (post, pre) in post_vs_pre.items() if post != pre}
+        wins = sum(decided.values())
+        detail = "; ".join(f"{t} {p:.2f} vs {q:.2f}" for t, (p, q) in post_vs_pre.items())
+        rows.append(("Post-instruction extraction steers better than pre",
+                     "not tested on this profile" if not decided else
+                     "confirmed" if wins * 2 > len(decided) else "not confirmed",
+                     f"val strict+loose (loops fail), post vs pre at the chosen config: {detail}"))
+    return pd.DataFrame(rows, columns=["paper's claim", "status", "measured here"])
+
+
+def environment(profile, model_key: str, sae_keys: dict[int, str], repo_root: Path) -> pd.DataFrame:
+    """Package versions, machine, device, model and SAE hashes and the git commit, as (item, value) rows."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    device = torch.cuda.get_device_name(0) if profile.device == "cuda" and torch.cuda.is_available() else "CPU"
+    rows = [("profile", f"{profile.name} — {profile.description}"), ("model", f"{profile.model.hf_id} ({model_key})"),
+            ("device", f"{device}; {torch.get_num_threads()} torch threads"),
+            ("machine", f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"),
+            ("python", platform.python_version()), ("git commit", commit)]
+    rows += [(f"SAE layer {layer}", key) for layer, key in sorted(sae_keys.items())]
+    for package in PACKAGES:
+        try:
+            rows.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            rows.append((package, "not installed"))
+    return pd.DataFrame(rows, columns=["item", "value"])
+
+
+def write_report(markdown: str, output_dir: Path, title: str) -> tuple[Path, Path]:
+    """Write `report.md` and a self-contained `report.html` (figures referenced relative to the run folder)."""
+    import mistune
+
+    md_path, html_path = output_dir / "report.md", output_dir / "report.html"
+    body = mistune.create_markdown(plugins=["table"])(markdown)
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+            "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px}"
+            "img{max-width:100%}</style></head><body>" + body + "</body></html>")
+    for path, text in ((md_path, markdown), (html_path, html)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return md_path, html_path
+
+
+def report_markdown(run_dir: Path, profile, claims: pd.DataFrame, env: pd.DataFrame, date: str) -> str:
+    """The whole report as markdown, from the tables the stages wrote under `run_dir` (a missing stage is named,
+    not skipped silently)."""
+    run_dir = Path(run_dir)
+    parts = [f"# SAIF run report — profile `{profile.name}` ({date})", "",
+             f"{profile.description} Every number below is read from a table in this folder; file names are given "
+             "with each section. Accuracies are fractions of test prompts with 95 % bootstrap CIs.", "",
+             "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), ""]
+    sections = [
+        ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv",
+         lambda df: steering_table(df)),
+        ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
+         "04_causal_ablation/ablation.csv", lambda df: ablation_table(df)),
+        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv",
+         lambda df: markdown_table(df[["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac",
+                                       "ce_clean", "ce_spliced", "kl", "source"]])),
+        ("Feature discovery, post position, content contrast — `02_feature_discovery/summary.csv`",
+         "02_feature_discovery/summary.csv",
+         lambda df: markdown_table(df[(df["position"] == "post") & (df["contrast"] == "content")][
+             ["task", "layer", "n_pairs", "n_consistent", "max_consistency", "bootstrap_jaccard", "bootstrap_ci_low",
+              "bootstrap_ci_high", "n_bootstrap", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"]])),
+    ]
+    for title, name, render in sections:
+        parts += [f"## {title}", ""]
+        path = run_dir / name
+        if path.is_file():
+            parts += [render(pd.read_csv(path)), ""]
+        else:
+            parts += [f"*{name} is missing: run that notebook for this output folder.*", ""]
+    parts += ["## Figures", ""]
+    for stage, names in FIGURES.items():
+        for name in names:
+            if (run_dir / stage / name).is_file():
+                parts += [f"**{stage}/{name}**", "", f"![{name}]({stage}/{name})", ""]
+    timings = run_dir / "timings.csv"
+    parts += ["## Run time per stage — `timings.csv`", ""]
+    if timings.is_file():
+        table = pd.read_csv(timings)[["stage", "seconds"]]
+        parts += [markdown_table(table, ".1f"), "", f"Total of the stages listed: {table['seconds'].sum() / 60:.1f} min "
+                  "(the report's own stage is recorded after it finishes).", ""]
+    else:
+        parts += ["*timings.csv is missing (notebooks run by hand rather than through `make reproduce`).*", ""]
+    parts += ["## Environment — `06_report/environment.csv`", "", markdown_table(env), ""]
+    return "\n".join(parts)
