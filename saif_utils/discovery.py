@@ -215,6 +215,32 @@ def top_latents(pairs: PairSet, cfg: DiscoveryConfig, k: int, mask: np.ndarray |
     return order[score[order] > 0]
 
 
+def bootstrap_top_latents(pairs: PairSet, cfg: DiscoveryConfig, k: int, draws: np.ndarray) -> list[np.ndarray]:
+    """`top_latents` on each bootstrap resample of passages, without copying pairs: `draws[b]` lists the passage
+    indices (into the sorted unique passage ids) of resample b. Every statistic of `latent_stats` is a mean over
+    pairs, so a resample is a weighting of per-passage sums — one matrix product for all resamples."""
+    _, passage_of = np.unique(pairs.meta["passage_id"].to_numpy(), return_inverse=True)
+    n_passages = int(passage_of.max()) + 1
+    one_hot = torch.zeros((n_passages, len(passage_of)), dtype=torch.float64)
+    one_hot[torch.as_tensor(passage_of), torch.arange(len(passage_of))] = 1.0
+    pos, neg = pairs.pos.double(), pairs.neg.double()
+    consistent = ((pairs.pos > cfg.fire_threshold) & (pairs.neg <= cfg.negative_ratio * pairs.pos)).double()
+    sums = {name: one_hot @ value for name, value in
+            {"pos": pos, "neg": neg, "pos2": pos ** 2, "neg2": neg ** 2, "consistent": consistent}.items()}
+    counts = torch.stack([torch.bincount(torch.as_tensor(d), minlength=n_passages) for d in draws]).double()
+    n = (counts @ one_hot.sum(1))[:, None]  # pairs per resample
+    mean = {name: counts @ total / n for name, total in sums.items()}
+    var_pos = (mean["pos2"] - mean["pos"] ** 2).clamp_min(0)
+    var_neg = (mean["neg2"] - mean["neg"] ** 2).clamp_min(0)
+    effect = (mean["pos"] - mean["neg"]) / torch.sqrt((var_pos + var_neg) / 2).clamp_min(1e-6)
+    score = (mean["consistent"] * torch.tanh(effect.clamp_min(0))).float().numpy()
+    tops = []
+    for row in score:
+        order = rank_latents(row)[:k]
+        tops.append(order[row[order] > 0])
+    return tops
+
+
 def robustness(pairs: PairSet, cfg: DiscoveryConfig, full: np.ndarray | None = None) -> list[dict]:
     """Top-`jaccard_k` stability: bootstrap over passages, and paraphrase-only vs translation-only selections.
 
@@ -225,13 +251,8 @@ def robustness(pairs: PairSet, cfg: DiscoveryConfig, full: np.ndarray | None = N
     passages = pairs.meta["passage_id"].to_numpy()
     unique = np.unique(passages)
     rng = np.random.default_rng(cfg.seed)
-    boot = []
-    for _ in range(cfg.n_bootstrap):
-        draw = rng.choice(unique, size=len(unique), replace=True)
-        rows = np.concatenate([np.flatnonzero(passages == p) for p in draw])
-        resampled = PairSet(pairs.pos[rows], pairs.neg[rows], pairs.meta.iloc[rows])
-        boot.append(jaccard(full, top_latents(resampled, cfg, k)))
-    boot = np.asarray(boot)
+    draws = np.stack([rng.choice(len(unique), size=len(unique), replace=True) for _ in range(cfg.n_bootstrap)])
+    boot = np.asarray([jaccard(full, top) for top in bootstrap_top_latents(pairs, cfg, k, draws)])
     boot = boot[~np.isnan(boot)]
     summary = (boot.mean(), np.quantile(boot, 0.025), np.quantile(boot, 0.975)) if len(boot) else (np.nan,) * 3
     out = [{"metric": "bootstrap_jaccard", "value": summary[0], "ci_low": summary[1], "ci_high": summary[2],

@@ -45,3 +45,22 @@ def latent_tokens(setup: SteeringSetup, task: str, layer: int, position: str, k:
     directions = setup.saes[layer].W_dec.detach()[top["latent"].to_numpy()]
     lens = logit_lens(setup.model._module, setup.model.tokenizer, directions, top_n)
     return top[["rank", "latent", "weight"]].assign(top_tokens=[" | ".join(x["top_tokens"]) for x in lens])
+
+
+def opening_setting(results: pd.DataFrame | None, tasks: tuple[str, ...], layers: list[int], **given) -> dict:
+    """The playground's opening (task, layer, k, alpha, position): each value given (not None) is kept; the rest come
+    from the SAIF configuration notebook 05 chose for the task it steered best (highest test strict accuracy; ties →
+    task name) when that is the task shown, else from the deepest layer, k = 15, α = 0.5, post."""
+    setting = {"task": tasks[0], "layer": max(layers), "k": 15, "alpha": 0.5, "position": "post"}
+    saif = None if results is None else results[(results["method"] == "saif") & results["task"].isin(tasks)]
+    if saif is not None and not saif.empty:
+        best = saif.sort_values(["strict_acc", "loose_acc", "task"], ascending=[False, False, True]).iloc[0]
+        if given.get("task") in (None, best["task"]):
+            setting = {"task": best["task"], "layer": int(best["layer"]), "k": int(best["k"]),
+                       "alpha": float(best["alpha"]), "position": best["position"]}
+    setting |= {name: value for name, value in given.items() if value is not None}
+    if setting["task"] not in tasks:
+        raise ValueError(f"task={setting['task']!r} has no selected latents in notebook 02's output; allowed: {list(tasks)}")
+    if setting["layer"] not in layers:
+        raise ValueError(f"layer={setting['layer']} has no SAE; allowed: {sorted(layers)}")
+    return setting

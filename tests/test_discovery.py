@@ -89,3 +89,21 @@ def test_config_and_task_selection_fail_fast():
     assert set(chosen["base_task"]) == {"translate_fr", "translate_es", "translate_de"}
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['translate_xx'\]"):
         select_variants(variants, tasks, ["translate_xx"])
+
+
+def test_bootstrap_by_passage_weights_equals_explicit_resampling():
+    from saif_utils.discovery import bootstrap_top_latents, top_latents
+
+    gen = torch.Generator().manual_seed(1)
+    n_passages, n_variants, d = 6, 5, 64
+    neg = torch.rand(n_passages * n_variants, d, generator=gen)
+    pos = neg + torch.randn(n_passages * n_variants, d, generator=gen) * 0.5
+    meta = pd.DataFrame({"passage_id": np.repeat([f"p{i}" for i in range(n_passages)], n_variants)})
+    pairs, cfg = PairSet(pos, neg, meta), DiscoveryConfig(jaccard_k=8)
+    draws = np.random.default_rng(0).choice(n_passages, size=(5, n_passages), replace=True)
+    fast = bootstrap_top_latents(pairs, cfg, 8, draws)
+    passages = meta["passage_id"].to_numpy()
+    for draw, top in zip(draws, fast):
+        rows = np.concatenate([np.flatnonzero(passages == f"p{p}") for p in draw])
+        explicit = top_latents(PairSet(pos[rows], neg[rows], meta.iloc[rows]), cfg, 8)
+        assert set(top) == set(explicit)

@@ -2,16 +2,8 @@
 import math
 
 import pandas as pd
-import pytest
 
-from saif_utils.pipeline import numbered_notebooks, run_pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, saif_cache):
-    output_dir = tmp_path_factory.mktemp("outputs") / "tiny"
-    timings = run_pipeline("tiny", output_dir)
-    return output_dir, timings
+from saif_utils.pipeline import numbered_notebooks
 
 
 def test_every_notebook_has_a_parameters_cell_and_no_outputs():
@@ -128,3 +120,38 @@ def test_05_writes_sweeps_results_and_generations(tiny_run):
     for name in ("results.png", "accuracy_vs_k.png", "accuracy_fluency_vs_alpha.png", "layer_comparison.png",
                  "residual_norms.csv"):
         assert (stage / name).is_file(), name
+
+
+def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
+    from saif_utils.report import STATUSES, ci_cell
+
+    run = tiny_run[0]
+    report = (run / "report.md").read_text()
+    assert (run / "report.html").read_text().startswith("<!doctype html>")
+    claims = pd.read_csv(run / "06_report" / "claims.csv")
+    assert len(claims) == 4 and set(claims["status"]) <= set(STATUSES)
+    for claim, status in zip(claims["paper's claim"], claims["status"]):
+        assert f"| {claim} | {status} |" in report
+    # every steering and ablation accuracy in the report is the one in the stage's CSV
+    for table in (pd.read_csv(run / "05_steering_sweeps" / "results.csv"), pd.read_csv(run / "04_causal_ablation" / "ablation.csv")):
+        for row in table.to_dict("records"):
+            assert ci_cell(row, "strict") in report and ci_cell(row, "loose") in report
+    env = pd.read_csv(run / "06_report" / "environment.csv")
+    assert {"git commit", "torch", "nnsight", "sae-lens", "model", "device"} <= set(env["item"])
+    for stage in ("01_sae_loading", "02_feature_discovery", "03_semantic_proximity", "04_causal_ablation",
+                  "05_steering_sweeps"):
+        assert f"| {stage} |" in report, f"run time of {stage} missing from the report"
+    assert "![results.png](05_steering_sweeps/results.png)" in report
+
+
+def test_07_playground_runs_headless_with_its_default_widgets(tiny_run):
+    import nbformat
+
+    stage = tiny_run[0] / "07_playground"
+    comparison = pd.read_csv(stage / "default_comparison.csv")
+    assert list(comparison.columns) == ["answer", "response", "strict", "loose", "degenerate"]
+    assert comparison["answer"].iloc[0] == "no instruction" and comparison["answer"].iloc[1].startswith("prompted")
+    assert comparison["response"].notna().all()
+    nb = nbformat.read(stage / "07_playground.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), "widgets built"
