@@ -13,6 +13,8 @@ from functools import cache
 import numpy as np
 import pandas as pd
 
+from .io import cached_json_items, sha256_file
+
 FRENCH_P_MIN = 0.8
 """fastText probability above which a text counts as French."""
 TRANSLATION_SIM_MIN = 0.83
@@ -205,11 +207,29 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000
     return float(arr.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+@cache
+def _judges_version() -> str:
+    """Hash of this module's source: part of every cached verdict's key."""
+    return sha256_file(__file__)[:16]
+
+
+def _verdict_entry(verdict: Verdict) -> dict:
+    """A verdict as a JSON cache entry."""
+    return {"strict": bool(verdict.strict), "loose": bool(verdict.loose)}
+
+
 def judge(responses: pd.DataFrame) -> pd.DataFrame:
     """Add `strict`, `loose`, `repetition`, `degenerate` and the fluent verdicts `fluent_strict` / `fluent_loose`
     (passes and is not degenerate) to a table with columns task, response and source."""
-    verdicts = [checker_for(task)(response, source) for task, response, source
-                in zip(responses["task"], responses["response"], responses["source"])]
+    rows = list(zip(responses["task"], responses["response"], responses["source"]))
+
+    def compute(missing: list[int]) -> list[dict]:
+        return [_verdict_entry(checker_for(rows[i][0])(rows[i][1], rows[i][2])) for i in missing]
+
+    # Verdicts are cached (the embedding judges dominate a warm rerun); the key includes this module's source, so any
+    # change to a checker re-judges everything.
+    keys = [{"judges": _judges_version(), "task": t, "response": r, "source": src} for t, r, src in rows]
+    verdicts = cached_json_items("verdicts", keys, compute, lambda e: Verdict(bool(e["strict"]), bool(e["loose"])))
     repetition = np.array([repetition_rate(r) for r in responses["response"]])
     degenerate = repetition >= DEGENERATE_REPETITION
     strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])

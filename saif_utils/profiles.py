@@ -232,6 +232,16 @@ PROFILES: dict[str, Profile] = {
             device="cuda",
             neuronpedia_model="llama3.1-8b",
         ),
+        Profile(
+            name="llama-3.1-8b-ndif",
+            description="Llama-3.1-8B-Instruct traced remotely on NDIF (NDIF_API_KEY from the environment) with Llama Scope SAEs applied locally.",
+            model=LLAMA_31_8B_IT,
+            sae_layers=(8, 16, 24, 31),
+            sae_release="llama_scope_lxr_8x",
+            sae_id_template="l{layer}r_8x",
+            remote=True,
+            neuronpedia_model="llama3.1-8b",
+        ),
     )
 }
 
