@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import atomic_path, cache_root, cached_frames, content_hash
+from .io import atomic_path, cache_root, cached_frames, content_hash, sha256_file
 from .models import read_residual
 
 READ_POSITIONS = {"last_prompt": "idx_last_prompt", "end_user": "idx_end_user", "last_instruction": "idx_last_instruction"}
@@ -293,7 +293,8 @@ def run_discovery(model, saes: dict[int, object], prompts: pd.DataFrame, tasks: 
     key = {"model": model_key, "saes": {layer: sae_fingerprint(sae) for layer, sae in saes.items()},
            "prompts": content_hash(prompts[["prompt_id", "task", "position", "label", "input_ids", READ_POSITIONS[cfg.read_at]]]
                                    .to_dict("list")),
-           "tasks": {name: asdict(task) for name, task in sorted(tasks.items())}, "config": asdict(cfg)}
+           "tasks": {name: asdict(task) for name, task in sorted(tasks.items())}, "config": asdict(cfg),
+           "code": sha256_file(__file__)[:16]}  # any change to the scoring code recomputes the scores
     return cached_frames("discovery", key, lambda: _score_latents(model, saes, prompts, tasks, cfg, model_key,
                                                                   batch_size, remote))
 

@@ -352,7 +352,8 @@ def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_token
     key = {"model": model_fingerprint(profile), "saes": {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()},
            "sources": {layer: e["source"] for layer, e in saes.items()}, "recipe": asdict(profile.sae_train),
            "corpus_packages": corpus_packages(),
-           "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size}
+           "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size,
+           "code": sha256_file(__file__)[:16]}  # any change to the metrics code recomputes them
     frames = cached_frames("sae_metrics", key, lambda: dict(zip(
         ("metrics", "firing"), _sae_metrics(model, profile, saes, n_ce_tokens))))
     return frames["metrics"], frames["firing"]
