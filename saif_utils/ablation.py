@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .discovery import check_selection, encode, top_selected
 from .evaluation import accuracy_table, bootstrap_ci, judge
-from .io import cached_json_items, content_hash
+from .io import cached_json, content_hash
 from .models import read_residual_tokens
 from .steering import AblateLatents, cached_generate, cached_logprob, mass_matched_latents
 
@@ -60,14 +60,13 @@ def activation_mass(model, model_key: str, sae, sae_key: str, token_ids, layer: 
                     remote: bool = False) -> np.ndarray:
     """Mean activation of every latent over all prompt tokens (first token excluded) → `[d_sae]`, cached by the
     model, SAE, layer and prompts."""
-    def compute(_: list[int]) -> list[dict]:
+    def compute() -> dict:
         resid = read_residual_tokens(model, token_ids, [layer], batch_size=batch_size, remote=remote,
                                      desc="activation mass")
-        return [{"mass": encode(sae, resid[layer]).mean(0).tolist()}]
+        return {"mass": encode(sae, resid[layer]).mean(0).tolist()}
 
     key = {"model": model_key, "sae": sae_key, "layer": layer, "ids": content_hash([list(ids) for ids in token_ids])}
-    (mass,) = cached_json_items("activation_mass", [key], compute, lambda entry: entry["mass"])
-    return np.asarray(mass, dtype=np.float32)
+    return np.asarray(cached_json("activation_mass", key, compute)["mass"], dtype=np.float32)
 
 
 def ablate_task(model, model_key: str, sae, sae_key: str, prompts: pd.DataFrame, task: str, layer: int,

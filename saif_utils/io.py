@@ -125,6 +125,15 @@ def cached_json_items(folder: str, keys: Sequence[Any], compute: Callable[[list[
     return out
 
 
+def cached_json(folder: str, key: Any | None, compute: Callable[[], dict]) -> dict:
+    """`compute()`'s JSON dict, cached under `cache_root()/folder` by the hash of `key`; `key=None` computes without
+    caching (callers that cannot name the weights the result depends on)."""
+    if key is None:
+        return compute()
+    (entry,) = cached_json_items(folder, [key], lambda _: [compute()], lambda e: e)
+    return entry
+
+
 def cached_frames(folder: str, key: Any, compute: Callable[[], dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
     """`compute()`'s named DataFrames, stored as parquet under `cache_root()/folder/<hash of key>/` and reused while
     the key (everything the result depends on) is unchanged. A directory only appears once complete."""

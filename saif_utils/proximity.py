@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .discovery import jaccard
-from .io import cached_json_items, content_hash
+from .io import cached_json, content_hash
 from .models import chat_prompt, read_residual, tokenize
 
 FRENCH_WORDS = {"le", "la", "les", "des", "du", "une", "un", "et", "est", "sont", "pour", "que", "qui", "dans", "sur",
@@ -49,15 +49,13 @@ def instruction_directions(model, instructions: dict[str, Sequence[str]], conten
     texts = [chat_prompt(tok, t) for task in tasks for t in instructions[task]] + [chat_prompt(tok, c) for c in contents]
     token_ids = tokenize(tok, texts)
 
-    def compute(_: list[int]) -> list[dict]:
+    def compute() -> dict:
         resid = read_residual(model, token_ids, layers, batch_size=batch_size, remote=remote)
-        return [{"resid": {str(layer): acts.float().tolist() for layer, acts in resid.items()}}]
+        return {"resid": {str(layer): acts.float().tolist() for layer, acts in resid.items()}}
 
-    if model_key is None:
-        entry = compute([0])[0]
-    else:
-        key = {"model": model_key, "ids": content_hash(token_ids), "layers": sorted(layers), "batch_size": batch_size}
-        (entry,) = cached_json_items("instruction_residuals", [key], compute, lambda e: e)
+    key = None if model_key is None else {"model": model_key, "ids": content_hash(token_ids), "layers": sorted(layers),
+                                          "batch_size": batch_size}
+    entry = cached_json("instruction_residuals", key, compute)
     resid = {layer: torch.tensor(entry["resid"][str(layer)]) for layer in layers}
     out = {}
     for layer, acts in resid.items():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import cached_json_items, content_hash
+from .io import cached_json, cached_json_items, content_hash
 from .models import check_model_layer, length_buckets, read_residual_tokens
 
 Span = Literal["prompt", "generated", "both"]
@@ -193,16 +193,14 @@ def mean_residual_norm(model, token_ids: Sequence[Sequence[int]], layers: Sequen
                        remote: bool = False, model_key: str | None = None) -> dict[int, float]:
     """Mean L2 norm of the residual at each layer over every real token but the first (the attention sink);
     cached when `model_key` names the weights."""
-    def compute(_: list[int]) -> list[dict]:
+    def compute() -> dict:
         resid = read_residual_tokens(model, token_ids, layers, batch_size=batch_size, remote=remote,
                                      desc="residual norms")
-        return [{"norms": {str(layer): float(acts.float().norm(dim=-1).mean()) for layer, acts in resid.items()}}]
+        return {"norms": {str(layer): float(acts.float().norm(dim=-1).mean()) for layer, acts in resid.items()}}
 
-    if model_key is None:
-        entry = compute([0])[0]
-    else:
-        key = {"model": model_key, "ids": content_hash([list(ids) for ids in token_ids]), "layers": sorted(layers)}
-        (entry,) = cached_json_items("residual_norms", [key], compute, lambda e: e)
+    key = None if model_key is None else {"model": model_key, "ids": content_hash([list(ids) for ids in token_ids]),
+                                          "layers": sorted(layers)}
+    entry = cached_json("residual_norms", key, compute)
     return {layer: entry["norms"][str(layer)] for layer in layers}
 
 

@@ -186,14 +186,10 @@ def steering_vector(setup: SteeringSetup, cond: Condition, draw: int = 0) -> tup
     return scale_direction(direction, cond.alpha, norm), len(latents)
 
 
-def evaluate(setup: SteeringSetup, cond: Condition, split: str) -> pd.DataFrame:
-    """Generate for every prompt of `split` under `cond`, judge each response and score its fluency."""
-    return evaluate_many(setup, [cond], split)[0]
-
-
 def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> list[pd.DataFrame]:
-    """`evaluate` for several conditions at once: the prompts of every condition at one layer are generated in
-    shared batches (each row with its own vector), which keeps batches full when a split has few passages."""
+    """Generate for every prompt of `split` under each condition, judge each response and score its fluency. The
+    prompts of every condition at one layer are generated in shared batches (each row with its own vector), which
+    keeps batches full when a split has few passages."""
     cfg = setup.cfg
     jobs = []  # per condition: prompts, random draw per prompt, edit per prompt, number of latents
     for cond in conds:
