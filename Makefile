@@ -46,8 +46,8 @@ test: venv  ## run the test suite (tiny profile; includes papermill runs of ever
 bench: venv  ## run the benchmarks (ratios measured side by side; one JSON line each)
 	cd benchmarks && for script in bench_*.py; do echo "== $$script"; TQDM_DISABLE=1 ../$(BIN)/python $$script || exit 1; done
 
-check-determinism: venv  ## two cold runs of PROFILE with separate empty caches; fails unless the headline files are byte-identical
-	$(BIN)/python tools/check_determinism.py --profile $(PROFILE)
+check-determinism: venv  ## two cold runs of PROFILE with separate empty caches; fails unless the headline files are byte-identical (ARGS="--keep DIR" keeps both runs)
+	$(BIN)/python tools/check_determinism.py --profile $(PROFILE) $(ARGS)
 
 lab: venv  ## open the notebooks in JupyterLab with the project's kernel
 	$(BIN)/jupyter lab notebooks

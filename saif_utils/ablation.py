@@ -77,29 +77,29 @@ def ablate_task(model, model_key: str, sae, sae_key: str, prompts: pd.DataFrame,
     unablated model gave (its own instruction-following continuation), teacher-forced.
     """
     ids = list(prompts["input_ids"])
+    n = len(ids)
     mass = activation_mass(model, model_key, sae, sae_key, ids, layer, batch_size, remote)
-    draws = np.arange(len(ids)) % cfg.n_random_draws
+    draws = np.arange(n) % cfg.n_random_draws
     random_sets = [mass_matched_latents(mass, latents, seed=cfg.seed * 1000 + d, window=cfg.mass_window)
                    for d in range(cfg.n_random_draws)]
-    edits = {"none": [None], "selected": [AblateLatents(sae, tuple(map(int, latents)), sae_key)],
-             "random": [AblateLatents(sae, tuple(map(int, s)), sae_key) for s in random_sets]}
-    tables, baseline = [], None
-    for condition in CONDITIONS:
-        new_ids, logprob, removed = [None] * len(ids), np.full(len(ids), np.nan), np.zeros(len(ids))
-        for d, edit in enumerate(edits[condition]):
-            rows = np.flatnonzero(draws == d) if condition == "random" else np.arange(len(ids))
-            sub = [ids[i] for i in rows]
-            out = cached_generate(model, model_key, sub, layer, edit, cfg.max_new_tokens, "both", cfg.gen_batch_size,
-                                  remote, desc=f"{task} L{layer} {condition}")
-            if baseline is None:
-                baseline = out
-            lp = cached_logprob(model, model_key, sub, [baseline[i] for i in rows], layer, edit, batch_size, remote)
-            for j, i in enumerate(rows):
-                new_ids[i], logprob[i] = out[j], lp[j]
-                removed[i] = 0.0 if edit is None else float(mass[list(edit.latents)].sum())
+    selected = AblateLatents(sae, tuple(map(int, latents)), sae_key)
+    random_edits = [AblateLatents(sae, tuple(map(int, s)), sae_key) for s in random_sets]
+    # One edit per prompt and condition, so all three conditions are generated (and scored) in shared batches.
+    edits = {"none": [None] * n, "selected": [selected] * n, "random": [random_edits[d] for d in draws]}
+    row_edits = [e for condition in CONDITIONS for e in edits[condition]]
+    out = cached_generate(model, model_key, ids * len(CONDITIONS), layer, row_edits, cfg.max_new_tokens, "both",
+                          cfg.gen_batch_size, remote, desc=f"{task} L{layer}")
+    baseline = out[:n]  # condition "none" comes first
+    logprob = cached_logprob(model, model_key, ids * len(CONDITIONS), baseline * len(CONDITIONS), layer, row_edits,
+                             batch_size, remote)
+    tables = []
+    for c, condition in enumerate(CONDITIONS):
+        new_ids = out[c * n:(c + 1) * n]
+        removed = [0.0 if e is None else float(mass[list(e.latents)].sum()) for e in edits[condition]]
         responses = prompts.assign(response=[model.tokenizer.decode(g, skip_special_tokens=True).strip() for g in new_ids],
-                                   task=task, layer=layer, k=len(latents), condition=condition, logprob=logprob,
-                                   mass_removed=removed, draw=draws if condition == "random" else 0)
+                                   task=task, layer=layer, k=len(latents), condition=condition,
+                                   logprob=logprob[c * n:(c + 1) * n], mass_removed=removed,
+                                   draw=draws if condition == "random" else 0)
         tables.append(judge(responses).drop(columns=["input_ids", "user_text"]))
     return pd.concat(tables, ignore_index=True)
 

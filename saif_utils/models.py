@@ -250,18 +250,44 @@ def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix_batches(model, token_ids: Sequence[Sequence[int]], n_prefix: int, batch_size: int
+                          ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, object]]:
+    """Batches of sequences that share their first `n_prefix` tokens, the prefix run once:
+    `(rows, suffix_ids [B, S], attention_mask [B, n_prefix + S], cache)`. Suffixes are right-padded, so their
+    positions continue from the prefix (a pad only ever follows real tokens, which never attend to it), and the
+    cache holds the prefix's keys and values expanded over the batch without a copy."""
+    from transformers import DynamicCache
+
+    hf_model, pad_id = model._module, model.tokenizer.pad_token_id
+    if n_prefix < 1 or any(len(seq) <= n_prefix for seq in token_ids):
+        raise ValueError(f"n_prefix={n_prefix} must leave every sequence at least one suffix token")
+    with torch.inference_mode():
+        prefix_cache = hf_model(torch.tensor([list(token_ids[0][:n_prefix])]), use_cache=True).cache
+    prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+    rows = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(token_ids[i]) for i in chunk) - n_prefix
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n_prefix + width), dtype=torch.long)
+        mask[:, :n_prefix] = 1
+        for r, i in enumerate(chunk):
+            suffix = token_ids[i][n_prefix:]
+            ids[r, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            mask[r, n_prefix:n_prefix + len(suffix)] = 1
+        cache = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
+                              for k, v in prefix_kv], config=hf_model.config)
+        yield chunk, ids, mask, cache
+
+
 def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int],
                                  index: Sequence[int], groups: Sequence[Hashable], batch_size: int,
                                  ) -> dict[int, torch.Tensor]:
-    """`read_residual` with each group's common prefix run once: the suffixes (right-padded, so positions continue
-    from the prefix) attend to the prefix's KV cache, expanded over the batch without a copy."""
-    from transformers import DynamicCache
-
+    """`read_residual` with each group's common prefix run once (`shared_prefix_batches`)."""
     if len(groups) != len(token_ids):
         raise ValueError(f"read_residual: {len(groups)} group keys for {len(token_ids)} sequences; pass one per sequence")
     for layer in layers:
         check_model_layer(model, layer)
-    hf_model, pad_id = model._module, model.tokenizer.pad_token_id
     stop_early = max(layers) < len(model.model.layers) - 1
     members: dict[Hashable, list[int]] = {}
     for i, key in enumerate(groups):
@@ -270,22 +296,8 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
     for rows in tqdm(list(members.values()), desc="residual (shared prefix)", leave=False, disable=len(members) < 4):
         # Every read position must fall in the suffix, which also keeps at least one suffix token per sequence.
         n_prefix = min(common_prefix_length([token_ids[i] for i in rows]), *(index[i] for i in rows))
-        with torch.inference_mode():
-            prefix_cache = hf_model(torch.tensor([token_ids[rows[0]][:n_prefix]]), use_cache=True).cache
-        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        rows = sorted(rows, key=lambda i: (len(token_ids[i]), i))
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(token_ids[i]) for i in chunk) - n_prefix
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n_prefix + width), dtype=torch.long)
-            mask[:, :n_prefix] = 1
-            for r, i in enumerate(chunk):
-                suffix = token_ids[i][n_prefix:]
-                ids[r, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-                mask[r, n_prefix:n_prefix + len(suffix)] = 1
-            cache = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
-                                  for k, v in prefix_kv], config=hf_model.config)
+        group_ids = [token_ids[i] for i in rows]
+        for chunk, ids, mask, cache in shared_prefix_batches(model, group_ids, n_prefix, batch_size):
             saved = {}
             with torch.inference_mode(), model.trace(ids, attention_mask=mask, cache=cache) as tracer:
                 for layer in sorted(layers):
@@ -293,9 +305,10 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
                     saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().save()
                 if stop_early:
                     tracer.stop()
-            columns = torch.tensor([index[i] - n_prefix for i in chunk])
+            seqs = [rows[c] for c in chunk]
+            columns = torch.tensor([index[i] - n_prefix for i in seqs])
             for layer, acts in saved.items():
                 if layer not in out:
                     out[layer] = torch.empty((len(token_ids), acts.shape[-1]), dtype=acts.dtype)
-                out[layer][chunk] = acts[torch.arange(len(chunk)), columns]
+                out[layer][seqs] = acts[torch.arange(len(seqs)), columns]
     return out

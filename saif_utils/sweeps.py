@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .data import evaluation_prompts
 from .discovery import check_selection, top_selected
@@ -257,26 +256,45 @@ def best_condition(table: pd.DataFrame) -> Condition:
     return Condition(row["task"], row["method"], int(row["layer"]), k, float(row["alpha"]), row["position"])
 
 
-def tune(setup: SteeringSetup, task: str, method: str, layers: tuple[int, ...]) -> tuple[Condition, list[pd.DataFrame]]:
-    """Search (layer, k, α, position) for `method` on val; returns the best condition and every judged table."""
-    judged, summaries = [], []
-    best = None
-    for stage in search_space(setup.cfg, task, method, layers):
-        todo = []
-        for cond in stage:
-            if best is not None:
-                cond = Condition(task, method, *(
-                    getattr(cond, f) if getattr(cond, f) is not None else getattr(best, f)
-                    for f in ("layer", "k", "alpha", "position")))
-            no_latents = method != "diff_in_means" and setup.latents(task, cond.layer, cond.position, 1).empty
-            if not (no_latents or cond in todo or any(s["cond"] == cond for s in summaries)):
-                todo.append(cond)
+Search = tuple[str, str]
+"""A tuned (task, method) pair."""
+
+
+def tune(setup: SteeringSetup, searches: list[Search], layers: tuple[int, ...]
+         ) -> tuple[dict[Search, Condition], list[pd.DataFrame]]:
+    """Search (layer, k, α, position) on val for every (task, method) in `searches`; returns the best condition of
+    each and every judged table. The searches advance in lockstep: stage s of all of them is generated in one
+    `evaluate_many` call, so each layer's batches are full (a single search's later stages hold only 16–80 prompts)."""
+    plans = {search: search_space(setup.cfg, *search, layers) for search in searches}
+    summaries: dict[Search, list[dict]] = {search: [] for search in searches}
+    best: dict[Search, Condition] = {}
+    judged = []
+    for stage_index in range(max(len(stages) for stages in plans.values())):
+        todo: list[Condition] = []
+        for (task, method), stages in plans.items():
+            if stage_index >= len(stages):
+                continue
+            for cond in stages[stage_index]:
+                if stage_index > 0:
+                    prev = best[(task, method)]
+                    cond = Condition(task, method, *(
+                        getattr(cond, f) if getattr(cond, f) is not None else getattr(prev, f)
+                        for f in ("layer", "k", "alpha", "position")))
+                no_latents = method != "diff_in_means" and setup.latents(task, cond.layer, cond.position, 1).empty
+                seen = cond in todo or any(s["cond"] == cond for s in summaries[(task, method)])
+                if not (no_latents or seen):
+                    todo.append(cond)
         for cond, table in zip(todo, evaluate_many(setup, todo, "val")):
             judged.append(table)
-            summaries.append({"cond": cond, "table": accuracy_table(table, CONDITION_KEYS, setup.cfg.seed)})
-        if not summaries:
-            raise ValueError(f"{task}: no layer/position has selected latents for {method}; check notebook 02's output")
-        best = best_condition(pd.concat([s["table"] for s in summaries], ignore_index=True))
+            summaries[(cond.task, cond.method)].append(
+                {"cond": cond, "table": accuracy_table(table, CONDITION_KEYS, setup.cfg.seed)})
+        for (task, method), stages in plans.items():
+            if stage_index >= len(stages):
+                continue
+            if not summaries[(task, method)]:
+                raise ValueError(f"{task}: no layer/position has selected latents for {method}; check notebook 02's output")
+            best[(task, method)] = best_condition(pd.concat([s["table"] for s in summaries[(task, method)]],
+                                                            ignore_index=True))
     return best, judged
 
 
@@ -286,19 +304,19 @@ def run_sweeps(setup: SteeringSetup, layers: tuple[int, ...]) -> dict[str, pd.Da
     Returns `sweep` (one row per evaluated condition and split), `results` (test rows: the chosen configuration of
     every task × method) and `generations` (every prompt, condition and judged response)."""
     validate_setup(setup, layers)
-    methods = setup.cfg.methods
-    judged = []
-    for task in tqdm(setup.cfg.tasks, desc="tasks"):
+    cfg = setup.cfg
+    searches = [(task, method) for task in cfg.tasks for method in ("saif", "diff_in_means") if method in cfg.methods]
+    tuned, judged = tune(setup, searches, layers) if searches else ({}, [])
+    test_conds = []
+    for task in cfg.tasks:
         chosen = {"no_instruction": Condition(task, "no_instruction"), "prompting": Condition(task, "prompting")}
-        for tuned in ("saif", "diff_in_means"):
-            if tuned in methods:
-                chosen[tuned], val_tables = tune(setup, task, tuned, layers)
-                judged += val_tables
-        if "saif" in methods:
+        chosen |= {method: cond for (t, method), cond in tuned.items() if t == task}
+        if "saif" in chosen:
             saif = chosen["saif"]
             for method in ("random_latents", "saif_plus_prompt"):
                 chosen[method] = Condition(task, method, saif.layer, saif.k, saif.alpha, saif.position)
-        judged += evaluate_many(setup, [chosen[method] for method in methods], "test")
+        test_conds += [chosen[method] for method in cfg.methods]
+    judged += evaluate_many(setup, test_conds, "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], setup.cfg.seed)
     results = sweep[sweep["split"] == "test"].reset_index(drop=True)

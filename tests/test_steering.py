@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from saif_utils.models import chat_prompt, length_buckets, tokenize
-from saif_utils.steering import direction_from_latents, generate_steered, scale_direction
+from saif_utils.steering import AddVector, direction_from_latents, generate_steered, scale_direction
 
 LAYER, N_NEW = 4, 10
 
@@ -212,3 +212,24 @@ def test_logprob_cache_reuses_entries_and_keeps_empty_continuations(tiny_model, 
     stamp = {p: p.stat().st_mtime_ns for p in entries}
     np.testing.assert_array_equal(cached_logprob(tiny_model, "tiny", prefix, cont), first)
     assert {p: p.stat().st_mtime_ns for p in entries} == stamp, "both entries (the NaN one too) are reused"
+
+
+def test_per_prompt_ablations_share_a_batch_and_match_separate_runs(tiny_model, setup):
+    """Notebook 04 generates and scores its three conditions together: each row removes its own latent set."""
+    from saif_utils.steering import AblateLatents, _stack_edits, continuation_logprob
+
+    ids, _ = setup
+    sae = _toy_sae()
+    selected, random = AblateLatents(sae, (3, 7, 11), "toy"), AblateLatents(sae, (5, 9, 20), "toy")
+    rows = [ids[0], ids[1], ids[0]]
+    stacked = _stack_edits([selected, random, None])
+    together = generate_steered(tiny_model, rows, LAYER, stacked, 8)
+    alone = [generate_steered(tiny_model, [p], LAYER, e, 8)[0] for p, e in zip(rows, [selected, random, None])]
+    assert together == alone
+    assert together[0] != together[2], "the ablation must change the continuation for the test to mean anything"
+    scored = continuation_logprob(tiny_model, rows, together, LAYER, stacked)
+    for i, e in enumerate([selected, random, None]):
+        assert scored[i] == pytest.approx(continuation_logprob(tiny_model, [rows[i]], [together[i]], LAYER, e)[0],
+                                          abs=1e-4)
+    with pytest.raises(TypeError, match="per-prompt edits must all be AddVector"):
+        _stack_edits([selected, AddVector(torch.ones(576))])

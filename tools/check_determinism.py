@@ -2,11 +2,13 @@
 headline artifacts are byte-identical: `python tools/check_determinism.py --profile default` (`make check-determinism`).
 
 Exit status 0 when every file matches, 1 otherwise. Each run is a cold `make reproduce` (≈ 40 min each on the default
-profile on 2 CPU cores); the runs write to a temporary folder, so outputs/<profile> is left as it was.
+profile on 2 CPU cores); the runs write to a temporary folder, so outputs/<profile> is left as it was, unless
+`--keep DIR` names a folder to keep both runs (outputs and caches) in. Each run prints its per-notebook times.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -22,8 +24,11 @@ FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/sel
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--keep", type=Path, default=None, help="keep both runs in this folder (must not exist)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="saif-determinism-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)  # an existing folder could hold a warm cache: refuse it
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="saif-determinism-") as tmp:
         runs = []
         for run in ("a", "b"):
             os.environ["SAIF_CACHE_DIR"] = str(Path(tmp) / f"cache-{run}")

@@ -1,0 +1,121 @@
+"""The compute floor of a cold reproduction: how close the model's forward passes run to this CPU's fp32
+matrix-multiply peak, and how long the generation stages' arithmetic (notebooks 04 and 05) takes even at that peak.
+
+    python bench_floor.py [RUN_DIR]     # RUN_DIR: a finished default run (default: ../outputs/default)
+
+FLOPs count 2 × parameters per token through the decoder blocks and 2 × the LM head's parameters per token whose
+logits are read; attention, norms and everything else are left out, so the floor is a lower bound.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from common import content_prompts, default_model, median_seconds, report
+
+N_ROWS = 64
+
+
+def sgemm_gflops(n: int = 2048) -> float:
+    """Best sustained fp32 matrix-multiply rate of this CPU (median of 5 n×n×n products)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = median_seconds({"mm": lambda: torch.mm(a, b)})["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def parameter_counts(hf_model) -> tuple[int, int]:
+    """(parameters in the decoder blocks, parameters of the LM head)."""
+    body = sum(p.numel() for p in hf_model.model.layers.parameters())
+    return body, hf_model.lm_head.weight.numel()
+
+
+@torch.inference_mode()
+def model_gflops(hf_model, ids: list[list[int]], pad_id: int) -> dict[str, float]:
+    """Counted GFLOP/s of one prefill of `ids` (logits at the last position only) and of one decode step of the
+    batch over that cache, as notebooks 04/05 run them."""
+    from transformers import DynamicCache
+
+    from saif_utils.models import length_buckets
+
+    (batch,) = length_buckets(ids, len(ids), pad_id)
+    body, head = parameter_counts(hf_model)
+    n_rows, width = batch.input_ids.shape
+
+    def prefill():
+        cache = DynamicCache(config=hf_model.config)
+        hf_model(batch.input_ids, attention_mask=batch.attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    cache = prefill()
+    step_ids = torch.full((n_rows, 1), 28)
+    step_mask = torch.cat([batch.attention_mask, torch.ones(n_rows, 1, dtype=torch.long)], 1)
+
+    def decode():
+        hf_model(step_ids, attention_mask=step_mask, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.crop(width)  # the next round decodes over the same cache length
+
+    times = median_seconds({"prefill": prefill, "decode": decode})
+    return {"prefill": (2 * body * n_rows * width + 2 * head * n_rows) / times["prefill"] / 1e9,
+            "decode": 2 * (body + head) * n_rows / times["decode"] / 1e9}
+
+
+def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str, float]:
+    """FLOPs of the distinct generations and teacher-forced log-probs notebooks 04 and 05 ran in `run_dir`."""
+    import pandas as pd
+
+    from saif_utils.data import evaluation_prompts, load_passages, load_tasks, load_variants
+    from saif_utils.sweeps import prompting_instructions
+
+    passages = load_passages().set_index("passage_id", drop=False)
+    tasks = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
+    instructions = prompting_instructions(load_variants(tasks=load_tasks()), tasks, "en-00")
+
+    def prompt_lengths(instruction: str | None) -> dict[str, int]:
+        table = evaluation_prompts(tokenizer, passages, instruction, "post")
+        return dict(zip(table["passage_id"], table["input_ids"].map(len)))
+
+    plain = prompt_lengths(None)
+    instructed = {task: prompt_lengths(text) for task, text in instructions.items()}
+    out = {}
+    sweep = pd.read_parquet(run_dir / "05_steering_sweeps" / "generations.parquet")
+    asked = sweep["method"].isin(["prompting", "saif_plus_prompt"])
+    sweep = sweep.assign(task=sweep["task"].where(sweep["method"] != "no_instruction", "-"))  # one run for all tasks
+    sweep = sweep.drop_duplicates(["passage_id", "split", "task", "method", "layer", "k", "alpha", "position", "draw"])
+    prompt = [instructed[t][p] if a else plain[p] for t, p, a in zip(sweep["task"], sweep["passage_id"], asked)]
+    new = sweep["n_new_tokens"].to_numpy()
+    out["05 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
+    out["05 fluency log-probs"] = float(2 * (body + head) * (new + 1).sum())  # the shared empty-turn prefix runs once
+    ablation = pd.read_parquet(run_dir / "04_causal_ablation" / "generations.parquet")
+    ablation = ablation.assign(layer=ablation["layer"].where(ablation["condition"] != "none", -1))
+    distinct = ablation.drop_duplicates(["passage_id", "task", "layer", "condition", "draw"])
+    new = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in distinct["response"]]
+    prompt = [instructed[t][p] for t, p in zip(distinct["task"], distinct["passage_id"])]
+    out["04 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
+    out["04 log-probs"] = sum(2 * (body + head) * (p + n) for p, n in zip(prompt, new))
+    return out
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "outputs" / "default"
+    _, model = default_model()
+    hf_model = model._module
+    body, head = parameter_counts(hf_model)
+    peak = sgemm_gflops()
+    rates = model_gflops(hf_model, content_prompts(model.tokenizer, N_ROWS, split="train"), model.tokenizer.pad_token_id)
+    figures = {"sgemm_peak_gflops": round(peak, 1),
+               "prefill_gflops": round(rates["prefill"], 1), "prefill_share_of_peak": round(rates["prefill"] / peak, 3),
+               "decode_gflops": round(rates["decode"], 1), "decode_share_of_peak": round(rates["decode"] / peak, 3)}
+    if (run_dir / "05_steering_sweeps" / "generations.parquet").is_file():
+        flops = generation_flops(run_dir, model.tokenizer, body, head)
+        floor_s = {name: f / (peak * 1e9) for name, f in flops.items()}
+        figures |= {f"floor_s {name}": round(s, 1) for name, s in floor_s.items()}
+        figures["floor_s 04+05"] = round(sum(floor_s.values()), 1)
+    else:
+        print(f"no finished run in {run_dir} (run `make reproduce` first): the study's floor is not computed")
+    report("floor", figures)
+
+
+if __name__ == "__main__":
+    main()
