@@ -54,7 +54,7 @@ def model_gflops(hf_model, ids: list[list[int]], pad_id: int) -> dict[str, float
 
     def decode():
         hf_model(step_ids, attention_mask=step_mask, cache=cache, use_cache=True, logits_to_keep=1)
-        cache.crop(width)  # the next round decodes over the same cache length
+        cache.crop(-1)  # drop the decoded token: every round decodes over the same cache length
 
     times = median_seconds({"prefill": prefill, "decode": decode})
     return {"prefill": (2 * body * n_rows * width + 2 * head * n_rows) / times["prefill"] / 1e9,
