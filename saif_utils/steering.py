@@ -211,7 +211,7 @@ def _stack_edits(edits: Sequence[Intervention | None]) -> Intervention | None:
     if all(isinstance(e, AddVector) for e in present):
         zeros = torch.zeros_like(present[0].vector.float())
         return AddVector(torch.stack([zeros if e is None else e.vector.float() for e in edits]))
-    sae = present[0].sae
+    sae = getattr(present[0], "sae", None)
     if all(isinstance(e, AblateLatents) and not e.per_row and e.sae is sae for e in present):
         return AblateLatents(sae, tuple(() if e is None else tuple(map(int, e.latents)) for e in edits),
                              present[0].sae_key)
