@@ -66,11 +66,11 @@ def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str
     import pandas as pd
 
     from saif_utils.data import evaluation_prompts, load_passages, load_tasks, load_variants
-    from saif_utils.sweeps import prompting_instructions
+    from saif_utils.sweeps import SweepConfig, prompting_instructions
 
     passages = load_passages().set_index("passage_id", drop=False)
-    tasks = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
-    instructions = prompting_instructions(load_variants(tasks=load_tasks()), tasks, "en-00")
+    sweep_cfg = SweepConfig()  # 04 and 05 share the default tasks and prompting variant
+    instructions = prompting_instructions(load_variants(tasks=load_tasks()), sweep_cfg.tasks, sweep_cfg.prompt_variant)
 
     def prompt_lengths(instruction: str | None) -> dict[str, int]:
         table = evaluation_prompts(tokenizer, passages, instruction, "post")

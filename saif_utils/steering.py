@@ -95,7 +95,7 @@ class AblateLatents:
         idx = torch.as_tensor(union)
         acts = self.sae.encode(resid.float())[..., idx]
         if self.per_row:  # zero the latents a row does not remove: adding exact zeros leaves that row unchanged
-            keep = torch.tensor([[j in set(latents) for j in union] for latents in self.latents], dtype=acts.dtype)
+            keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype)
             acts = acts * keep[:, None, :]
         return -(acts @ self.sae.W_dec[idx].float()).to(resid.dtype)
 

@@ -270,11 +270,10 @@ def tune(setup: SteeringSetup, searches: list[Search], layers: tuple[int, ...]
     best: dict[Search, Condition] = {}
     judged = []
     for stage_index in range(max(len(stages) for stages in plans.values())):
+        active = [search for search, stages in plans.items() if stage_index < len(stages)]
         todo: list[Condition] = []
-        for (task, method), stages in plans.items():
-            if stage_index >= len(stages):
-                continue
-            for cond in stages[stage_index]:
+        for task, method in active:
+            for cond in plans[(task, method)][stage_index]:
                 if stage_index > 0:
                     prev = best[(task, method)]
                     cond = Condition(task, method, *(
@@ -288,9 +287,7 @@ def tune(setup: SteeringSetup, searches: list[Search], layers: tuple[int, ...]
             judged.append(table)
             summaries[(cond.task, cond.method)].append(
                 {"cond": cond, "table": accuracy_table(table, CONDITION_KEYS, setup.cfg.seed)})
-        for (task, method), stages in plans.items():
-            if stage_index >= len(stages):
-                continue
+        for task, method in active:
             if not summaries[(task, method)]:
                 raise ValueError(f"{task}: no layer/position has selected latents for {method}; check notebook 02's output")
             best[(task, method)] = best_condition(pd.concat([s["table"] for s in summaries[(task, method)]],
