@@ -127,7 +127,9 @@ def read_prompt_residuals(model, prompts: pd.DataFrame, layers: Sequence[int], r
 @torch.inference_mode()
 def encode(sae, resid: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """SAE latent activations `[n, d_sae]` for residuals `[n, d_model]`."""
-    return torch.cat([sae.encode(resid[i:i + batch_size].float()) for i in range(0, len(resid), batch_size)])
+    device = sae.W_dec.device
+    return torch.cat([sae.encode(resid[i:i + batch_size].to(device, torch.float32)).cpu()
+                      for i in range(0, len(resid), batch_size)])
 
 
 def latent_stats(pos_acts: torch.Tensor, neg_acts: torch.Tensor, fire_threshold: float = 0.0,

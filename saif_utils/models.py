@@ -262,7 +262,8 @@ def shared_prefix_batches(model, token_ids: Sequence[Sequence[int]], n_prefix: i
     if n_prefix < 1 or any(len(seq) <= n_prefix for seq in token_ids):
         raise ValueError(f"n_prefix={n_prefix} must leave every sequence at least one suffix token")
     with torch.inference_mode():
-        prefix_cache = hf_model(torch.tensor([list(token_ids[0][:n_prefix])]), use_cache=True).cache
+        prefix = torch.tensor([list(token_ids[0][:n_prefix])], device=hf_model.device)
+        prefix_cache = hf_model(prefix, use_cache=True).cache
     prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
     rows = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
     for start in range(0, len(rows), batch_size):
@@ -302,7 +303,7 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
             with torch.inference_mode(), model.trace(ids, attention_mask=mask, cache=cache) as tracer:
                 for layer in sorted(layers):
                     resid = model.model.layers[layer].output
-                    saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().save()
+                    saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().cpu().save()
                 if stop_early:
                     tracer.stop()
             seqs = [rows[c] for c in chunk]

@@ -28,7 +28,7 @@ def is_french_related(token: str) -> bool:
 def logit_lens(hf_model, tokenizer, directions: torch.Tensor, top_n: int = 20) -> list[dict]:
     """Top and bottom `top_n` tokens of each direction `[k, d_model]` read through the final norm and unembedding."""
     norm = hf_model.model.norm
-    logits = hf_model.lm_head(norm(directions.to(hf_model.lm_head.weight.dtype)[:, None, :]))[:, 0]
+    logits = hf_model.lm_head(norm(directions.to(hf_model.lm_head.weight)[:, None, :]))[:, 0]
     top = torch.topk(logits, top_n, dim=-1).indices
     bottom = torch.topk(-logits, top_n, dim=-1).indices
     # Decode each distinct token once (thousands of directions share most of their top tokens).
@@ -70,7 +70,7 @@ def instruction_directions(model, instructions: dict[str, Sequence[str]], conten
 
 def cosine(directions: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Cosine similarity of each row of `directions` with `target`."""
-    return torch.nn.functional.cosine_similarity(directions.float(), target.float()[None, :], dim=-1).numpy()
+    return torch.nn.functional.cosine_similarity(directions.float().cpu(), target.float().cpu()[None, :], dim=-1).numpy()
 
 
 def random_control(selected: pd.DataFrame, d_sae: dict[int, int], seed: int = 0) -> pd.DataFrame:

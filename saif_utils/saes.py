@@ -206,13 +206,13 @@ def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096) -> dic
     x_all = torch.from_numpy(np.ascontiguousarray(acts)).float()
     total_var = ((x_all - x_all.mean(0)) ** 2).sum().item()
     for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start:start + batch_size]
+        x = x_all[start:start + batch_size].to(sae.W_dec.device)
         feats = sae.encode(x)
         recon = sae.decode(feats)
         sq_err += ((x - recon) ** 2).sum().item()
         active = feats > 0
         l0_sum += active.sum().item()
-        fire_counts += active.sum(0)
+        fire_counts += active.sum(0).cpu()
     n = x_all.shape[0]
     return {"n_tokens": n, "explained_variance": 1 - sq_err / total_var, "l0": l0_sum / n,
             "dead_frac": (fire_counts == 0).float().mean().item(), "firing_freq": (fire_counts / n).numpy()}
@@ -233,14 +233,14 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
         with model.trace(inputs, remote=remote):
-            clean_logits = model.lm_head.output.detach().save()
+            clean_logits = model.lm_head.output.detach().cpu().save()
         logp_clean = torch.log_softmax(clean_logits[:, :-1][keep].float(), -1)
         ce_clean = -logp_clean.gather(1, targets).sum().item()
         for layer, sae in saes.items():
             with model.trace(inputs, remote=remote):
                 resid = model.model.layers[layer].output
-                resid[:] = torch.where(splice, sae(resid), resid)
-                spliced_logits = model.lm_head.output.detach().save()
+                resid[:] = torch.where(splice.to(resid.device), sae(resid), resid)
+                spliced_logits = model.lm_head.output.detach().cpu().save()
             logp_spliced = torch.log_softmax(spliced_logits[:, :-1][keep].float(), -1)
             totals[layer]["ce_clean"] += ce_clean
             totals[layer]["ce_spliced"] += -logp_spliced.gather(1, targets).sum().item()

@@ -33,7 +33,7 @@ def direction_from_latents(sae, latents: Sequence[int], weights: Sequence[float]
     bad = [j for j in latents if not 0 <= int(j) < d_sae]
     if bad:
         raise ValueError(f"latent indices {bad} are outside 0 … {d_sae - 1} (d_sae={d_sae})")
-    W_dec = sae.W_dec.detach().float()
+    W_dec = sae.W_dec.detach().float().cpu()  # steering vectors live on the CPU; `delta` moves them per batch
     vec = (torch.as_tensor(weights, dtype=torch.float32)[:, None] * W_dec[torch.as_tensor(latents)]).sum(0)
     norm = vec.norm()
     if not torch.isfinite(norm) or norm == 0:
@@ -58,7 +58,7 @@ class AddVector:
 
     def delta(self, resid: torch.Tensor) -> torch.Tensor:
         """What to add to a residual `[B, S, d]`."""
-        vector = self.vector.to(resid.dtype)
+        vector = self.vector.to(resid.device, resid.dtype)
         return vector[:, None, :] if vector.ndim == 2 else vector
 
     def rows(self, rows: Sequence[int]) -> AddVector:
@@ -93,11 +93,12 @@ class AblateLatents:
         if not union:
             return torch.zeros_like(resid)
         idx = torch.as_tensor(union)
-        acts = self.sae.encode(resid.float())[..., idx]
+        acts = self.sae.encode(resid.to(self.sae.W_dec.device, torch.float32))[..., idx]
         if self.per_row:  # zero the latents a row does not remove: adding exact zeros leaves that row unchanged
-            keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype)
+            keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype,
+                                device=acts.device)
             acts = acts * keep[:, None, :]
-        return -(acts @ self.sae.W_dec[idx].float()).to(resid.dtype)
+        return -(acts @ self.sae.W_dec[idx].float()).to(resid.device, resid.dtype)
 
     def rows(self, rows: Sequence[int]) -> AblateLatents:
         """The edit for a batch holding prompts `rows` (the same edit when the latent set is shared)."""
@@ -290,7 +291,8 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
                 resid = model.model.layers[layer].output
                 resid[:] += edit.rows(rows).delta(resid)
             logits = model.lm_head.output
-            token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].save()
+            targets = ids[:, 1:, None].to(logits.device)
+            token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, targets)[..., 0].cpu().save()
         for r, i in enumerate(rows):
             n_cont = len(cont_ids[i])
             # column of the logit predicting the first continuation token: right-padded suffixes start after the
