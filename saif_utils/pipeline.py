@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -52,8 +57,10 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output: bool = False) -> Path:
-    """Execute one notebook into `output_dir/<stage>/<stage>.ipynb`; papermill raises on the first failing cell."""
+def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output: bool = False, km=None) -> Path:
+    """Execute one notebook into `output_dir/<stage>/<stage>.ipynb`; papermill raises on the first failing cell.
+
+    `km` is an already started kernel (`kernels_ahead`); without it papermill starts a fresh one."""
     import papermill
 
     stage_dir = output_dir / notebook.stem
@@ -61,9 +68,92 @@ def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output:
     executed = stage_dir / notebook.name
     papermill.execute_notebook(
         str(notebook), str(executed), parameters=parameters, kernel_name="python3",
-        cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output,
+        cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output, km=km,
     )
     return executed
+
+
+# Libraries saif_utils imports inside its functions (so `import saif_utils` stays light); a notebook's own import
+# cells do not name them, but its first model or SAE call needs them.
+LAZY_IMPORTS = ("transformers", "nnsight", "sae_lens")
+
+
+def notebook_imports(notebook: Path) -> list[str]:
+    """Modules a notebook's code cells import at top level (`import a.b`, `from a.b import c`), in order of appearance."""
+    modules: list[str] = []
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        try:
+            tree = ast.parse("".join(cell["source"]))
+        except SyntaxError:  # IPython magics; such a cell's imports are simply not preloaded
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                modules += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules.append(node.module)
+    return list(dict.fromkeys(modules))
+
+
+PRELOAD_CODE = """\
+def _saif_preload(names):
+    import importlib
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # left for the notebook's own import cell to report
+            pass
+_saif_preload({names!r})
+del _saif_preload
+"""
+
+
+def start_kernel(preload: Sequence[str], timeout: float = 120):
+    """Start a `python3` kernel in the repository root and wait until it has imported `preload`.
+
+    The modules are imported inside a function, so they land in `sys.modules` but never in the notebook's namespace:
+    a notebook that forgets an import still fails as it would in JupyterLab. A module that fails to import is left
+    for the notebook's own import cell to report."""
+    from jupyter_client import KernelManager
+
+    # nbclient drives the kernel with asyncio, so the manager hands it an asynchronous client.
+    km = KernelManager(kernel_name="python3", client_class="jupyter_client.asynchronous.AsyncKernelClient")
+    km.start_kernel(cwd=str(REPO_ROOT))
+    kc = km.blocking_client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=timeout)
+        kc.execute_interactive(PRELOAD_CODE.format(names=list(preload)), silent=True, store_history=False,
+                               timeout=timeout, output_hook=lambda msg: None)
+    except BaseException:
+        km.shutdown_kernel(now=True)
+        raise
+    finally:
+        kc.stop_channels()
+    return km
+
+
+def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
+    """One started kernel per notebook, each started and given its notebook's imports (`start_kernel`) in the
+    background while the previous notebook runs; a kernel is shut down once the caller moves on or stops.
+
+    A warm rerun spends most of its time in kernel start-up and library imports (torch, transformers, sae-lens:
+    ≈ 10 s a notebook on 2 cores); overlapping them with the previous notebook's work hides nearly all of it."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saif-kernel") as starter:
+        start_next = (starter.submit(start_kernel, [*LAZY_IMPORTS, *notebook_imports(nb)]) for nb in notebooks)
+        pending = next(start_next, None)
+        try:
+            while pending is not None:
+                km = pending.result()
+                pending = next(start_next, None)
+                try:
+                    yield km
+                finally:
+                    km.shutdown_kernel()
+        finally:
+            if pending is not None and pending.exception() is None:  # a failed start already cleaned up after itself
+                pending.result().shutdown_kernel(now=True)
 
 
 SECRET_NAME = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
@@ -94,22 +184,23 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
     parameters = {"profile": profile, "output_dir": str(output_dir), "remote": remote} | (extra or {})
     rows = []
     start_all = time.perf_counter()
-    for i, notebook in enumerate(notebooks, 1):
-        start = time.perf_counter()
-        print(f"[{i}/{len(notebooks)}] {notebook.stem} …", flush=True)
-        try:
-            executed = run_notebook(notebook, output_dir, parameters)
-        except Exception as err:  # papermill's PapermillExecutionError carries the cell; anything else is a setup error
-            cell = getattr(err, "exec_count", None)
-            where = output_dir / notebook.stem / notebook.name
-            print(f"FAILED {notebook.stem} at cell {cell}: {getattr(err, 'ename', type(err).__name__)}: "
-                  f"{getattr(err, 'evalue', err)}\n  partially executed notebook: {where}\n"
-                  f"  earlier stages' outputs are kept in {output_dir}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        seconds = time.perf_counter() - start
-        rows.append({"stage": notebook.stem, "seconds": round(seconds, 1), "executed_notebook": str(executed)})
-        record_timing(output_dir / "timings.csv", rows[-1])  # after each stage: the report (06) reads it
-        print(f"[{i}/{len(notebooks)}] {notebook.stem} done in {seconds:.1f} s", flush=True)
+    with closing(kernels_ahead(notebooks)) as kernels:
+        for i, notebook in enumerate(notebooks, 1):
+            start = time.perf_counter()  # includes any wait for this notebook's kernel, so the stages sum to the run
+            print(f"[{i}/{len(notebooks)}] {notebook.stem} …", flush=True)
+            try:
+                executed = run_notebook(notebook, output_dir, parameters, km=next(kernels))
+            except Exception as err:  # papermill's PapermillExecutionError carries the cell; else a setup error
+                cell = getattr(err, "exec_count", None)
+                where = output_dir / notebook.stem / notebook.name
+                print(f"FAILED {notebook.stem} at cell {cell}: {getattr(err, 'ename', type(err).__name__)}: "
+                      f"{getattr(err, 'evalue', err)}\n  partially executed notebook: {where}\n"
+                      f"  earlier stages' outputs are kept in {output_dir}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+            seconds = time.perf_counter() - start
+            rows.append({"stage": notebook.stem, "seconds": round(seconds, 1), "executed_notebook": str(executed)})
+            record_timing(output_dir / "timings.csv", rows[-1])  # after each stage: the report (06) reads it
+            print(f"[{i}/{len(notebooks)}] {notebook.stem} done in {seconds:.1f} s", flush=True)
     total = time.perf_counter() - start_all
     print(f"all {len(notebooks)} notebooks done in {total:.1f} s → {output_dir}", flush=True)
     return pd.DataFrame(rows)

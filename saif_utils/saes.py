@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import TokenCorpus, build_token_corpus
-from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
+from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file, sha256_file_memo
 from .models import length_buckets, read_residual_tokens
 from .profiles import Profile, SAETrainConfig
 
@@ -108,7 +108,7 @@ def model_fingerprint(profile: Profile) -> str:
     """Identity of the weights activations come from: the GGUF's sha256 or the hub id."""
     from .models import gguf_path
 
-    return sha256_file(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
+    return sha256_file_memo(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
 
 
 def collect_activations(model, profile: Profile, corpus: TokenCorpus, layers: list[int],

@@ -19,6 +19,44 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
 
 
+
+def test_notebook_imports_lists_each_module_a_notebook_imports_once(tmp_path):
+    import nbformat
+
+    from saif_utils.pipeline import notebook_imports
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import numpy as np\nfrom saif_utils.io import write_table\nx = 1"),
+                nbformat.v4.new_markdown_cell("import os"), nbformat.v4.new_code_cell("%matplotlib inline"),
+                nbformat.v4.new_code_cell("import numpy, colorsys\nfrom . import local")]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    assert notebook_imports(tmp_path / "nb.ipynb") == ["numpy", "saif_utils.io", "colorsys"]
+
+
+def test_kernels_ahead_starts_the_next_kernel_early_with_imports_outside_the_namespace(tmp_path):
+    from contextlib import closing
+
+    import nbformat
+
+    from saif_utils.pipeline import kernels_ahead, run_notebook
+
+    notebooks = []
+    for name in ("00_a", "00_b"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell("import sys, os\nprint('colorsys' in sys.modules, 'colorsys' in dir())"),
+                    nbformat.v4.new_code_cell("import colorsys")]
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+        notebooks.append(tmp_path / f"{name}.ipynb")
+    with closing(kernels_ahead(notebooks)) as kernels:
+        first = next(kernels)
+        executed = run_notebook(notebooks[0], tmp_path / "out", {}, km=first)
+        second = next(kernels)
+        assert not first.is_alive(), "a kernel is shut down once the next one is taken"
+        assert second.is_alive()
+        # The kernel had imported the notebook's modules before its first cell: in sys.modules, not in its namespace.
+        assert nbformat.read(executed, as_version=4).cells[0].outputs[0]["text"] == "True False\n"
+    assert not second.is_alive(), "closing the generator shuts the kernel in use down"
+
 def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     output_dir, timings = tiny_run
     stage = output_dir / "01_sae_loading"
