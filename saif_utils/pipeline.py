@@ -121,8 +121,8 @@ def start_kernel(preload: Sequence[str], timeout: float = 120):
     km = KernelManager(kernel_name="python3", client_class="jupyter_client.asynchronous.AsyncKernelClient")
     km.start_kernel(cwd=str(REPO_ROOT))
     kc = km.blocking_client()
-    kc.start_channels()
     try:
+        kc.start_channels()
         kc.wait_for_ready(timeout=timeout)
         kc.execute_interactive(PRELOAD_CODE.format(names=list(preload)), silent=True, store_history=False,
                                timeout=timeout, output_hook=lambda msg: None)

@@ -19,7 +19,6 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
 
 
-
 def test_notebook_imports_lists_each_module_a_notebook_imports_once(tmp_path):
     import nbformat
 
@@ -56,6 +55,7 @@ def test_kernels_ahead_starts_the_next_kernel_early_with_imports_outside_the_nam
         # The kernel had imported the notebook's modules before its first cell: in sys.modules, not in its namespace.
         assert nbformat.read(executed, as_version=4).cells[0].outputs[0]["text"] == "True False\n"
     assert not second.is_alive(), "closing the generator shuts the kernel in use down"
+
 
 def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     output_dir, timings = tiny_run
