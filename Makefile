@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce test bench check-determinism lab ship-saes lock clean-outputs
+.PHONY: help venv reproduce results test bench check-determinism lab ship-saes lock clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,6 +39,9 @@ venv: $(STAMP)  ## create .venv from the lock (idempotent)
 
 reproduce: venv  ## run every notebook on PROFILE (default: default) into outputs/PROFILE; REMOTE=1 for NDIF
 	$(BIN)/python -m saif_utils.pipeline --profile $(PROFILE) $(if $(REMOTE),--remote) $(ARGS)
+
+results: venv  ## regenerate docs/results.md (and its figure) from outputs/PROFILE's tables
+	$(BIN)/python tools/results_page.py outputs/$(PROFILE)
 
 test: venv  ## run the test suite (tiny profile; includes papermill runs of every notebook)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ N_PROMPTS, BATCH = 64, 16
 
 
 def main() -> None:
-    from saif_utils.discovery import encode
+    from saif_utils.activations import encode
     from saif_utils.models import length_buckets, read_residual
     from saif_utils.saes import load_local_sae, shipped_sae_path
 

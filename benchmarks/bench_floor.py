@@ -62,11 +62,11 @@ def model_gflops(hf_model, ids: list[list[int]], pad_id: int) -> dict[str, float
 
 
 def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str, float]:
-    """FLOPs of the distinct generations and teacher-forced log-probs notebooks 04 and 05 ran in `run_dir`."""
+    """FLOPs of the distinct generations and teacher-forced log-probs the ablation and steering stages ran in `run_dir`."""
     import pandas as pd
 
-    from saif_utils.data import evaluation_prompts, load_passages, load_tasks, load_variants
-    from saif_utils.sweeps import SweepConfig, prompting_instructions
+    from saif_utils.data import evaluation_prompts, load_passages, load_tasks, load_variants, prompting_instructions
+    from saif_utils.stages.steering import SweepConfig
 
     passages = load_passages().set_index("passage_id", drop=False)
     sweep_cfg = SweepConfig()  # 04 and 05 share the default tasks and prompting variant

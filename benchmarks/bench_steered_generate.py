@@ -16,7 +16,7 @@ def steered_vs_plain(model, ids: Sequence[Sequence[int]], layer: int, vector: to
     """Tokens/s of plain HF generate, a forward-hook steer and saif_utils' nnsight steer (exactly `n_new` tokens per
     prompt, all prompts in one batch), and the two ratios. `sync` waits for an asynchronous device before a clock read."""
     from saif_utils.models import length_buckets
-    from saif_utils.steering import generate_steered
+    from saif_utils.generation import generate_steered
 
     tok, hf = model.tokenizer, model._module
     (batch,) = length_buckets(ids, len(ids), tok.pad_token_id)

@@ -15,7 +15,6 @@ import json
 import time
 
 import torch
-
 from bench_steered_generate import steered_vs_plain
 from common import content_prompts
 
@@ -58,9 +57,11 @@ def random_model(profile_name: str, source_dir: str, device: str):
 
 def path_checks(model, ids: list[list[int]], layer: int, n_new: int, tol: float) -> dict[str, float | bool]:
     """Agreement of the code paths that must agree, on this device."""
+    from saif_utils.generation import generate_steered
+    from saif_utils.interventions import AddVector
+    from saif_utils.likelihood import continuation_logprob
     from saif_utils.models import read_residual
-    from saif_utils.steering import AddVector, continuation_logprob, generate_steered
-    from saif_utils.sweeps import nll_prefix
+    from saif_utils.stages.steering import nll_prefix
 
     batched = read_residual(model, ids, [layer], batch_size=len(ids))[layer].float()
     # every prompt opens with the same chat preamble: one group, its prefix run once

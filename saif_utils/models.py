@@ -73,6 +73,11 @@ def _cache_intact(dest: Path, gguf_sha: str) -> bool:
             and all((dest / name).is_file() and sha256_file_memo(dest / name) == sha for name, sha in weights.items()))
 
 
+def model_fingerprint(profile: Profile) -> str:
+    """Identity of the weights activations come from: the GGUF's sha256 or the hub id."""
+    return sha256_file_memo(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
+
+
 def load_hf(spec: ModelSpec, device: str = "cpu"):
     """Return `(hf_model, tokenizer)` in eval mode; GGUF models come from the dequantised cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,16 +10,15 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from .context import RunDir
 from .io import cache_root, remove_stale_temporaries, write_table
+from .paths import NOTEBOOK_DIR, REPO_ROOT
 from .profiles import PROFILES, get_profile
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
 def numbered_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -27,27 +26,28 @@ def numbered_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
 
 
-def default_output_dir(profile: str) -> Path:
-    """Where a profile's run writes: `outputs/<profile>` at the repository root."""
-    return REPO_ROOT / "outputs" / profile
-
-
-def stage_dir(output_dir: str | Path | None, profile: str, stage: str) -> Path:
-    """A stage's output folder `<output_dir>/<stage>` (created), `output_dir` defaulting to outputs/<profile>."""
-    path = Path(output_dir) if output_dir else default_output_dir(profile)
-    path = path / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def jupyter_env(root: Path = REPO_ROOT) -> dict[str, str]:
-    """Keep kernels' IPython/Jupyter state inside the repository instead of the user's home."""
-    state = root / ".jupyter-state"
+def jupyter_env(state: Path) -> dict[str, str]:
+    """Environment for kernels: IPython/Jupyter state under `state` (never the user's home), no wandb."""
     for sub in ("ipython", "config", "data", "runtime"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     return {"IPYTHONDIR": str(state / "ipython"), "JUPYTER_CONFIG_DIR": str(state / "config"),
             "JUPYTER_DATA_DIR": str(state / "data"), "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
             "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore exactly what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def parse_value(text: str):
@@ -138,8 +138,8 @@ def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
     """One started kernel per notebook, each started and given its notebook's imports (`start_kernel`) in the
     background while the previous notebook runs; a kernel is shut down once the caller moves on or stops.
 
-    A warm rerun spends most of its time in kernel start-up and library imports (torch, transformers, sae-lens:
-    ≈ 10 s a notebook on 2 cores); overlapping them with the previous notebook's work hides nearly all of it."""
+    A warm rerun spends most of its time in kernel start-up and library imports (torch, transformers, sae-lens);
+    overlapping them with the previous notebook's work hides nearly all of it."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saif-kernel") as starter:
         start_next = (starter.submit(start_kernel, [*LAZY_IMPORTS, *notebook_imports(nb)]) for nb in notebooks)
         pending = next(start_next, None)
@@ -173,11 +173,19 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
     """Run the numbered notebooks in order, printing one line per notebook; return the per-stage timings."""
     get_profile(profile, remote=remote)  # fail fast on a bad profile before starting any kernel
     check_parameters(extra or {})
-    output_dir = Path(output_dir) if output_dir else default_output_dir(profile)
+    output_dir = RunDir.for_profile(profile, output_dir).root
     # A run killed mid-write (SIGKILL, OOM) leaves temporaries; they are never read, but nothing partial should stay.
     for root in (cache_root(), output_dir):
         remove_stale_temporaries(root)
-    os.environ.update(jupyter_env())
+    # Kernels inherit the environment; Jupyter's state lives beside the caches, and the caller's environment is
+    # restored when the run ends.
+    with scoped_environ(jupyter_env(cache_root() / "jupyter")):
+        return _run_notebooks(profile, output_dir, remote, only, extra)
+
+
+def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str] | None, extra: dict | None
+                   ) -> pd.DataFrame:
+    """`run_pipeline` once its environment is set."""
     notebooks = [nb for nb in numbered_notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not notebooks:
         raise ValueError(f"no notebook matches only={only}; available: {[nb.stem for nb in numbered_notebooks()]}")

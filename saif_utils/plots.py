@@ -1,4 +1,5 @@
-"""Figures shared by the notebooks: point estimates with their 95 % intervals, one row per configuration."""
+"""Every figure of the study, each a function of the tables a stage wrote, on two shared primitives: dots and lines
+with their 95 % bootstrap intervals."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
+from .io import save_figure
 
 
 def ci_dotplot(ax, table: pd.DataFrame, value: str, label: str, hue: str, hue_order: Sequence[str] | None = None,
@@ -38,3 +41,215 @@ def ci_lineplot(ax, table: pd.DataFrame, x: str, value: str, hue: str, palette: 
         if f"{stem}_ci_low" in sub:
             ax.fill_between(sub[x], sub[f"{stem}_ci_low"], sub[f"{stem}_ci_high"], color=colour, alpha=0.15)
     ax.grid(alpha=0.3)
+
+
+def show(fig, dest) -> None:
+    """Save a figure atomically (PNG, 150 dpi) and display it."""
+    import matplotlib.pyplot as plt
+
+    save_figure(fig, dest)
+    plt.show()
+
+
+# ---------------------------------------------------------------- SAE quality
+def latent_firing(firing: pd.DataFrame, model_name: str):
+    """Histogram of log10 firing frequency per latent, one line per layer (dead latents sit at −6)."""
+    import matplotlib.pyplot as plt
+
+    plot_df = firing.assign(log10_freq=np.log10(firing["firing_freq"].clip(lower=1e-6)))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    sns.histplot(data=plot_df, x="log10_freq", hue="layer", element="step", fill=False, bins=60, ax=ax,
+                 palette="viridis")
+    ax.set(xlabel="log10 firing frequency on held-out tokens (dead latents at -6)", ylabel="latents",
+           title=f"{model_name}: SAE latent firing frequencies")
+    return fig
+
+
+def sae_quality(metrics: pd.DataFrame, ev_target: float):
+    """Explained variance (against its target) and the spliced cross-entropy increase per layer."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    sns.barplot(data=metrics, x="layer", y="explained_variance", ax=axes[0], color="tab:blue")
+    axes[0].axhline(ev_target, ls="--", c="k", lw=1)
+    axes[0].set(ylim=(0, 1), title=f"explained variance (dashed: target; n = {int(metrics['n_tokens'].iloc[0]):,} tokens)")
+    sns.barplot(data=metrics, x="layer", y="ce_increase", ax=axes[1], color="tab:orange")
+    axes[1].set(title="CE increase when the SAE is spliced in (nats)")
+    return fig
+
+
+# ---------------------------------------------------------------- feature discovery
+def consistent_latents(summary: pd.DataFrame):
+    """Latents with consistency ≥ 0.5 per task and layer (content contrast)."""
+    import matplotlib.pyplot as plt
+
+    main = summary[summary["contrast"] == "content"]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.barplot(data=main, x="task", y="n_consistent", hue="layer", ax=ax, palette="viridis", errorbar=None)
+    ax.set(ylabel="latents with consistency ≥ 0.5",
+           title="Instruction-consistent latents per task and layer (content contrast)")
+    ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def latents_by_language(breakdown: pd.DataFrame, task: str, layer: int, position: str):
+    """Consistency of a selection's top latents by the language of the instruction (one row per latent), or None
+    when the selection is empty."""
+    import matplotlib.pyplot as plt
+
+    bd = breakdown[(breakdown["task"] == task) & (breakdown["layer"] == layer) & (breakdown["position"] == position)
+                   & (breakdown["contrast"] == "content")]
+    if bd.empty:
+        return None
+    heat = bd.pivot_table(index="latent", columns="language", values="consistency")
+    n_pairs = bd.groupby("language")["n_pairs"].first()
+    heat.columns = [f"{lang}\n(n={n_pairs[lang]})" for lang in heat.columns]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(heat) + 1.5))
+    sns.heatmap(heat, vmin=0, vmax=1, cmap="mako", annot=True, fmt=".2f", ax=ax, cbar_kws={"label": "consistency"})
+    ax.set(title=f"{task}, layer {layer}, {position}: top latents by variant language")
+    return fig
+
+
+def consistency_vs_sensitivity(latent_scores: pd.DataFrame, task: str, position: str, top_k: int):
+    """Every latent that fires on a positive: effect size against consistency, one panel per layer, selected in red."""
+    sc = latent_scores[(latent_scores["task"] == task) & (latent_scores["position"] == position)
+                       & (latent_scores["contrast"] == "content")]
+    sc = sc.assign(selected=(sc["rank"] <= top_k) & (sc["score"] > 0))
+    grid = sns.relplot(data=sc[sc["freq_pos"] > 0], x="effect_size", y="consistency", hue="selected", col="layer",
+                       palette={True: "tab:red", False: "tab:gray"}, alpha=0.6, s=12, height=3, aspect=1)
+    grid.set_axis_labels("sensitivity (effect size)", "consistency")
+    grid.figure.suptitle(f"{task}: every latent that fires on a positive (n = {int(sc['n_pairs'].iloc[0])} pairs)",
+                         y=1.04)
+    return grid.figure
+
+
+# ---------------------------------------------------------------- semantic proximity
+def cosine_selected_vs_random(proximity: pd.DataFrame):
+    """Cosine of decoder directions with the instruction representation: selected latents against random ones."""
+    import matplotlib.pyplot as plt
+
+    view = proximity[proximity["contrast"] == "content"].assign(
+        which=lambda d: d["control"].map({False: "selected", True: "random"}))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.boxplot(data=view, x="task", y="cos_instruction", hue="which", ax=ax,
+                palette={"selected": "tab:red", "random": "tab:gray"})
+    ax.axhline(0, c="k", lw=0.8)
+    ax.set(ylabel="cos(decoder direction, instruction representation)",
+           title=f"Selected latents vs random control (all layers; n = {len(view) // 2} each)")
+    ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def task_overlap(overlap: pd.DataFrame):
+    """Task × task Jaccard of the top-k selections, one heatmap per layer (post position, content contrast)."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(overlap["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        m = overlap[(overlap["layer"] == layer) & (overlap["position"] == "post") & (overlap["contrast"] == "content")]
+        sns.heatmap(m.pivot(index="task_a", columns="task_b", values="jaccard"), vmin=0, vmax=1, cmap="rocket_r",
+                    annot=True, fmt=".2f", ax=ax, cbar=False)
+        ax.set(title=f"layer {layer}", xlabel="", ylabel="")
+    return fig
+
+
+# ---------------------------------------------------------------- causal ablation
+def ablation(table: pd.DataFrame, k: int):
+    """Strict and loose accuracy per task, layer and ablation condition, and the drop in log-prob of the unablated
+    response, all with 95 % bootstrap CIs."""
+    import matplotlib.pyplot as plt
+
+    rows = table.assign(label=lambda d: d["task"] + " · L" + d["layer"].astype(str) + " (n=" + d["n"].astype(str) + ")")
+    conditions = list(dict.fromkeys(rows["condition"]))
+    colours = dict(zip(conditions, sns.color_palette("Set2", len(conditions))))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * rows["label"].nunique() + 2), sharey=True)
+    for ax, value in zip(axes, ["strict_acc", "loose_acc"]):
+        ci_dotplot(ax, rows, value, "label", "condition", conditions, palette=colours)
+        ax.set(xlabel=value.replace("_acc", " accuracy"), xlim=(-0.05, 1.05))
+    ci_dotplot(axes[2], rows[rows["condition"] != "none"], "logprob_drop", "label", "condition",
+               [c for c in conditions if c != "none"], palette=colours)
+    axes[2].axvline(0, color="black", lw=0.8)
+    axes[2].set(xlabel="drop in log-prob of the unablated response (nats/token)")
+    axes[0].legend(title="ablated", loc="upper left", bbox_to_anchor=(0, -0.12), ncol=3)
+    fig.suptitle(f"Prompted instruction following when the top-{k} latents are removed (95 % bootstrap CIs)")
+    return fig
+
+
+# ---------------------------------------------------------------- steering
+def steering_results(results: pd.DataFrame, methods: Sequence[str]):
+    """Strict and loose accuracy of every method per task on test, and the share of degenerate responses."""
+    import matplotlib.pyplot as plt
+
+    rows = results.assign(label=lambda d: d["task"] + " (n=" + d["n"].astype(str) + ")")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * rows["label"].nunique() + 2.5), sharey=True)
+    for ax, value in zip(axes, ["strict_acc", "loose_acc"]):
+        ci_dotplot(ax, rows, value, "label", "method", methods, palette="tab10")
+        ax.set(xlabel=value.replace("_acc", " accuracy"), xlim=(-0.05, 1.05))
+    ci_dotplot(axes[2], rows, "degenerate_rate", "label", "method", methods, low="degenerate_rate",
+               high="degenerate_rate", palette="tab10")
+    axes[2].set(xlabel="share of degenerate responses (repetition loops)", xlim=(-0.05, 1.05))
+    axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=6, fontsize=8)
+    fig.suptitle("Steering vs baselines on the test passages (95 % bootstrap CIs)")
+    return fig
+
+
+def accuracy_vs_k(k_rows: pd.DataFrame):
+    """SAIF's val accuracy over k, one line per task with its 95 % CI."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
+    for ax, value in zip(axes, ["strict_acc", "loose_acc"]):
+        ci_lineplot(ax, _with_n(k_rows, "task"), "k", value, "task")
+        ax.set(xlabel="k (top latents in the vector)", ylabel=value.replace("_acc", " accuracy") + " (val)")
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def accuracy_fluency_vs_alpha(alpha_rows: pd.DataFrame):
+    """Strict, loose and degenerate rate over α, one panel column per task and one line per layer."""
+    import matplotlib.pyplot as plt
+
+    rows = alpha_rows.assign(series=lambda d: "L" + d["layer"].astype(int).astype(str))
+    tasks = list(dict.fromkeys(rows["task"]))
+    fig, axes = plt.subplots(3, len(tasks), figsize=(3.4 * len(tasks), 8), sharex=True, squeeze=False)
+    for col, task in enumerate(tasks):
+        sub = rows[rows["task"] == task]
+        for row, value in enumerate(["strict_acc", "loose_acc", "degenerate_rate"]):
+            ci_lineplot(axes[row, col], sub, "alpha", value, "series", palette="viridis")
+            axes[row, col].set(ylabel=value.replace("_acc", " acc").replace("_", " ") if col == 0 else "",
+                               xlabel="α" if row == 2 else "")
+        axes[0, col].set_title(f"{task} (n={int(sub['n'].iloc[0])})")
+    axes[0, -1].legend(title="layer", fontsize=8)
+    return fig
+
+
+def layer_comparison(layer_rows: pd.DataFrame):
+    """Loose accuracy (loops = fail) on val over layers, SAIF against diff-in-means, one panel per task."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(layer_rows["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        sub = layer_rows[layer_rows["task"] == task]
+        ci_lineplot(ax, sub, "layer", "fluent_loose_acc", "method")
+        ax.set(title=f"{task} (n={int(sub['n'].iloc[0])})", xlabel="layer", ylabel="loose accuracy, loops = fail (val)")
+    axes[0, -1].legend(fontsize=8)
+    return fig
+
+
+def pre_vs_post(pairs: pd.DataFrame):
+    """Loose accuracy on val with latents / directions extracted from post against pre placements."""
+    import matplotlib.pyplot as plt
+
+    labelled = pairs.assign(label=pairs["task"] + " · " + pairs["method"] + " (n=" + pairs["n"].astype(str) + ")")
+    fig, ax = plt.subplots(figsize=(7, 0.5 * labelled["label"].nunique() + 1.5))
+    ci_dotplot(ax, labelled, "loose_acc", "label", "position")
+    ax.set(xlabel="loose accuracy (val)", xlim=(-0.05, 1.05))
+    ax.legend(title="extracted from")
+    return fig
+
+
+def _with_n(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """`rows` with `column` labelled by its sample size, e.g. 'summarize (n=16)'."""
+    return rows.assign(**{column: rows[column] + " (n=" + rows["n"].astype(int).astype(str) + ")"})

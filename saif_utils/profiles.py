@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -295,16 +296,20 @@ def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
     return replace(profile, **top)
 
 
-def stage_config(cls: type, profile: Profile, stage: str, **params: Any):
-    """A stage's frozen config: the dataclass defaults, then `profile.stage_defaults[stage]`, then every
-    notebook parameter that is not None (type-checked against the field it sets)."""
+def stage_config(cls: type, profile: Profile, params: Mapping[str, Any] | None = None, **overrides: Any):
+    """A stage's frozen config: the dataclass defaults, then `profile.stage_defaults[cls.profile_key]`, then every
+    value in `params` (a notebook's parameters, e.g. `globals()`) or `overrides` that names a field and is not None,
+    type-checked against that field. Names in `params` that are not fields are ignored (a parameters cell also holds
+    the profile, the run folder and data paths); an unknown name in `overrides` is an error."""
     allowed = {f.name: f for f in fields(cls)}
-    values = dict(profile.stage_defaults.get(stage, {}))
-    for key, value in params.items():
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(allowed)}")
+    values = dict(profile.stage_defaults.get(cls.profile_key, {}))
+    given = {key: value for key, value in (params or {}).items() if key in allowed} | overrides
+    for key, value in given.items():
         if value is None:
             continue
-        if key not in allowed:
-            raise ValueError(f"unknown {stage} parameter {key!r}; allowed: {sorted(allowed)}")
         default = allowed[key].default
         if default is None:  # optional tuple fields such as `tasks` (strings) or `layers` (integers)
             if not (isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value)):

@@ -12,11 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import TokenCorpus, build_token_corpus
-from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file, sha256_file_memo
-from .models import length_buckets, read_residual_tokens
+from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
+from .models import length_buckets, model_fingerprint, read_residual_tokens
+from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_RECORD = "training.json"
 
 
@@ -104,13 +104,6 @@ def load_local_sae(path: str | Path, device: str = "cpu"):
 
 
 # ---------------------------------------------------------------- activations
-def model_fingerprint(profile: Profile) -> str:
-    """Identity of the weights activations come from: the GGUF's sha256 or the hub id."""
-    from .models import gguf_path
-
-    return sha256_file_memo(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
-
-
 def collect_activations(model, profile: Profile, corpus: TokenCorpus, layers: list[int],
                         splits: tuple[str, ...] = ("train", "eval")) -> dict[str, dict[int, np.ndarray]]:
     """fp16 residual activations of the corpus's `splits` at `layers` → `{split: {layer: [n_tok, d]}}`, cached on disk.
@@ -268,7 +261,8 @@ def shipped_sae_path(profile: Profile, layer: int) -> Path | None:
     return REPO_ROOT / profile.shipped_sae_dir / f"layer_{layer}" if profile.shipped_sae_dir else None
 
 
-def _recipe_matches(path: Path, recipe: dict) -> bool:
+def recipe_matches(path: Path, recipe: dict) -> bool:
+    """True when the SAE folder at `path` records exactly this training recipe."""
     record_file = path / TRAINING_RECORD
     return record_file.is_file() and json.loads(record_file.read_text()).get("recipe_hash") == content_hash(recipe)
 
@@ -299,9 +293,9 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
     found: dict[int, tuple[Path, str]] = {}
     for layer, recipe in recipes.items():
         shipped = shipped_sae_path(profile, layer)
-        if not retrain and shipped is not None and _recipe_matches(shipped, recipe):
+        if not retrain and shipped is not None and recipe_matches(shipped, recipe):
             found[layer] = (shipped, "shipped")
-        elif not retrain and _recipe_matches(cached[layer], recipe):
+        elif not retrain and recipe_matches(cached[layer], recipe):
             found[layer] = (cached[layer], "cache")
     to_train = [layer for layer in profile.sae_layers if layer not in found]
     if to_train:
@@ -337,7 +331,7 @@ def ship_saes(profile: Profile, saes: dict[int, dict]) -> list[Path]:
 
 
 METRIC_TARGETS = {"explained_variance": 0.80, "l0": 64, "dead_frac": 0.10}
-"""Issue-2 quality bar for every trained SAE: explained variance ≥, mean L0 ≤, dead fraction ≤."""
+"""Quality bar for every trained SAE: explained variance ≥, mean L0 ≤, dead fraction ≤."""
 
 
 def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: int = 8000):
@@ -348,7 +342,7 @@ def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_token
     """
     from .corpus import corpus_packages
 
-    # Cached by everything the numbers depend on, so a warm rerun of notebook 01 skips the corpus and ~5 forward passes.
+    # Cached by everything the numbers depend on, so a warm rerun skips the corpus and the forward passes.
     key = {"model": model_fingerprint(profile), "saes": {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()},
            "sources": {layer: e["source"] for layer, e in saes.items()}, "recipe": asdict(profile.sae_train),
            "corpus_packages": corpus_packages(),
@@ -392,19 +386,12 @@ def _sae_metrics(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: in
     return metrics, pd.concat(firing, ignore_index=True)
 
 
-def load_run_saes(stage_path: str | Path, device: str = "cpu") -> dict[int, object]:
-    """The SAEs notebook 01 recorded in `<stage_path>/saes.json` → `{layer: sae}` (later stages start here)."""
-    manifest_file = Path(stage_path) / "saes.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file} is missing: run notebooks/01_sae_loading.ipynb for this output_dir first")
-    out = {}
-    for layer, entry in json.loads(manifest_file.read_text()).items():
-        if entry["source"] == "released":
-            release, sae_id = entry["path"].split("/", 1)
-            out[int(layer)] = load_pretrained_sae(release, sae_id, device)
-        else:
-            out[int(layer)] = load_local_sae(entry["path"], device)
-    return out
+def load_recorded_sae(entry: dict, device: str = "cpu"):
+    """Load the SAE a run manifest entry names (`{"path", "source"}`): a released id or a local folder."""
+    if entry["source"] == "released":
+        release, sae_id = entry["path"].split("/", 1)
+        return load_pretrained_sae(release, sae_id, device)
+    return load_local_sae(entry["path"], device)
 
 
 def sae_fingerprint(sae) -> str:

@@ -1,19 +1,50 @@
-"""Shared fixtures: one hermetic cache directory and one loaded tiny-profile model per test session."""
+"""Shared fixtures. Every test gets its own empty cache folder (the dequantised model, built once per session, is
+shared through a link) and must leave `os.environ` as it found it; the tiny-profile run is made once per session in
+a cache and output folder of its own."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("WANDB_MODE", "disabled")
+
+def _cache_with_models(root: Path, models: Path) -> Path:
+    """An empty cache folder whose `models/` is the session's dequantised models."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(models, target_is_directory=True)
+    return root
 
 
-@pytest.fixture(scope="session", autouse=True)
-def saif_cache(tmp_path_factory):
-    """Point every cache (dequantised model, activations, SAEs) at a fresh session folder unless the caller set one."""
-    if "SAIF_CACHE_DIR" not in os.environ:
-        os.environ["SAIF_CACHE_DIR"] = str(tmp_path_factory.mktemp("saif-cache"))
-    return os.environ["SAIF_CACHE_DIR"]
+@pytest.fixture(scope="session")
+def session_models(tmp_path_factory) -> Path:
+    """Where the dequantised model is built once for the whole session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def saif_cache(tmp_path_factory, session_models, monkeypatch) -> str:
+    """A fresh cache folder for this test; Jupyter state lands there too (the runner keeps it under the cache)."""
+    cache = _cache_with_models(tmp_path_factory.mktemp("saif-cache"), session_models)
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(cache))
+    return str(cache)
+
+
+# Variables the project and its runner read or set; a library that sets its own flags on import (OpenMP's KMP_*) is
+# not the test's doing.
+PROJECT_VARIABLES = ("SAIF_", "JUPYTER_", "IPYTHONDIR", "WANDB_", "TOKENIZERS_", "NDIF_", "TQDM_", "HF_")
+
+
+@pytest.fixture(autouse=True)
+def environ_unchanged():
+    """Fail a test that changes or removes an environment variable, or adds one the project uses (monkeypatch's own
+    changes are undone before this check)."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(k for k in before if before[k] != after.get(k) and k != "PYTEST_CURRENT_TEST")
+    added = sorted(k for k in after.keys() - before.keys() if k.startswith(PROJECT_VARIABLES))
+    assert not changed and not added, f"the test left environment variables changed: {changed + added}"
 
 
 @pytest.fixture(scope="session")
@@ -24,17 +55,24 @@ def tiny_profile():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(saif_cache, tiny_profile):
+def tiny_model(session_models, tiny_profile):
+    """The tiny profile's model, loaded once (its dequantised weights go to the session's model folder)."""
     from saif_utils.models import load_model
+    from saif_utils.pipeline import scoped_environ
 
-    return load_model(tiny_profile)
+    cache = _cache_with_models(session_models.parent / "tiny-model-cache", session_models)
+    with scoped_environ({"SAIF_CACHE_DIR": str(cache)}):
+        return load_model(tiny_profile)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, saif_cache):
-    """Every numbered notebook run once on the tiny profile through the `make reproduce` runner → (output_dir, timings)."""
-    from saif_utils.pipeline import run_pipeline
+def tiny_run(tmp_path_factory, session_models):
+    """Every numbered notebook run once on the tiny profile through the `make reproduce` runner
+    → (output_dir, timings, cache folder)."""
+    from saif_utils.pipeline import run_pipeline, scoped_environ
 
+    cache = _cache_with_models(tmp_path_factory.mktemp("tiny-run-cache"), session_models)
     output_dir = tmp_path_factory.mktemp("outputs") / "tiny"
-    timings = run_pipeline("tiny", output_dir)
-    return output_dir, timings
+    with scoped_environ({"SAIF_CACHE_DIR": str(cache)}):
+        timings = run_pipeline("tiny", output_dir)
+    return output_dir, timings, cache

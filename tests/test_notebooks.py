@@ -1,5 +1,6 @@
 """Papermill runs of the numbered notebooks on the tiny profile, through the same runner as `make reproduce`."""
 import math
+import re
 
 import pandas as pd
 
@@ -58,7 +59,7 @@ def test_kernels_ahead_starts_the_next_kernel_early_with_imports_outside_the_nam
 
 
 def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
-    output_dir, timings = tiny_run
+    output_dir, timings, _ = tiny_run
     stage = output_dir / "01_sae_loading"
     metrics = pd.read_csv(stage / "sae_metrics.csv")
     expected = ["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_spliced", "kl"]
@@ -78,9 +79,9 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
 
 
 def test_01_saes_reload_from_the_run_manifest(tiny_run, tiny_profile):
-    from saif_utils.saes import load_run_saes
+    from saif_utils.context import RunDir
 
-    saes = load_run_saes(tiny_run[0] / "01_sae_loading")
+    saes = RunDir(tiny_run[0]).saes()
     assert sorted(saes) == list(tiny_profile.sae_layers)
     assert all(sae.cfg.d_in == tiny_profile.model.d_model for sae in saes.values())
 
@@ -125,23 +126,28 @@ def test_04_writes_ablation_against_mass_matched_random_latents(tiny_run, tiny_p
     assert set(table["condition"]) == {"none", "selected", "random"}
     assert set(table["layer"]) <= set(tiny_profile.sae_layers)
     assert (table["strict_ci_low"] <= table["strict_acc"]).all() and (table["strict_acc"] <= table["strict_ci_high"]).all()
-    none = table[table["condition"] == "none"]
-    assert (none["logprob_drop"] == 0).all() and (none["mass_removed"] == 0).all()
+    assert (table["n"] == tiny_profile.stage_defaults["ablation"]["n_test"]).all()
     ablated = table[table["condition"] != "none"]
     assert (ablated["mass_removed"] > 0).all(), "an ablation must remove activation that is actually there"
+    # The edit acted: under either ablation the unablated model's own response becomes less likely at every
+    # (task, layer), and some ablated responses differ from the unablated ones.
+    assert (ablated["logprob_drop"] > 0).all(), ablated[["task", "layer", "condition", "logprob_drop"]]
     gens = pd.read_parquet(stage / "generations.parquet")
     assert len(gens) == table["n"].sum() and gens["response"].str.len().gt(0).any()
+    by_condition = gens.pivot_table(index=["task", "layer", "passage_id"], columns="condition", values="response",
+                                    aggfunc="first")
+    assert (by_condition["selected"] != by_condition["none"]).any(), "no response changed under ablation"
     assert (stage / "ablation.png").is_file()
 
 
-def test_05_writes_sweeps_results_and_generations(tiny_run):
+def test_05_writes_sweeps_results_and_generations(tiny_run, tiny_profile):
     stage = tiny_run[0] / "05_steering_sweeps"
     sweep = pd.read_parquet(stage / "sweep.parquet")
     columns = ["task", "method", "layer", "k", "alpha", "position", "split", "n", "strict_acc", "strict_ci_low",
                "strict_ci_high", "loose_acc", "loose_ci_low", "loose_ci_high", "fluency"]
     assert set(columns) <= set(sweep.columns)
     results = pd.read_csv(stage / "results.csv")
-    from saif_utils.sweeps import METHODS
+    from saif_utils.methods import METHODS
 
     for task, group in results.groupby("task"):
         assert sorted(group["method"]) == sorted(METHODS), task
@@ -151,8 +157,12 @@ def test_05_writes_sweeps_results_and_generations(tiny_run):
     for row in results[results["method"] == "saif"].itertuples():
         assert ((val["task"] == row.task) & (val["method"] == "saif") & (val["layer"] == row.layer)
                 & (val["k"] == row.k) & (val["alpha"] == row.alpha) & (val["position"] == row.position)).any()
-    assert results["fluency"].between(0, 1).all()
+    assert (results["n"] == tiny_profile.stage_defaults["steering"]["n_test"]).all()
     gens = pd.read_parquet(stage / "generations.parquet")
+    # The vector acted: some SAIF responses differ from the unsteered ones on the same test passage.
+    test = gens[gens["split"] == "test"].pivot_table(index=["task", "passage_id"], columns="method", values="response",
+                                                      aggfunc="first")
+    assert (test["saif"] != test["no_instruction"]).any(), "steering changed no response"
     assert {"passage_id", "response", "strict", "loose", "nll", "method", "split"} <= set(gens.columns)
     assert set(gens[gens["split"] == "test"]["passage_id"]).isdisjoint(gens[gens["split"] == "val"]["passage_id"])
     for name in ("results.png", "accuracy_vs_k.png", "accuracy_fluency_vs_alpha.png", "layer_comparison.png",
@@ -161,7 +171,7 @@ def test_05_writes_sweeps_results_and_generations(tiny_run):
 
 
 def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
-    from saif_utils.report import STATUSES, ci_cell
+    from saif_utils.stages.report import STATUSES
 
     run = tiny_run[0]
     report = (run / "report.md").read_text()
@@ -173,7 +183,9 @@ def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
     # every steering and ablation accuracy in the report is the one in the stage's CSV
     for table in (pd.read_csv(run / "05_steering_sweeps" / "results.csv"), pd.read_csv(run / "04_causal_ablation" / "ablation.csv")):
         for row in table.to_dict("records"):
-            assert ci_cell(row, "strict") in report and ci_cell(row, "loose") in report
+            for name in ("strict", "loose"):
+                low, high = row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+                assert "{:.2f} [{:.2f}, {:.2f}]".format(row[f"{name}_acc"], low, high) in report, (name, row)
     env = pd.read_csv(run / "06_report" / "environment.csv")
     assert {"git commit", "torch", "nnsight", "sae-lens", "model", "device"} <= set(env["item"])
     for stage in ("01_sae_loading", "02_feature_discovery", "03_semantic_proximity", "04_causal_ablation",
@@ -186,10 +198,13 @@ def test_07_playground_runs_headless_with_its_default_widgets(tiny_run):
     import nbformat
 
     stage = tiny_run[0] / "07_playground"
-    comparison = pd.read_csv(stage / "default_comparison.csv")
+    comparison = pd.read_csv(stage / "default_comparison.csv", keep_default_na=False)
     assert list(comparison.columns) == ["answer", "response", "strict", "loose", "degenerate"]
-    assert comparison["answer"].iloc[0] == "no instruction" and comparison["answer"].iloc[1].startswith("prompted")
-    assert comparison["response"].notna().all()
+    labels = comparison["answer"].tolist()
+    assert len(labels) == 3 and labels[0] == "no instruction" and labels[1].startswith("prompted: ")
+    assert re.fullmatch(r"saif \(L\d+, k=\d+, α=[\d.]+, (post|pre)\)", labels[2]), labels[2]
+    assert comparison["response"].str.strip().str.len().gt(0).all(), "every answer has text"
+    assert comparison["response"].iloc[2] != comparison["response"].iloc[0], "the steered answer equals the unsteered"
     nb = nbformat.read(stage / "07_playground.ipynb", as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), "widgets built"

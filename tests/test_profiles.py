@@ -3,12 +3,6 @@ import pytest
 from saif_utils.profiles import PROFILES, check_layer, get_profile
 
 
-def test_every_profile_has_layers_in_range():
-    for profile in PROFILES.values():
-        for layer in profile.sae_layers:
-            assert 0 <= layer < profile.model.n_layers
-
-
 def test_unknown_profile_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown profile='defualt'.*did you mean 'default'"):
         get_profile("defualt")
@@ -40,18 +34,35 @@ def test_remote_needs_a_hub_model():
 
 def test_every_profiles_stage_defaults_build_valid_configs():
     """A typo in a profile's stage defaults must fail here, not an hour into a run."""
-    from saif_utils.ablation import AblationConfig
-    from saif_utils.discovery import DiscoveryConfig
     from saif_utils.profiles import stage_config
-    from saif_utils.sweeps import SweepConfig
+    from saif_utils.stages.ablation import AblationConfig
+    from saif_utils.stages.discovery import DiscoveryConfig
+    from saif_utils.stages.proximity import ProximityConfig
+    from saif_utils.stages.sae_loading import SAELoadingConfig
+    from saif_utils.stages.steering import SweepConfig
 
-    stages = {"discovery": DiscoveryConfig, "ablation": AblationConfig, "steering": SweepConfig}
+    configs = (SAELoadingConfig, DiscoveryConfig, ProximityConfig, AblationConfig, SweepConfig)
     for profile in PROFILES.values():
-        assert set(profile.stage_defaults) <= set(stages), profile.name
-        for stage, cls in stages.items():
-            cfg = stage_config(cls, profile, stage)
+        assert set(profile.stage_defaults) <= {cls.profile_key for cls in configs}, profile.name
+        for cls in configs:
+            cfg = stage_config(cls, profile)
             layers = getattr(cfg, "layers", None) or ()
-            assert set(layers) <= set(profile.sae_layers), (profile.name, stage)
-    assert stage_config(SweepConfig, PROFILES["full"], "steering").search == "grid"
+            assert set(layers) <= set(profile.sae_layers), (profile.name, cls.__name__)
+    assert stage_config(SweepConfig, PROFILES["full"]).search == "grid"
+
+
+def test_stage_config_reads_a_parameters_namespace():
+    from saif_utils.profiles import stage_config
+    from saif_utils.stages.steering import SweepConfig
+
+    # A notebook passes its globals(): fields are taken (None keeps the profile's default), other names ignored.
+    namespace = {"profile": "tiny", "output_dir": None, "k_grid": [1, 2], "n_val": None, "seed": 3, "pd": object()}
+    cfg = stage_config(SweepConfig, PROFILES["tiny"], namespace)
+    assert cfg.k_grid == (1, 2) and cfg.seed == 3 and cfg.n_val == PROFILES["tiny"].stage_defaults["steering"]["n_val"]
+    assert stage_config(SweepConfig, PROFILES["tiny"], namespace, seed=5).seed == 5  # explicit overrides win
+    with pytest.raises(ValueError, match=r"unknown SweepConfig field\(s\) \['k_gird'\]"):
+        stage_config(SweepConfig, PROFILES["default"], k_gird=(1,))
     with pytest.raises(TypeError, match="must be a list"):
-        stage_config(SweepConfig, PROFILES["default"], "steering", layers=15)
+        stage_config(SweepConfig, PROFILES["default"], layers=15)
+    with pytest.raises(TypeError, match="override n_val='many'"):
+        stage_config(SweepConfig, PROFILES["default"], {"n_val": "many"})

@@ -13,19 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from saif_utils.pipeline import REPO_ROOT, check_parameters, run_pipeline
+from saif_utils.paths import REPO_ROOT
+from saif_utils.pipeline import check_parameters, run_pipeline
 
 DETERMINISTIC_FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
-                       "05_steering_sweeps/sweep.parquet", "05_steering_sweeps/results.csv")
+                       "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet",
+                       "05_steering_sweeps/results.csv")
 
 
-def _fresh_cache(tmp_path: Path, session_cache: str) -> Path:
-    """An empty cache directory that shares only the dequantised model (verified by hash on use, not under test)."""
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    for entry in (Path(session_cache) / "models").iterdir():
-        (cache / "models" / entry.name).symlink_to(entry)
-    return cache
+def _alive(process) -> bool:
+    """True while a process runs (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _copy_stages(src: Path, dest: Path, stages: tuple[str, ...]) -> Path:
@@ -34,36 +37,44 @@ def _copy_stages(src: Path, dest: Path, stages: tuple[str, ...]) -> Path:
     return dest
 
 
-def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, saif_cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAIF_CACHE_DIR", str(_fresh_cache(tmp_path, saif_cache)))
-    second = tmp_path / "second"
+def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, tmp_path):
+    second = tmp_path / "second"  # this test's cache is empty but for the dequantised model (verified by hash on use)
     run_pipeline("tiny", second)  # SAEs retrained, activations, residuals and generations recomputed
     for name in DETERMINISTIC_FILES:
         first_bytes, second_bytes = (tiny_run[0] / name).read_bytes(), (second / name).read_bytes()
         assert first_bytes == second_bytes, f"{name} differs between two runs with the same parameters"
 
 
-def test_sigkill_mid_sweep_then_resume_recomputes_nothing_finished(tiny_run, saif_cache, tmp_path, monkeypatch):
-    cache = _fresh_cache(tmp_path, saif_cache)
+def test_sigkill_mid_sweep_then_resume_recomputes_nothing_finished(tiny_run, saif_cache, tmp_path):
+    import psutil
+
+    cache = Path(saif_cache)
     output_dir = _copy_stages(tiny_run[0], tmp_path / "outputs", ("01_sae_loading", "02_feature_discovery"))
     env = dict(os.environ) | {"SAIF_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "saif_utils.pipeline", "--profile", "tiny", "--output-dir",
-                             str(output_dir), "--only", "05"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
-                            start_new_session=True)  # its own process group: the kernel dies with it
+                             str(output_dir), "--only", "05"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
     generations = cache / "generations"
     deadline = time.monotonic() + 300
     while len(list(generations.glob("*.json"))) < 4:
         assert proc.poll() is None, "notebook 05 finished before it could be killed"
         assert time.monotonic() < deadline, "no generation was cached within 300 s"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # Jupyter starts each kernel in a session (and process group) of its own, so signalling the runner's group would
+    # miss it: kill the runner and every process it started, each by its own pid, and wait until all are gone.
+    runner = psutil.Process(proc.pid)
+    victims = [runner, *runner.children(recursive=True)]
+    assert any("ipykernel" in " ".join(p.cmdline()) for p in victims[1:]), "the notebook's kernel was not found"
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(1)  # the kernel's process group receives the signal too; let it go
+    deadline = time.monotonic() + 30
+    while alive := [v for v in victims if _alive(v)]:
+        assert time.monotonic() < deadline, f"processes survived SIGKILL: {alive}"
+        time.sleep(0.1)
     before = {p: p.stat().st_mtime_ns for p in generations.glob("*.json")}
     assert not (output_dir / "05_steering_sweeps" / "results.csv").exists()
 
-    monkeypatch.setenv("SAIF_CACHE_DIR", str(cache))
     run_pipeline("tiny", output_dir, only=["05"])
     after = {p: p.stat().st_mtime_ns for p in generations.glob("*.json")}
     assert all(after[p] == stamp for p, stamp in before.items()), "an entry finished before the kill was recomputed"
@@ -101,3 +112,14 @@ def test_secrets_come_from_the_environment_and_never_reach_a_file_or_log(tiny_ru
             check_parameters({name: secret})
     with pytest.raises(ValueError, match="look like credentials"):
         run_pipeline("tiny", output_dir, only=["03"], extra={"ndif_api_key": secret})
+
+
+def test_the_runner_keeps_jupyter_state_in_the_cache_and_restores_the_environment(saif_cache, tmp_path, capsys):
+    """A run (even a failing one) leaves `os.environ` as it was (the autouse guard checks) and writes no Jupyter or
+    IPython state into the repository."""
+    before = set(REPO_ROOT.iterdir())
+    with pytest.raises(SystemExit):  # no SAE manifest in this output folder: notebook 02 stops in its setup cell
+        run_pipeline("tiny", tmp_path / "outputs", only=["02"])
+    assert "saes.json is missing: run notebooks/01_sae_loading.ipynb" in capsys.readouterr().err
+    assert (Path(saif_cache) / "jupyter" / "runtime").is_dir()
+    assert set(REPO_ROOT.iterdir()) == before, "the run wrote into the repository root"

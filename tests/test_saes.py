@@ -4,7 +4,12 @@ import torch
 
 from saif_utils.profiles import PROFILES
 from saif_utils.saes import (
-    check_sae, load_local_sae, reconstruction_metrics, sae_layer, save_sae, validate_release,
+    check_sae,
+    load_local_sae,
+    reconstruction_metrics,
+    sae_layer,
+    save_sae,
+    validate_release,
 )
 
 
@@ -64,14 +69,50 @@ def test_check_sae_rejects_width_and_layer_mismatches():
         check_sae(sae, 10, 576)
 
 
-def test_reconstruction_metrics_on_known_cases():
-    sae = _random_topk_sae(d_sae=64, k=8)
-    acts = np.random.default_rng(0).normal(size=(256, 576)).astype(np.float16)
-    m = reconstruction_metrics(sae, acts, batch_size=100)
-    assert m["n_tokens"] == 256 and m["l0"] <= 8 and 0 <= m["dead_frac"] <= 1
-    # Reference explained variance computed directly.
-    x = torch.from_numpy(acts).float()
-    recon = sae.decode(sae.encode(x))
-    expected = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    assert m["explained_variance"] == pytest.approx(expected.item(), rel=1e-5)
-    assert m["firing_freq"].shape == (64,)
+def _signed_identity_sae(decoder_scale: float):
+    """A TopK SAE on 4 dimensions whose 8 latents are relu(x) and relu(−x): decoding them with `decoder_scale`
+    reconstructs exactly `decoder_scale · x`."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    sae = TopKSAE(TopKSAEConfig(d_in=4, d_sae=8, k=8))
+    eye = torch.eye(4)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(decoder_scale * torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.mark.parametrize("decoder_scale, offset, expected", [
+    (1.0, 0.0, 1.0),    # perfect reconstruction
+    (0.5, 0.0, 0.75),   # half of every vector: 1 − 0.5²
+    (0.0, 0.0, 0.0),    # nothing reconstructed, centred data
+    (0.0, 0.5, -1.0),   # nothing reconstructed, mean (0.5, 0.5, 0.5, 0.5): the error includes the mean's energy
+])
+def test_explained_variance_on_known_reconstructions(decoder_scale, offset, expected):
+    # The rows ±e_1 … ±e_4 (+ offset): variance around the mean sums to 8; the offset adds 8 · |offset|² = 8 of energy.
+    acts = np.concatenate([np.eye(4), -np.eye(4)]).astype(np.float32) + offset
+    m = reconstruction_metrics(_signed_identity_sae(decoder_scale), acts, batch_size=3)
+    assert m["explained_variance"] == pytest.approx(expected, abs=1e-6)
+    assert m["n_tokens"] == 8
+    if offset == 0:  # each row has one non-zero coordinate, so exactly one of the 8 latents fires on it
+        assert m["l0"] == 1.0 and m["dead_frac"] == 0.0 and m["firing_freq"].tolist() == [0.125] * 8
+
+
+def test_shipped_saes_match_the_default_profile_recipe(tiny_model):
+    """An edit to the default SAE recipe, the corpus or the model silently invalidates data/saes: fail here."""
+    from saif_utils.saes import (
+        recipe_matches,
+        sae_corpus,
+        shipped_sae_path,
+        training_recipe,
+    )
+
+    profile = PROFILES["default"]
+    corpus = sae_corpus(tiny_model.tokenizer, profile.sae_train)
+    for layer in profile.sae_layers:
+        path = shipped_sae_path(profile, layer)
+        assert (path / "sae_weights.safetensors").is_file(), path
+        assert recipe_matches(path, training_recipe(profile, layer, corpus.manifest)), (
+            f"{path} was not trained with the default profile's recipe; retrain it (make ship-saes) or restore the recipe")

@@ -18,7 +18,7 @@ from saif_utils.io import sha256_file
 from saif_utils.pipeline import run_pipeline
 
 FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
-         "05_steering_sweeps/sweep.parquet", "05_steering_sweeps/results.csv")
+         "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet", "05_steering_sweeps/results.csv")
 
 
 def main() -> None:

@@ -1,21 +1,33 @@
-"""The run report (notebook 06): headline tables with n and 95 % CIs, figures, run times, the environment, and our
-results set beside the paper's claims — written as `report.md` and `report.html` at the top of a run's output folder.
-Every number in it is read from a table another stage wrote."""
+"""The run report: the paper's claims beside our measurements, headline tables with n and 95 % CIs, figures, run
+times and the environment — written as `report.md` and `report.html` at the top of the run folder. Every number in
+it is read from a table another stage wrote."""
 from __future__ import annotations
 
+import datetime
 import platform
 import subprocess
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
-from .sweeps import METHODS
+from ..context import RunDir
+from ..data import POSITIONS
+from ..io import atomic_path, write_table
+from ..methods import METHODS
+from ..models import model_fingerprint
+from ..paths import REPO_ROOT
+from ..profiles import Profile, stage_config
+from ..saes import sae_fingerprint
+from ..stats import selection_objective
+from .steering import SweepConfig, alpha_curve, k_curve, pre_post_pairs
 
+NAME = "06_report"
 PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas", "scipy", "numpy")
-STATUSES = ("confirmed", "not confirmed", "not tested on this profile")
+NOT_TESTED = "not tested on this profile"
+STATUSES = ("confirmed", "not confirmed", NOT_TESTED)
 FIGURES = {  # stage → figures shown in the report, in order
     "01_sae_loading": ("sae_quality.png",),
     "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
@@ -69,17 +81,12 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
     return "\n".join(lines)
 
 
-def _objective(df: pd.DataFrame) -> pd.Series:
-    """The choice objective of the sweeps: strict + loose accuracy with loops counted as failures."""
-    return df["fluent_strict_acc"] + df["fluent_loose_acc"]
-
-
 def _argmax_per_task(rows: pd.DataFrame, column: str) -> dict[str, int]:
-    """Per task, the value of `column` with the highest objective; tasks whose objective does not vary are left out
-    (a flat row of zeros names no best setting)."""
+    """Per task, the value of `column` with the highest selection objective; tasks whose objective does not vary are
+    left out (a flat row of zeros names no best setting)."""
     out = {}
     for task, g in rows.groupby("task"):
-        score = _objective(g)
+        score = selection_objective(g)
         if g[column].nunique() > 1 and score.nunique() > 1:
             out[task] = int(g.loc[score.idxmax(), column])
     return out
@@ -88,69 +95,80 @@ def _argmax_per_task(rows: pd.DataFrame, column: str) -> dict[str, int]:
 def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], k_start: int) -> pd.DataFrame:
     """Our measurements beside the paper's four headline claims, each confirmed / not confirmed / not tested here.
 
-    Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position."""
-    rows = []
-    saif_test = results[results["method"] == "saif"]
-    if saif_test.empty:
-        rows.append(("SAIF steering reaches > 30 % strict accuracy", "not tested on this profile", "no SAIF test rows"))
-    else:
-        above = saif_test[saif_test["strict_acc"] > 0.30]
-        evidence = "; ".join(f"{r['task']} {ci_cell(r, 'strict')} (n={r['n']})" for r in saif_test.to_dict("records"))
-        status = "confirmed" if len(above) * 2 >= len(saif_test) else "not confirmed"
-        rows.append(("SAIF steering reaches > 30 % strict accuracy",
-                     status, f"{len(above)} of {len(saif_test)} tasks above 0.30 — {evidence}"))
-    val = sweep[(sweep["method"] == "saif") & (sweep["split"] == "val")]
-    first_position = val["position"].dropna().iloc[0] if not val.empty else None
-    stage1 = val[(val["k"] == k_start) & (val["position"] == first_position)]
-    if stage1["layer"].nunique() < 2:
-        rows.append(("The final layer steers best", "not tested on this profile", "fewer than two layers swept"))
-    else:
-        best = _argmax_per_task(stage1, "layer")
-        final = max(layers)
-        n_final = sum(layer == final for layer in best.values())
-        rows.append(("The final layer steers best",
-                     "not tested on this profile" if not best else
-                     "confirmed" if n_final * 2 > len(best) else "not confirmed",
-                     f"best val layer per task (k={k_start}, tasks where the layer made no difference left out): "
-                     f"{best}; final SAE layer {final}"))
-    chosen = results[results["method"] == "saif"].set_index("task")
-    k_rows = val[val["k"].notna()]
-    best_k = {}
-    for task, g in k_rows.groupby("task"):
-        if task in chosen.index:
-            at = g[(g["layer"] == chosen.loc[task, "layer"]) & (g["alpha"] == chosen.loc[task, "alpha"])
-                   & (g["position"] == first_position)]
-            best_k |= _argmax_per_task(at, "k")
-    if not best_k:
-        rows.append(("An optimum near ~15 latents", "not tested on this profile", "k was not swept"))
-    else:
-        median = float(np.median(list(best_k.values())))
-        rows.append(("An optimum near ~15 latents", "confirmed" if 10 <= median <= 20 else "not confirmed",
-                     f"best val k per task (at its chosen layer and α; flat tasks left out): {best_k}; "
-                     f"median {median:g}"))
-    post_vs_pre = {}
-    for task, g in val.groupby("task"):
-        pre = g[g["position"] == "pre"]
-        if first_position == "post" and not pre.empty:
-            twin = g[(g["position"] == "post") & (g["layer"] == pre["layer"].iloc[0]) & (g["k"] == pre["k"].iloc[0])
-                     & (g["alpha"] == pre["alpha"].iloc[0])]
-            if not twin.empty:
-                post_vs_pre[task] = (float(_objective(twin).iloc[0]), float(_objective(pre).iloc[0]))
-    if not post_vs_pre:
-        rows.append(("Post-instruction extraction steers better than pre", "not tested on this profile",
-                     "no pre-position condition evaluated"))
-    else:
-        decided = {t: post > pre for t, (post, pre) in post_vs_pre.items() if post != pre}
-        wins = sum(decided.values())
-        detail = "; ".join(f"{t} {p:.2f} vs {q:.2f}" for t, (p, q) in post_vs_pre.items())
-        rows.append(("Post-instruction extraction steers better than pre",
-                     "not tested on this profile" if not decided else
-                     "confirmed" if wins * 2 > len(decided) else "not confirmed",
-                     f"val strict+loose (loops fail), post vs pre at the chosen config: {detail}"))
+    Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position,
+    scored by the selection objective."""
+    rows = [_claim_accuracy(results), _claim_final_layer(sweep, layers, k_start), _claim_k(sweep, results),
+            _claim_post_vs_pre(sweep, results)]
     return pd.DataFrame(rows, columns=["paper's claim", "status", "measured here"])
 
 
-def environment(profile, model_key: str, sae_keys: dict[int, str], repo_root: Path) -> pd.DataFrame:
+def _saif_val(sweep: pd.DataFrame) -> pd.DataFrame:
+    return sweep[(sweep["method"] == "saif") & (sweep["split"] == "val")]
+
+
+def _first_position(sweep: pd.DataFrame) -> str | None:
+    """The extraction position the staged search starts from (that of the first SAIF val row)."""
+    positions = _saif_val(sweep)["position"].dropna()
+    return positions.iloc[0] if not positions.empty else None
+
+
+def _claim_accuracy(results: pd.DataFrame) -> tuple[str, str, str]:
+    claim = "SAIF steering reaches > 30 % strict accuracy"
+    saif_test = results[results["method"] == "saif"]
+    if saif_test.empty:
+        return claim, NOT_TESTED, "no SAIF test rows"
+    above = saif_test[saif_test["strict_acc"] > 0.30]
+    evidence = "; ".join(f"{r['task']} {ci_cell(r, 'strict')} (n={r['n']})" for r in saif_test.to_dict("records"))
+    status = "confirmed" if len(above) * 2 >= len(saif_test) else "not confirmed"
+    return claim, status, f"{len(above)} of {len(saif_test)} tasks above 0.30 — {evidence}"
+
+
+def _claim_final_layer(sweep: pd.DataFrame, layers: list[int], k_start: int) -> tuple[str, str, str]:
+    claim = "The final layer steers best"
+    first = _first_position(sweep)
+    stage1 = alpha_curve(sweep, k_start, first) if first is not None else sweep.iloc[:0]
+    if stage1["layer"].nunique() < 2:
+        return claim, NOT_TESTED, "fewer than two layers swept"
+    best = _argmax_per_task(stage1, "layer")
+    final = max(layers)
+    n_final = sum(layer == final for layer in best.values())
+    status = NOT_TESTED if not best else "confirmed" if n_final * 2 > len(best) else "not confirmed"
+    return claim, status, (f"best val layer per task (k={k_start}, tasks where the layer made no difference left "
+                           f"out): {best}; final SAE layer {final}")
+
+
+def _claim_k(sweep: pd.DataFrame, results: pd.DataFrame) -> tuple[str, str, str]:
+    claim = "An optimum near ~15 latents"
+    first = _first_position(sweep)
+    curve = k_curve(sweep, results, first) if first is not None else sweep.iloc[:0]
+    best_k = {}
+    for _, g in curve.groupby("task"):
+        best_k |= _argmax_per_task(g, "k")
+    if not best_k:
+        return claim, NOT_TESTED, "k was not swept"
+    median = float(np.median(list(best_k.values())))
+    return claim, "confirmed" if 10 <= median <= 20 else "not confirmed", (
+        f"best val k per task (at its chosen layer and α; flat tasks left out): {best_k}; median {median:g}")
+
+
+def _claim_post_vs_pre(sweep: pd.DataFrame, results: pd.DataFrame) -> tuple[str, str, str]:
+    claim = "Post-instruction extraction steers better than pre"
+    pairs = pre_post_pairs(sweep, results[results["method"] == "saif"])
+    post_vs_pre = {}
+    for task, g in pairs.groupby("task", sort=False):
+        by_position = g.set_index("position")
+        if set(POSITIONS) <= set(by_position.index):  # (post, pre)
+            post_vs_pre[task] = tuple(float(selection_objective(by_position.loc[[p]]).iloc[0]) for p in POSITIONS)
+    if not post_vs_pre:
+        return claim, NOT_TESTED, "no pre-position condition evaluated"
+    decided = {t: post > pre for t, (post, pre) in post_vs_pre.items() if post != pre}
+    wins = sum(decided.values())
+    detail = "; ".join(f"{t} {p:.2f} vs {q:.2f}" for t, (p, q) in post_vs_pre.items())
+    status = NOT_TESTED if not decided else "confirmed" if wins * 2 > len(decided) else "not confirmed"
+    return claim, status, f"val strict+loose (loops fail), post vs pre at the chosen config: {detail}"
+
+
+def environment(profile: Profile, model_key: str, sae_keys: dict[int, str], repo_root: Path = REPO_ROOT) -> pd.DataFrame:
     """Package versions, machine, device, model and SAE hashes and the git commit, as (item, value) rows."""
     import torch
 
@@ -192,36 +210,15 @@ def write_report(markdown: str, output_dir: Path, title: str) -> tuple[Path, Pat
     return md_path, html_path
 
 
-def report_markdown(run_dir: Path, profile, claims: pd.DataFrame, env: pd.DataFrame, date: str) -> str:
+def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: pd.DataFrame, date: str) -> str:
     """The whole report as markdown, from the tables the stages wrote under `run_dir` (a missing stage is named,
     not skipped silently)."""
     run_dir = Path(run_dir)
     parts = [f"# SAIF run report — profile `{profile.name}` ({date})", "",
              f"{profile.description} Every number below is read from a table in this folder; file names are given "
              "with each section. Accuracies are fractions of test prompts with 95 % bootstrap CIs.", "",
-             "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), ""]
-    sections = [
-        ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv",
-         lambda df: steering_table(df)),
-        ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
-         "04_causal_ablation/ablation.csv", lambda df: ablation_table(df)),
-        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv",
-         lambda df: markdown_table(df[["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac",
-                                       "ce_clean", "ce_spliced", "kl", "source"]])),
-        ("Feature discovery, post position, content contrast — `02_feature_discovery/summary.csv`",
-         "02_feature_discovery/summary.csv",
-         lambda df: markdown_table(df[(df["position"] == "post") & (df["contrast"] == "content")][
-             ["task", "layer", "n_pairs", "n_consistent", "max_consistency", "bootstrap_jaccard", "bootstrap_ci_low",
-              "bootstrap_ci_high", "n_bootstrap", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"]])),
-    ]
-    for title, name, render in sections:
-        parts += [f"## {title}", ""]
-        path = run_dir / name
-        if path.is_file():
-            parts += [render(pd.read_csv(path)), ""]
-        else:
-            parts += [f"*{name} is missing: run that notebook for this output folder.*", ""]
-    parts += ["## Figures", ""]
+             "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), "",
+             *tables_markdown(run_dir), "## Figures", ""]
     for stage, names in FIGURES.items():
         for name in names:
             if (run_dir / stage / name).is_file():
@@ -236,3 +233,54 @@ def report_markdown(run_dir: Path, profile, claims: pd.DataFrame, env: pd.DataFr
         parts += ["*timings.csv is missing (notebooks run by hand rather than through `make reproduce`).*", ""]
     parts += ["## Environment — `06_report/environment.csv`", "", markdown_table(env), ""]
     return "\n".join(parts)
+
+
+def tables_markdown(run_dir: Path) -> list[str]:
+    """The headline tables of a run — steering, ablation, SAE quality, discovery — as markdown sections, each naming
+    the file it was read from."""
+    sections = [
+        ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv", steering_table),
+        ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
+         "04_causal_ablation/ablation.csv", ablation_table),
+        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv",
+         lambda df: markdown_table(df[["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac",
+                                       "ce_clean", "ce_spliced", "kl", "source"]])),
+        ("Feature discovery, post position, content contrast — `02_feature_discovery/summary.csv`",
+         "02_feature_discovery/summary.csv",
+         lambda df: markdown_table(df[(df["position"] == "post") & (df["contrast"] == "content")][
+             ["task", "layer", "n_pairs", "n_consistent", "max_consistency", "bootstrap_jaccard", "bootstrap_ci_low",
+              "bootstrap_ci_high", "n_bootstrap", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"]])),
+    ]
+    parts = []
+    for title, name, render in sections:
+        parts += [f"## {title}", ""]
+        path = Path(run_dir) / name
+        if path.is_file():
+            parts += [render(pd.read_csv(path)), ""]
+        else:
+            parts += [f"*{name} is missing: run that notebook for this output folder.*", ""]
+    return parts
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """The claims table, the environment table, the report's markdown and where it was written."""
+
+    claims: pd.DataFrame
+    environment: pd.DataFrame
+    markdown: str
+    paths: tuple[Path, Path]
+
+
+def run(profile: Profile, run_dir: RunDir, date: str | None = None) -> ReportResult:
+    """Judge the claims on the steering stage's tables, record the environment and write the report."""
+    out = run_dir.stage(NAME)
+    saes = run_dir.saes(profile.device)
+    results = pd.read_csv(run_dir.root / "05_steering_sweeps" / "results.csv")
+    sweep = pd.read_parquet(run_dir.root / "05_steering_sweeps" / "sweep.parquet")
+    claims = claims_table(results, sweep, sorted(saes), stage_config(SweepConfig, profile).k_start)
+    env = environment(profile, model_fingerprint(profile), {layer: sae_fingerprint(s) for layer, s in saes.items()})
+    write_table(claims, out / "claims.csv")
+    write_table(env, out / "environment.csv")
+    markdown = report_markdown(run_dir.root, profile, claims, env, date or datetime.date.today().isoformat())
+    return ReportResult(claims, env, markdown, write_report(markdown, run_dir.root, f"SAIF report — {profile.name}"))

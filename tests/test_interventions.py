@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from saif_utils.generation import generate_steered
+from saif_utils.interventions import AddVector
 from saif_utils.models import chat_prompt, length_buckets, tokenize
-from saif_utils.steering import AddVector, direction_from_latents, generate_steered, scale_direction
+from saif_utils.vectors import direction_from_latents, scale_direction
 
 LAYER, N_NEW = 4, 10
 
@@ -105,7 +107,7 @@ def _toy_sae(d_sae=64, k=8, seed=0):
 
 def test_ablation_removes_exactly_the_latents_contribution(tiny_model, setup):
     """The nnsight ablation leaves exactly h − Σ_j a_j(h) W_dec[j] in the residual."""
-    from saif_utils.steering import AblateLatents
+    from saif_utils.interventions import AblateLatents
 
     ids, _ = setup
     sae, latents = _toy_sae(), (3, 7, 11)
@@ -127,7 +129,7 @@ def test_ablation_removes_exactly_the_latents_contribution(tiny_model, setup):
 
 
 def test_generation_cache_reuses_and_repairs_entries(tiny_model, setup, tmp_path, monkeypatch):
-    from saif_utils.steering import AddVector, cached_generate
+    from saif_utils.generation import cached_generate
 
     monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
     ids, vector = setup
@@ -144,7 +146,7 @@ def test_generation_cache_reuses_and_repairs_entries(tiny_model, setup, tmp_path
 
 
 def test_continuation_logprob_matches_a_plain_forward(tiny_model):
-    from saif_utils.steering import continuation_logprob
+    from saif_utils.likelihood import continuation_logprob
 
     tok = tiny_model.tokenizer
     prefix = tokenize(tok, [chat_prompt(tok, "Name a colour."), chat_prompt(tok, "Hi")])
@@ -162,7 +164,7 @@ def test_continuation_logprob_matches_a_plain_forward(tiny_model):
 def test_random_baselines_avoid_the_selection():
     import numpy as np
 
-    from saif_utils.steering import mass_matched_latents, random_latents
+    from saif_utils.vectors import mass_matched_latents, random_latents
 
     picked = random_latents(100, 10, exclude=range(50), seed=1)
     assert len(set(picked)) == 10 and (picked >= 50).all()
@@ -177,7 +179,7 @@ def test_random_baselines_avoid_the_selection():
 
 
 def test_per_prompt_vectors_share_a_batch_and_match_separate_runs(tiny_model, setup, tmp_path, monkeypatch):
-    from saif_utils.steering import AddVector, cached_generate
+    from saif_utils.generation import cached_generate
 
     monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
     ids, vector = setup
@@ -199,7 +201,7 @@ def test_per_prompt_vectors_share_a_batch_and_match_separate_runs(tiny_model, se
 def test_logprob_cache_reuses_entries_and_keeps_empty_continuations(tiny_model, tmp_path, monkeypatch):
     import numpy as np
 
-    from saif_utils.steering import cached_logprob, continuation_logprob
+    from saif_utils.likelihood import cached_logprob, continuation_logprob
 
     monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
     tok = tiny_model.tokenizer
@@ -216,13 +218,14 @@ def test_logprob_cache_reuses_entries_and_keeps_empty_continuations(tiny_model, 
 
 def test_per_prompt_ablations_share_a_batch_and_match_separate_runs(tiny_model, setup):
     """Notebook 04 generates and scores its three conditions together: each row removes its own latent set."""
-    from saif_utils.steering import AblateLatents, _stack_edits, continuation_logprob
+    from saif_utils.interventions import AblateLatents, stack_edits
+    from saif_utils.likelihood import continuation_logprob
 
     ids, _ = setup
     sae = _toy_sae()
     selected, random = AblateLatents(sae, (3, 7, 11), "toy"), AblateLatents(sae, (5, 9, 20), "toy")
     rows = [ids[0], ids[1], ids[0]]
-    stacked = _stack_edits([selected, random, None])
+    stacked = stack_edits([selected, random, None])
     together = generate_steered(tiny_model, rows, LAYER, stacked, 8)
     alone = [generate_steered(tiny_model, [p], LAYER, e, 8)[0] for p, e in zip(rows, [selected, random, None])]
     assert together == alone
@@ -232,4 +235,4 @@ def test_per_prompt_ablations_share_a_batch_and_match_separate_runs(tiny_model, 
         assert scored[i] == pytest.approx(continuation_logprob(tiny_model, [rows[i]], [together[i]], LAYER, e)[0],
                                           abs=1e-4)
     with pytest.raises(TypeError, match="per-prompt edits must all be AddVector"):
-        _stack_edits([selected, AddVector(torch.ones(576))])
+        stack_edits([selected, AddVector(torch.ones(576))])

@@ -1,15 +1,13 @@
-"""Semantic proximity of selected latents: logit lens of decoder directions, cosine with the model's own
-representation of the instruction, and task × task overlap — each beside a random-latent control."""
+"""What a direction in the residual stream means to the model: the tokens it promotes (logit lens), its cosine with
+the model's own representation of an instruction, and whether a token is French-related."""
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .discovery import jaccard
 from .io import cached_json, content_hash
 from .models import chat_prompt, read_residual, tokenize
 
@@ -71,51 +69,3 @@ def instruction_directions(model, instructions: dict[str, Sequence[str]], conten
 def cosine(directions: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Cosine similarity of each row of `directions` with `target`."""
     return torch.nn.functional.cosine_similarity(directions.float().cpu(), target.float().cpu()[None, :], dim=-1).numpy()
-
-
-def random_control(selected: pd.DataFrame, d_sae: dict[int, int], seed: int = 0) -> pd.DataFrame:
-    """For every selection, the same number of latents drawn uniformly at random (excluding the selected ones)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for keys, group in selected.groupby(["task", "layer", "position", "contrast"]):
-        pool = np.setdiff1d(np.arange(d_sae[keys[1]]), group["latent"].to_numpy())
-        for rank, latent in enumerate(rng.choice(pool, size=len(group), replace=False), 1):
-            rows.append(dict(zip(["task", "layer", "position", "contrast"], keys)) | {"rank": rank, "latent": int(latent)})
-    return pd.DataFrame(rows)
-
-
-def proximity_table(model, saes: dict[int, object], selected: pd.DataFrame, inst_dirs: dict[int, dict[str, torch.Tensor]],
-                    top_n: int = 20, neuronpedia: dict[int, str] | None = None, seed: int = 0) -> pd.DataFrame:
-    """One row per selected latent and per random-control latent: logit-lens tokens, French-token flag, cosine with
-    the task's instruction representation and (for released SAEs) a Neuronpedia URL."""
-    control = random_control(selected, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, seed)
-    both = pd.concat([selected.assign(control=False), control.assign(control=True)], ignore_index=True)
-    hf_model = model._module  # the wrapped transformers model: final norm and unembedding are applied directly
-    parts = []
-    for layer, group in both.groupby("layer"):
-        W_dec = saes[layer].W_dec.detach()
-        dirs = W_dec[group["latent"].to_numpy()]
-        lens = logit_lens(hf_model, model.tokenizer, dirs, top_n)
-        base_task = group["task"].str.split(":").str[0]
-        cos = [cosine(dirs[i:i + 1], inst_dirs[layer][t])[0] if t in inst_dirs[layer] else np.nan
-               for i, t in enumerate(group["task"])]
-        part = group.assign(top_tokens=[" | ".join(x["top_tokens"]) for x in lens],
-                            bottom_tokens=[" | ".join(x["bottom_tokens"]) for x in lens],
-                            french_top_tokens=[sum(map(is_french_related, x["top_tokens"])) for x in lens],
-                            cos_instruction=cos, base_task=base_task)
-        if neuronpedia and neuronpedia.get(layer):
-            part["neuronpedia_url"] = [f"https://www.neuronpedia.org/{neuronpedia[layer]}/{int(j)}" for j in part["latent"]]
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
-
-
-def overlap_matrix(selected: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Task × task Jaccard of the top-k selections, per (layer, position, contrast) → tidy DataFrame."""
-    rows = []
-    for (layer, position, contrast), group in selected.groupby(["layer", "position", "contrast"]):
-        sets = {t: g.nsmallest(k, "rank")["latent"] for t, g in group.groupby("task")}
-        for a in sets:
-            for b in sets:
-                rows.append({"layer": layer, "position": position, "contrast": contrast, "task_a": a, "task_b": b,
-                             "jaccard": jaccard(sets[a], sets[b])})
-    return pd.DataFrame(rows)

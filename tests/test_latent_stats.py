@@ -3,9 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from saif_utils.discovery import (
-    DiscoveryConfig, PairSet, build_pairs, jaccard, latent_stats, rank_latents, robustness, select_variants,
-)
+from saif_utils.latent_stats import PairSet, build_pairs, jaccard, latent_stats, rank_latents, robustness
+from saif_utils.stages.discovery import DiscoveryConfig
 
 
 def test_latent_stats_on_a_hand_built_case():
@@ -76,23 +75,8 @@ def test_robustness_recovers_a_planted_latent_set():
     assert rows["paraphrase_vs_translation_jaccard"]["value"] == 1.0
 
 
-def test_config_and_task_selection_fail_fast():
-    with pytest.raises(ValueError, match="read_at='middle'"):
-        DiscoveryConfig(read_at="middle")
-    with pytest.raises(ValueError, match="n_passages=0 must be ≥ 1"):
-        DiscoveryConfig(n_passages=0)
-    from saif_utils.data import load_tasks, load_variants
-
-    tasks = load_tasks()
-    variants = load_variants(tasks=tasks)
-    chosen = select_variants(variants, tasks, ["translate_fr"])
-    assert set(chosen["base_task"]) == {"translate_fr", "translate_es", "translate_de"}
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['translate_xx'\]"):
-        select_variants(variants, tasks, ["translate_xx"])
-
-
 def test_bootstrap_by_passage_weights_equals_explicit_resampling():
-    from saif_utils.discovery import bootstrap_top_latents, top_latents
+    from saif_utils.latent_stats import bootstrap_top_latents, top_latents
 
     gen = torch.Generator().manual_seed(1)
     n_passages, n_variants, d = 6, 5, 64

@@ -1,17 +1,23 @@
-"""The interactive playground (notebook 07): one content text, answered unsteered, with the instruction written in the
-prompt, and steered — side by side with the checkers' verdicts — plus the steering latents' logit-lens tokens."""
+"""The playground: one content text, answered unsteered, with the instruction written in the prompt, and steered —
+side by side with the checkers' verdicts — plus the steering latents' logit-lens tokens."""
 from __future__ import annotations
 
 import pandas as pd
 
-from .data import join_content
-from .evaluation import judge
-from .models import chat_prompt, tokenize
-from .proximity import logit_lens
-from .steering import AddVector, cached_generate
-from .sweeps import Condition, SteeringSetup, steering_vector
+from ..context import RunContext
+from ..data import join_content
+from ..evaluation import judge
+from ..interventions import AddVector
+from ..io import write_table
+from ..methods import METHODS, Condition
+from ..models import chat_prompt, tokenize
+from ..profiles import stage_config
+from ..semantics import logit_lens
+from .steering import SteeringSetup, SweepConfig, build_setup
 
-STEERING_METHODS = ("saif", "diff_in_means", "random_latents")
+NAME = "07_playground"
+STEERING_METHODS = tuple(name for name, method in METHODS.items() if method.steers and not method.instructed)
+"""Methods the playground steers with: those that add a vector to the bare content."""
 
 
 def compare_responses(setup: SteeringSetup, content: str, task: str, method: str, layer: int, k: int, alpha: float,
@@ -21,14 +27,13 @@ def compare_responses(setup: SteeringSetup, content: str, task: str, method: str
         raise ValueError(f"method={method!r}; allowed: {list(STEERING_METHODS)}")
     if not content.strip():
         raise ValueError("content is empty; type a passage to answer")
-    tok = setup.model.tokenizer
+    ctx = setup.ctx
+    tok = ctx.tokenizer
     plain, prompted = tokenize(tok, [chat_prompt(tok, content),
                                      chat_prompt(tok, join_content(content, setup.instructions[task], "post"))])
-    vector, n_latents = steering_vector(setup, Condition(task, method, layer, k, alpha, position))
-    unsteered = cached_generate(setup.model, setup.model_key, [plain, prompted], None, None, max_new_tokens,
-                                remote=setup.remote, desc="unsteered")
-    steered = cached_generate(setup.model, setup.model_key, [plain], layer, AddVector(vector), max_new_tokens,
-                              remote=setup.remote, desc="steered")
+    vector, n_latents = METHODS[method].vector(setup.source, Condition(task, method, layer, k, alpha, position))
+    unsteered = ctx.generate([plain, prompted], None, None, max_new_tokens, desc="unsteered")
+    steered = ctx.generate([plain], layer, AddVector(vector), max_new_tokens, desc="steered")
     labels = ["no instruction", f"prompted: {setup.instructions[task]!r}",
               f"{method} (L{layer}, k={n_latents or '—'}, α={alpha:g}, {position})"]
     responses = pd.DataFrame({"answer": labels, "task": task, "source": content,
@@ -39,17 +44,17 @@ def compare_responses(setup: SteeringSetup, content: str, task: str, method: str
 
 def latent_tokens(setup: SteeringSetup, task: str, layer: int, position: str, k: int, top_n: int = 8) -> pd.DataFrame:
     """The top-k selected latents of a task (rank, latent, weight) with the tokens their decoder directions promote."""
-    top = setup.latents(task, layer, position, k)
+    top = setup.source.latents(task, layer, position, k)
     if top.empty:
         return top
-    directions = setup.saes[layer].W_dec.detach()[top["latent"].to_numpy()]
-    lens = logit_lens(setup.model._module, setup.model.tokenizer, directions, top_n)
+    directions = setup.source.saes[layer].W_dec.detach()[top["latent"].to_numpy()]
+    lens = logit_lens(setup.ctx.model._module, setup.ctx.tokenizer, directions, top_n)
     return top[["rank", "latent", "weight"]].assign(top_tokens=[" | ".join(x["top_tokens"]) for x in lens])
 
 
 def opening_setting(results: pd.DataFrame | None, tasks: tuple[str, ...], layers: list[int], **given) -> dict:
     """The playground's opening (task, layer, k, alpha, position): each value given (not None) is kept; the rest come
-    from the SAIF configuration notebook 05 chose for the task it steered best (highest test strict accuracy; ties →
+    from the SAIF configuration the steering stage chose for the task it steered best (highest test strict accuracy; ties →
     task name) when that is the task shown, else from the deepest layer, k = 15, α = 0.5, post."""
     setting = {"task": tasks[0], "layer": max(layers), "k": 15, "alpha": 0.5, "position": "post"}
     saif = None if results is None else results[(results["method"] == "saif") & results["task"].isin(tasks)]
@@ -60,7 +65,22 @@ def opening_setting(results: pd.DataFrame | None, tasks: tuple[str, ...], layers
                        "alpha": float(best["alpha"]), "position": best["position"]}
     setting |= {name: value for name, value in given.items() if value is not None}
     if setting["task"] not in tasks:
-        raise ValueError(f"task={setting['task']!r} has no selected latents in notebook 02's output; allowed: {list(tasks)}")
+        raise ValueError(f"task={setting['task']!r} has no selected latents in the discovery stage's output; allowed: {list(tasks)}")
     if setting["layer"] not in layers:
         raise ValueError(f"layer={setting['layer']} has no SAE; allowed: {sorted(layers)}")
     return setting
+
+
+def open_playground(ctx: RunContext, **given) -> tuple[SteeringSetup, dict]:
+    """The steering setup over every task with selected latents (no passages: the user types the content) and the
+    opening setting (`opening_setting`; k capped at the number of selected latents)."""
+    selected = ctx.run.selected_latents()
+    tasks = tuple(sorted(selected["task"].unique()))
+    opening = opening_setting(ctx.run.steering_results(), tasks, sorted(ctx.saes), **given)
+    opening["k"] = min(opening["k"], int(selected["rank"].max()))
+    return build_setup(ctx, stage_config(SweepConfig, ctx.profile, tasks=tasks), splits=()), opening
+
+
+def save_comparison(ctx: RunContext, comparison: pd.DataFrame) -> None:
+    """Record the comparison the notebook ran with its opening setting (headless runs keep one)."""
+    write_table(comparison, ctx.run.stage(NAME) / "default_comparison.csv")

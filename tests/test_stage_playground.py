@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from saif_utils.playground import opening_setting
+from saif_utils.stages.playground import opening_setting
 
 RESULTS = pd.DataFrame([
     {"task": "json", "method": "saif", "layer": 10, "k": 5, "alpha": 0.3, "position": "post", "strict_acc": 0.1, "loose_acc": 0.2},

@@ -1,6 +1,7 @@
 import pandas as pd
 
-from saif_utils.proximity import is_french_related, logit_lens, overlap_matrix, random_control
+from saif_utils.semantics import is_french_related, logit_lens
+from saif_utils.stages.proximity import overlap_matrix, random_control
 
 
 def test_french_token_matcher():

@@ -2,7 +2,9 @@
 import pandas as pd
 import pytest
 
-from saif_utils.sweeps import Condition, SweepConfig, best_condition, prompting_instructions, search_space
+from saif_utils.data import prompting_instructions
+from saif_utils.methods import Condition
+from saif_utils.stages.steering import SweepConfig, best_condition, search_space
 
 
 def test_staged_search_refines_layer_alpha_then_k_then_position():
@@ -42,11 +44,11 @@ def test_best_condition_prefers_fluent_accuracy_then_fewer_loops_then_smaller_se
     ({"search": "random"}, "search='random'; allowed"),
     ({"k_grid": (0, 5)}, r"k values \[0\] must be integers ≥ 1"),
     ({"alpha_grid": (0.5, float("inf"))}, r"alpha_grid contains \[inf\]"),
-    ({"positions": ("middle",)}, "positions contains 'middle'"),
+    ({"positions": ("middle",)}, r"positions='middle'; allowed: \['post', 'pre'\]"),
     ({"n_test": 0}, "n_test=0 must be ≥ 1"),
     ({"tasks": ()}, "tasks=\\(\\) selects nothing"),
     ({"methods": ("saif", "steer_harder")}, r"contains unknown \['steer_harder'\]; allowed: \['no_instruction'"),
-    ({"methods": ("prompting", "random_latents")}, "reuse SAIF's tuned configuration; add 'saif'"),
+    ({"methods": ("prompting", "random_latents")}, r"\['random_latents'\] reuse the tuned configuration of \['saif'\]"),
 ])
 def test_bad_sweep_parameters_fail_with_the_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -66,23 +68,27 @@ def test_prompting_instruction_lookup_names_the_missing_variant():
 def test_setup_validation_names_tasks_layers_and_k_before_any_generation():
     from types import SimpleNamespace
 
-    from saif_utils.sweeps import SteeringSetup, validate_setup
+    from saif_utils.methods import VectorSource
+    from saif_utils.selection import DirectionKey
+    from saif_utils.stages.steering import SteeringSetup, validate_setup
 
     selected = pd.DataFrame({"task": ["json"], "layer": [10], "position": ["post"], "rank": [1], "latent": [3],
                              "weight": [1.0]})
     sae = SimpleNamespace(cfg=SimpleNamespace(d_sae=64))
+    source = VectorSource({10: sae}, selected, {DirectionKey("json", 10, "post"): None}, {10: 1.0})
 
-    def setup(**cfg):
-        return SteeringSetup(model=None, model_key="m", saes={10: sae}, selected=selected,
-                             directions={"json|10|post": None}, norms={10: 1.0}, passages={}, instructions={},
-                             cfg=SweepConfig(tasks=("json",), positions=("post",), **cfg))
+    def setup(tasks=("json",), **cfg):
+        return SteeringSetup(SimpleNamespace(saes={10: sae}), source, {}, {},
+                             SweepConfig(tasks=tasks, positions=("post",), **cfg))
 
-    validate_setup(setup(k_grid=(1, 5), k_start=5), (10,))
+    validate_setup(setup(k_grid=(1, 5), k_start=5))
     with pytest.raises(ValueError, match=r"k values \[100\] exceed d_sae=64"):
-        validate_setup(setup(k_grid=(1, 100), k_start=5), (10,))
+        validate_setup(setup(k_grid=(1, 100), k_start=5))
     with pytest.raises(ValueError, match=r"layers \[20\] have no SAE; allowed: \[10\]"):
-        validate_setup(setup(k_grid=(1,), k_start=1), (10, 20))
-    bad_task = SteeringSetup(None, "m", {10: sae}, selected, {}, {10: 1.0}, {}, {},
-                             SweepConfig(tasks=("poem",), positions=("post",)))
+        validate_setup(setup(k_grid=(1,), k_start=1, layers=(10, 20)))
     with pytest.raises(ValueError, match=r"tasks \['poem'\] have no selected latents"):
-        validate_setup(bad_task, (10,))
+        validate_setup(setup(tasks=("poem",)))
+    missing_direction = SteeringSetup(SimpleNamespace(saes={10: sae}), VectorSource({10: sae}, selected, {}, {10: 1.0}),
+                                      {}, {}, SweepConfig(tasks=("json",), positions=("post",), k_grid=(1,), k_start=1))
+    with pytest.raises(ValueError, match="no diff-in-means direction for json at layer 10, post"):
+        validate_setup(missing_direction)

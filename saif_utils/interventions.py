@@ -1,0 +1,109 @@
+"""Edits of one layer's residual stream: add a steering vector, or remove latents' decoded contribution.
+
+An edit computes `delta(resid)` — what to add to a residual `[B, S, d]` — so one generation or scoring loop serves
+every intervention. An edit may carry one setting per prompt, which lets conditions with different vectors or latent
+sets share batches; `rows` cuts it to the prompts of one batch and `fingerprint` names it in cache keys.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Span = Literal["prompt", "generated", "both"]
+SPANS = ("prompt", "generated", "both")
+"""Where an edit acts while generating: the prompt's positions, every generated token, or both."""
+
+
+@dataclass(frozen=True, eq=False)
+class AddVector:
+    """Add a fixed vector `[d]` to the residual (steering), or one vector per prompt `[n_prompts, d]`, so that
+    conditions with different vectors at one layer share generation batches."""
+
+    vector: torch.Tensor
+
+    def delta(self, resid: torch.Tensor) -> torch.Tensor:
+        """What to add to a residual `[B, S, d]`."""
+        vector = self.vector.to(resid.device, resid.dtype)
+        return vector[:, None, :] if vector.ndim == 2 else vector
+
+    def rows(self, rows: Sequence[int]) -> AddVector:
+        """The edit for a batch holding prompts `rows` (the same edit when the vector is shared)."""
+        return AddVector(self.vector[list(rows)]) if self.vector.ndim == 2 else self
+
+    def fingerprint(self) -> dict:
+        """Cache identity: the vector's exact bytes."""
+        return {"add": hashlib.sha256(self.vector.float().contiguous().numpy().tobytes()).hexdigest()[:16]}
+
+
+@dataclass(frozen=True, eq=False)
+class AblateLatents:
+    """Subtract the decoded contribution Σ_j a_j(h) · W_dec[j] of `latents` from the residual (causal ablation):
+    one latent set for every row, or one set per prompt (an empty set removes nothing), so that the conditions of an
+    ablation share generation batches."""
+
+    sae: object
+    latents: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    sae_key: str
+    """Identifies the SAE weights in cache keys (e.g. the hash in its training record)."""
+
+    @property
+    def per_row(self) -> bool:
+        """True when every prompt has its own latent set."""
+        return bool(self.latents) and isinstance(self.latents[0], tuple)
+
+    def delta(self, resid: torch.Tensor) -> torch.Tensor:
+        """Minus the latents' reconstruction of `resid` `[B, S, d]`."""
+        row_sets = self.latents if self.per_row else (self.latents,)
+        union = sorted({int(j) for latents in row_sets for j in latents})
+        if not union:
+            return torch.zeros_like(resid)
+        idx = torch.as_tensor(union)
+        acts = self.sae.encode(resid.to(self.sae.W_dec.device, torch.float32))[..., idx]
+        if self.per_row:  # zero the latents a row does not remove: adding exact zeros leaves that row unchanged
+            keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype,
+                                device=acts.device)
+            acts = acts * keep[:, None, :]
+        return -(acts @ self.sae.W_dec[idx].float()).to(resid.device, resid.dtype)
+
+    def rows(self, rows: Sequence[int]) -> AblateLatents:
+        """The edit for a batch holding prompts `rows` (the same edit when the latent set is shared)."""
+        return AblateLatents(self.sae, tuple(self.latents[i] for i in rows), self.sae_key) if self.per_row else self
+
+    def fingerprint(self) -> dict:
+        """Cache identity: the SAE and the latent set."""
+        if self.per_row:
+            raise ValueError("a per-row ablation has no single cache identity; key each prompt by its own set")
+        return {"ablate": self.sae_key, "latents": sorted(map(int, self.latents))}
+
+
+Intervention = AddVector | AblateLatents
+
+
+def per_prompt_edits(edit: Intervention | Sequence[Intervention | None] | None, n: int
+                ) -> tuple[bool, list[Intervention | None]]:
+    """`(per_prompt, one edit per prompt)` for a shared edit or a list with one edit per prompt."""
+    per_prompt = isinstance(edit, (list, tuple))
+    edits = list(edit) if per_prompt else [edit] * n
+    if len(edits) != n:
+        raise ValueError(f"{len(edits)} edits for {n} prompts; pass one per prompt")
+    return per_prompt, edits
+
+
+def stack_edits(edits: Sequence[Intervention | None]) -> Intervention | None:
+    """One per-row edit for prompts with their own edits (None → no change): `AddVector` rows (zeros where None) or
+    `AblateLatents` rows of one SAE (an empty set where None); None when no row is edited."""
+    present = [e for e in edits if e is not None]
+    if not present:
+        return None
+    if all(isinstance(e, AddVector) for e in present):
+        zeros = torch.zeros_like(present[0].vector.float())
+        return AddVector(torch.stack([zeros if e is None else e.vector.float() for e in edits]))
+    sae = getattr(present[0], "sae", None)
+    if all(isinstance(e, AblateLatents) and not e.per_row and e.sae is sae for e in present):
+        return AblateLatents(sae, tuple(() if e is None else tuple(map(int, e.latents)) for e in edits),
+                             present[0].sae_key)
+    raise TypeError("per-prompt edits must all be AddVector, or all AblateLatents of one SAE (None: no edit)")

@@ -1,0 +1,73 @@
+"""Teacher-forced log-probabilities of continuations, optionally under an edit, and their per-item cache."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .interventions import Intervention, per_prompt_edits, stack_edits
+from .io import cached_json_items
+from .models import check_model_layer, common_prefix_length, length_buckets, shared_prefix_batches
+
+
+@torch.inference_mode()
+def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
+                         layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
+                         remote: bool = False) -> np.ndarray:
+    """Mean log-probability per token of each continuation given its prefix (teacher-forced), optionally with
+    `edit` (shared, or per row as `cached_logprob` stacks it) applied at every position of decoder block `layer`.
+
+    Without an edit, the tokens every prefix shares (fluency scores every response after one empty user turn) run
+    once and their KV cache serves every batch."""
+    if len(prefix_ids) != len(cont_ids):
+        raise ValueError(f"{len(prefix_ids)} prefixes but {len(cont_ids)} continuations")
+    if edit is not None:
+        check_model_layer(model, layer)
+    full = [list(p) + list(c) for p, c in zip(prefix_ids, cont_ids)]
+    out = np.full(len(full), np.nan)
+    # The last prefix token stays outside the shared part: its logits predict the first continuation token.
+    n_shared = min(common_prefix_length(prefix_ids), *(len(p) - 1 for p in prefix_ids)) if full else 0
+    if edit is None and not remote and n_shared > 0:
+        batches = ((rows, ids, {"attention_mask": mask, "cache": cache}, n_shared)
+                   for rows, ids, mask, cache in shared_prefix_batches(model, full, n_shared, batch_size))
+    else:
+        batches = ((b.rows, b.input_ids, {"attention_mask": b.attention_mask}, None)
+                   for b in length_buckets(full, batch_size, model.tokenizer.pad_token_id))
+    for rows, ids, inputs, shared in batches:
+        with model.trace(ids, **inputs, remote=remote):
+            if edit is not None:
+                resid = model.model.layers[layer].output
+                resid[:] += edit.rows(rows).delta(resid)
+            logits = model.lm_head.output
+            targets = ids[:, 1:, None].to(logits.device)
+            token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, targets)[..., 0].cpu().save()
+        for r, i in enumerate(rows):
+            n_cont = len(cont_ids[i])
+            # column of the logit predicting the first continuation token: right-padded suffixes start after the
+            # shared prefix, left-padded rows end at the last column
+            first = len(prefix_ids[i]) - 1 - shared if shared is not None else ids.shape[1] - 1 - n_cont
+            if n_cont:
+                out[i] = float(token_lp[r, first:first + n_cont].mean())
+    return out
+
+
+def cached_logprob(model, model_key: str, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
+                   layer: int | None = None, edit: Intervention | Sequence[Intervention | None] | None = None,
+                   batch_size: int = 8, remote: bool = False) -> np.ndarray:
+    """`continuation_logprob` with one cache entry per (model, intervention, prefix, continuation): warm reruns of
+    ablation and steering score likelihood and fluency without a forward pass. `edit` may be one per prompt, as in
+    `cached_generate`, so several conditions share batches."""
+    per_prompt, edits = per_prompt_edits(edit, len(prefix_ids))
+    keys = [{"model": model_key, "edit": None if e is None else {"layer": layer, **e.fingerprint()},
+             "prefix": list(p), "cont": list(c)} for p, c, e in zip(prefix_ids, cont_ids, edits)]
+
+    def compute(missing: list[int]) -> list[dict]:
+        batch_edit = stack_edits([edits[i] for i in missing]) if per_prompt else edit
+        fresh = continuation_logprob(model, [prefix_ids[i] for i in missing], [cont_ids[i] for i in missing],
+                                     layer, batch_edit, batch_size, remote)
+        return [{"logprob": None if np.isnan(v) else float(v)} for v in fresh]
+
+    # An empty continuation has no log-probability (stored as null); a 1-tuple keeps it apart from a missing entry.
+    values = cached_json_items("logprobs", keys, compute, lambda entry: (entry["logprob"],))
+    return np.array([np.nan if v is None else v for (v,) in values], dtype=float)

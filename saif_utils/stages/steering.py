@@ -1,0 +1,363 @@
+"""Steering sweeps: steer prompts that carry no instruction and measure whether the model follows it.
+
+Every registered method (`methods.METHODS`: no instruction, prompting, SAIF, diff-in-means, random latents, SAIF +
+prompt, …) runs on identical prompts and is judged by the same checkers. Tuned methods have (layer, k, α, extraction
+position) chosen on the `val` passages by `stats.selection_objective`; every method is then reported once on the
+disjoint `test` passages.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+
+from ..activations import mean_residual_norm
+from ..context import RunContext
+from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
+from ..evaluation import judge
+from ..interventions import AddVector
+from ..io import write_table
+from ..methods import METHODS, Condition, VectorSource, get_method
+from ..models import chat_prompt
+from ..selection import DirectionKey, check_selection
+from ..stats import accuracy_table, selection_objective
+
+NAME = "05_steering_sweeps"
+SEARCHES = ("staged", "grid")
+CONDITION_KEYS = ["task", "method", "layer", "k", "alpha", "position", "split"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Knobs of the steering sweeps."""
+
+    profile_key: ClassVar[str] = "steering"
+    tasks: tuple[str, ...] = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
+    """(Sub-)tasks to steer; each needs selected latents from the discovery stage."""
+    methods: tuple[str, ...] = tuple(METHODS)
+    """Methods evaluated on test (a method that borrows a configuration needs the method it borrows from)."""
+    layers: tuple[int, ...] | None = None
+    """SAE layers to sweep; None → every layer with an SAE."""
+    k_grid: tuple[int, ...] = (1, 5, 10, 15, 20, 30)
+    """Numbers of top latents combined into the steering vector."""
+    alpha_grid: tuple[float, ...] = (0.3, 0.5, 0.7)
+    """Steering strengths, as multiples of the layer's mean residual norm."""
+    positions: tuple[str, ...] = POSITIONS
+    """Instruction placements the latents / directions were extracted from (the first is the main one)."""
+    search: str = "staged"
+    """'grid': every (layer, k, α, position); 'staged': layer × α at `k_start`, then k, then position."""
+    k_start: int = 15
+    """k used while layer and α are searched (staged search)."""
+    n_val: int = 16
+    """Validation passages used to choose the configuration."""
+    n_test: int = 45
+    """Test passages the chosen configurations are reported on."""
+    max_new_tokens: int = 48
+    """Greedy generation length limit (generation also stops at end-of-turn)."""
+    gen_batch_size: int = 256
+    """Prompts generated (and fluency-scored) together, left-padded and length-bucketed: a decode step's fixed cost
+    is shared by more rows in a larger batch (see benchmarks/README.md)."""
+    n_random_draws: int = 3
+    """Independent random-latent sets, assigned to test prompts round-robin."""
+    prompt_variant: str = "en-00"
+    """Variant id suffix of the instruction used for prompting (e.g. translate_fr-en-00)."""
+    seed: int = 0
+    """Seed for passage samples and random latents."""
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise ValueError(f"search={self.search!r}; allowed: {list(SEARCHES)}")
+        if not self.tasks:
+            raise ValueError("tasks=() selects nothing; name at least one task")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods={list(self.methods)} contains unknown {unknown}; allowed: {list(METHODS)}")
+        lenders = {METHODS[m].borrows for m in self.methods} - {None}
+        missing = sorted(lender for lender in lenders if lender not in self.methods)
+        if missing:
+            borrowers = sorted(m for m in self.methods if METHODS[m].borrows in missing)
+            raise ValueError(f"methods {borrowers} reuse the tuned configuration of {missing}; add {missing} to methods")
+        for name in ("k_grid", "alpha_grid", "positions"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty; give at least one value")
+        bad_k = [k for k in (*self.k_grid, self.k_start) if not (isinstance(k, int) and k >= 1)]
+        if bad_k:
+            raise ValueError(f"k values {bad_k} must be integers ≥ 1 (k_grid, k_start)")
+        bad_alpha = [a for a in self.alpha_grid if not np.isfinite(a)]
+        if bad_alpha:
+            raise ValueError(f"alpha_grid contains {bad_alpha}; every α must be a finite number")
+        for position in self.positions:
+            check_position(position, "positions")
+        for name in ("n_val", "n_test", "max_new_tokens", "gen_batch_size", "n_random_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
+
+    @property
+    def tuned_methods(self) -> tuple[str, ...]:
+        """The methods whose configuration is searched on val."""
+        return tuple(m for m in self.methods if METHODS[m].tuned)
+
+
+@dataclass
+class SteeringSetup:
+    """Everything the sweeps read: the run context, what vectors are built from, the passages and the instructions."""
+
+    ctx: RunContext
+    source: VectorSource
+    passages: dict[str, pd.DataFrame]
+    """Passages per split (val, test)."""
+    instructions: dict[str, str]
+    """The prompting instruction of each task."""
+    cfg: SweepConfig
+    nll_prefix: list[int] = field(default_factory=list)
+    """Tokens the fluency NLL conditions on: an empty user turn, so a response is not judged by its instruction."""
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers swept."""
+        return self.cfg.layers or tuple(sorted(self.ctx.saes))
+
+    def prompts(self, split: str, task: str | None) -> pd.DataFrame:
+        """Chat prompts of a split: content alone (task None) or with the task's instruction after it."""
+        instruction = None if task is None else self.instructions[task]
+        return evaluation_prompts(self.ctx.tokenizer, self.passages[split], instruction, "post")
+
+
+def build_setup(ctx: RunContext, cfg: SweepConfig, splits: tuple[str, ...] = ("val", "test")) -> SteeringSetup:
+    """Read the discovery stage's selections and directions, sample the passages of `splits`, and measure the mean
+    residual norm of every swept layer (over the train passages' content-only prompts; α multiplies it)."""
+    passages = ctx.data.passages()
+    sizes = {"val": cfg.n_val, "test": cfg.n_test}
+    train_prompts = evaluation_prompts(ctx.tokenizer, passages[passages["split"] == "train"])
+    layers = cfg.layers or tuple(sorted(ctx.saes))
+    norms = mean_residual_norm(ctx.model, list(train_prompts["input_ids"]), layers, ctx.batch_size, ctx.remote,
+                               model_key=ctx.model_key)
+    source = VectorSource(ctx.saes, ctx.run.selected_latents(), ctx.run.directions(), norms, cfg.seed)
+    return SteeringSetup(ctx, source, {s: sample_passages(passages, s, sizes[s], cfg.seed) for s in splits},
+                         prompting_instructions(ctx.data.variants(), cfg.tasks, cfg.prompt_variant), cfg,
+                         nll_prefix(ctx.tokenizer))
+
+
+def validate_setup(setup: SteeringSetup) -> None:
+    """Fail before any generation if a task, layer or k cannot be served by the discovery stage's outputs."""
+    cfg, layers = setup.cfg, setup.layers
+    check_selection(setup.source.selected, cfg.tasks, setup.source.saes, layers)
+    d_sae = min(sae.cfg.d_sae for sae in setup.source.saes.values())
+    too_big = [k for k in (*cfg.k_grid, cfg.k_start) if k > d_sae]
+    if too_big:
+        raise ValueError(f"k values {too_big} exceed d_sae={d_sae}")
+    for task in cfg.tasks:
+        for layer in layers:
+            for position in cfg.positions:
+                if DirectionKey(task, layer, position) not in setup.source.directions:
+                    raise ValueError(f"no diff-in-means direction for {task} at layer {layer}, {position}; "
+                                     f"rerun the discovery stage")
+
+
+def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> list[pd.DataFrame]:
+    """Generate for every prompt of `split` under each condition, judge each response and score its fluency. The
+    prompts of every condition at one layer are generated in shared batches (each row with its own vector), which
+    keeps batches full when a split has few passages."""
+    cfg, ctx = setup.cfg, setup.ctx
+    jobs = []  # per condition: prompts, random draw per prompt, edit per prompt, number of latents
+    for cond in conds:
+        method = get_method(cond.method)
+        prompts = setup.prompts(split, cond.task if method.instructed else None)
+        n = len(prompts)
+        draws = np.arange(n) % cfg.n_random_draws if method.random_draws else np.zeros(n, int)
+        edits, n_latents = [None] * n, 0
+        if method.steers:
+            for draw in np.unique(draws):
+                vector, n_latents = method.vector(setup.source, cond, int(draw))
+                for i in np.flatnonzero(draws == draw):
+                    edits[i] = AddVector(vector)
+        jobs.append((prompts, draws, edits, n_latents))
+    new_ids: list[list] = [[None] * len(job[0]) for job in jobs]
+    by_layer: dict = {}
+    for c, cond in enumerate(conds):
+        by_layer.setdefault(cond.layer if jobs[c][2][0] is not None else None, []).append(c)
+    for layer, members in by_layer.items():
+        rows = [(c, i) for c in members for i in range(len(jobs[c][0]))]
+        out = ctx.generate([jobs[c][0]["input_ids"].iloc[i] for c, i in rows], layer, [jobs[c][2][i] for c, i in rows],
+                           cfg.max_new_tokens, cfg.gen_batch_size,
+                           desc=f"{split} L{layer}" if layer is not None else f"{split} unsteered")
+        for (c, i), generated in zip(rows, out):
+            new_ids[c][i] = generated
+    flat = [g for ids in new_ids for g in ids]
+    nll = -ctx.logprob([setup.nll_prefix] * len(flat), flat, batch_size=cfg.gen_batch_size)
+    tok, tables, start = ctx.tokenizer, [], 0
+    for cond, (prompts, draws, _, n_latents), ids in zip(conds, jobs, new_ids):
+        responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
+                                   n_new_tokens=[len(g) for g in ids], draw=draws, n_latents=n_latents,
+                                   **cond.__dict__, split=split, nll=nll[start:start + len(ids)])
+        start += len(ids)
+        tables.append(judge(responses).drop(columns=["input_ids", "user_text"]))
+    return tables
+
+
+def search_space(cfg: SweepConfig, task: str, method: str, layers: tuple[int, ...]) -> list[list[Condition]]:
+    """The conditions to try on `val`, as stages: each stage after the first refines the best condition so far.
+
+    A stage is a list; an entry of None in a later stage means "take it from the best so far"."""
+    uses_latents = get_method(method).uses_latents
+    ks = cfg.k_grid if uses_latents else (None,)
+    if cfg.search == "grid":
+        return [[Condition(task, method, layer, k, alpha, pos)
+                 for layer, k, alpha, pos in itertools.product(layers, ks, cfg.alpha_grid, cfg.positions)]]
+    k0 = cfg.k_start if uses_latents else None
+    first = [Condition(task, method, layer, k0, alpha, cfg.positions[0])
+             for layer, alpha in itertools.product(layers, cfg.alpha_grid)]
+    stages = [first]
+    if uses_latents:
+        stages.append([Condition(task, method, None, k, None, None) for k in ks])
+    stages.append([Condition(task, method, None, None, None, pos) for pos in cfg.positions[1:]])
+    return stages
+
+
+def best_condition(table: pd.DataFrame) -> Condition:
+    """The configuration with the highest `selection_objective` on val; ties → fewer degenerate responses, then
+    smaller layer, k and α (deterministic)."""
+    ranked = table.assign(objective=selection_objective(table)).sort_values(
+        ["objective", "degenerate_rate", "layer", "k", "alpha"], ascending=[False, True, True, True, True],
+        kind="stable")
+    row = ranked.iloc[0]
+    k = None if pd.isna(row["k"]) else int(row["k"])
+    return Condition(row["task"], row["method"], int(row["layer"]), k, float(row["alpha"]), row["position"])
+
+
+Search = tuple[str, str]
+"""A tuned (task, method) pair."""
+
+
+def tune(setup: SteeringSetup, searches: list[Search]) -> tuple[dict[Search, Condition], list[pd.DataFrame]]:
+    """Search (layer, k, α, position) on val for every (task, method) in `searches`; returns the best condition of
+    each and every judged table. The searches advance in lockstep: stage s of all of them is generated in one
+    `evaluate_many` call, so each layer's batches are full (a single search's later stages hold few prompts)."""
+    plans = {search: search_space(setup.cfg, *search, setup.layers) for search in searches}
+    summaries: dict[Search, list[dict]] = {search: [] for search in searches}
+    best: dict[Search, Condition] = {}
+    judged = []
+    for stage_index in range(max(len(stages) for stages in plans.values())):
+        active = [search for search, stages in plans.items() if stage_index < len(stages)]
+        todo: list[Condition] = []
+        for task, method in active:
+            for cond in plans[(task, method)][stage_index]:
+                if stage_index > 0:
+                    prev = best[(task, method)]
+                    cond = Condition(task, method, *(
+                        getattr(cond, f) if getattr(cond, f) is not None else getattr(prev, f)
+                        for f in ("layer", "k", "alpha", "position")))
+                no_latents = (get_method(method).uses_latents
+                              and setup.source.latents(task, cond.layer, cond.position, 1).empty)
+                seen = cond in todo or any(s["cond"] == cond for s in summaries[(task, method)])
+                if not (no_latents or seen):
+                    todo.append(cond)
+        for cond, table in zip(todo, evaluate_many(setup, todo, "val")):
+            judged.append(table)
+            summaries[(cond.task, cond.method)].append(
+                {"cond": cond, "table": accuracy_table(table, CONDITION_KEYS, setup.cfg.seed)})
+        for task, method in active:
+            if not summaries[(task, method)]:
+                raise ValueError(f"{task}: no layer/position has selected latents for {method}; "
+                                 f"check the discovery stage's output")
+            best[(task, method)] = best_condition(pd.concat([s["table"] for s in summaries[(task, method)]],
+                                                            ignore_index=True))
+    return best, judged
+
+
+def reported_conditions(cfg: SweepConfig, tuned: dict[Search, Condition]) -> list[Condition]:
+    """What each task × method is reported at: a tuned method at its chosen configuration, a borrowing method at its
+    lender's, an untuned one with no configuration."""
+    conds = []
+    for task in cfg.tasks:
+        for name in cfg.methods:
+            method = METHODS[name]
+            lender = tuned.get((task, method.borrows or name))
+            if method.steers and lender is not None:
+                conds.append(Condition(task, name, lender.layer, lender.k, lender.alpha, lender.position))
+            else:
+                conds.append(Condition(task, name))
+    return conds
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """`sweep`: one row per evaluated condition and split; `results`: the test rows (the reported configuration of
+    every task × method); `generations`: every prompt, condition and judged response; `norms`: the residual scale."""
+
+    sweep: pd.DataFrame
+    results: pd.DataFrame
+    generations: pd.DataFrame
+    norms: pd.DataFrame
+
+
+def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
+    """Tune the tuned methods on val, evaluate every method on test, and write the tables."""
+    setup = build_setup(ctx, cfg)
+    validate_setup(setup)
+    searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods]
+    tuned, judged = tune(setup, searches) if searches else ({}, [])
+    judged += evaluate_many(setup, reported_conditions(cfg, tuned), "test")
+    generations = pd.concat(judged, ignore_index=True)
+    sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
+    norms = pd.DataFrame({"layer": list(setup.source.norms), "mean_norm": list(setup.source.norms.values()),
+                          "n_prompts": int((ctx.data.passages()["split"] == "train").sum())})
+    result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms)
+    out = ctx.run.stage(NAME)
+    write_table(result.norms, out / "residual_norms.csv")
+    write_table(result.sweep, out / "sweep.parquet")
+    write_table(result.results, out / "results.csv")
+    write_table(result.generations, out / "generations.parquet")
+    return result
+
+
+def nll_prefix(tokenizer) -> list[int]:
+    """Token ids of a chat prompt with an empty user turn (the context fluency is scored in)."""
+    return tokenizer(chat_prompt(tokenizer, ""), add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- analysis of the sweep
+def chosen_configs(results: pd.DataFrame, method: str = "saif") -> pd.DataFrame:
+    """The test configuration (layer, k, α, position) of `method` per task, indexed by task."""
+    return results[results["method"] == method].set_index("task")[["layer", "k", "alpha", "position"]]
+
+
+def k_curve(sweep: pd.DataFrame, results: pd.DataFrame, first_position: str) -> pd.DataFrame:
+    """SAIF's val rows over k at each task's chosen layer and α, extracted at `first_position` (where the staged
+    search varies k)."""
+    val = sweep[(sweep["split"] == "val") & (sweep["method"] == "saif") & sweep["k"].notna()]
+    parts = [val[(val["task"] == task) & (val["layer"] == c.layer) & (val["alpha"] == c.alpha)
+                 & (val["position"] == first_position)] for task, c in chosen_configs(results).iterrows()]
+    return pd.concat(parts, ignore_index=True) if parts else val.iloc[:0]
+
+
+def alpha_curve(sweep: pd.DataFrame, k_start: int, first_position: str) -> pd.DataFrame:
+    """SAIF's val rows over α at every layer, at `k_start` latents extracted at `first_position`."""
+    val = sweep[(sweep["split"] == "val") & (sweep["method"] == "saif")]
+    return val[(val["k"] == k_start) & (val["position"] == first_position)].reset_index(drop=True)
+
+
+def layer_curve(sweep: pd.DataFrame, k_start: int, first_position: str) -> pd.DataFrame:
+    """Per task, tuned method and layer, the val row with the best `selection_objective` over α (latent methods at
+    `k_start`, extracted at `first_position`)."""
+    val = sweep[(sweep["split"] == "val") & (sweep["position"] == first_position)]
+    val = val[val["method"].map(lambda m: m in METHODS and METHODS[m].tuned)]
+    val = val[val["k"].isna() | (val["k"] == k_start)]
+    return (val.assign(objective=selection_objective(val)).sort_values("objective", ascending=False, kind="stable")
+            .groupby(["task", "method", "layer"]).head(1).reset_index(drop=True))
+
+
+def pre_post_pairs(sweep: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """For every task and tuned method, its val rows at the chosen layer, k and α, one per extraction position (in the
+    order of `results`)."""
+    val = sweep[sweep["split"] == "val"]
+    tuned = results[results["method"].map(lambda m: m in METHODS and METHODS[m].tuned)]
+    parts = []
+    for row in tuned.itertuples():
+        same = val[(val["task"] == row.task) & (val["method"] == row.method) & (val["layer"] == row.layer)
+                   & (val["alpha"] == row.alpha)]
+        parts.append(same[same["k"] == row.k] if pd.notna(row.k) else same)
+    return pd.concat(parts, ignore_index=True) if parts else val.iloc[:0]

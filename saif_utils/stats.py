@@ -1,0 +1,49 @@
+"""Accuracy tables with 95 % bootstrap CIs, and the objective that chooses a steering configuration."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000) -> tuple[float, float, float]:
+    """(mean, 95 % CI low, high) by scipy's percentile bootstrap; degenerate samples give a zero-width interval."""
+    from scipy.stats import bootstrap
+
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise ValueError("bootstrap_ci: no values")
+    if np.all(arr == arr[0]):
+        return float(arr[0]), float(arr[0]), float(arr[0])
+    res = bootstrap((arr,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return float(arr.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """One row per group of `keys`: n, strict and loose accuracy — raw and counting degenerate responses as
+    failures (`fluent_*`) — with 95 % bootstrap CIs, the degenerate rate, and fluency.
+
+    `fluency` = exp(−mean token NLL) of the responses under the unsteered model (geometric-mean token probability:
+    1 = predictable text, → 0 = gibberish). A loop is very predictable, so read it with `repetition` and
+    `degenerate_rate` beside it.
+    """
+    rows = []
+    for key, group in judged.groupby(list(keys), sort=False, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(group)
+        for name in ("strict", "loose", "fluent_strict", "fluent_loose"):
+            mean, low, high = bootstrap_ci(group[name].astype(float), seed=seed)
+            row |= {f"{name}_acc": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
+        row["fluency"] = float(np.exp(-group["nll"].mean())) if "nll" in group else np.nan
+        row["nll"] = float(group["nll"].mean()) if "nll" in group else np.nan
+        row["repetition"] = float(group["repetition"].mean())
+        row["degenerate_rate"] = float(group["degenerate"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def selection_objective(table: pd.DataFrame) -> pd.Series:
+    """What configurations are chosen by: strict + loose accuracy, counting degenerate responses (loops) as failures."""
+    return table["fluent_strict_acc"] + table["fluent_loose_acc"]

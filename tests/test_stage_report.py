@@ -1,0 +1,113 @@
+"""The report: every claim's confirmed / not confirmed / not tested cases, and its tables as literal text."""
+import pandas as pd
+import pytest
+
+from saif_utils.stages.report import ablation_table, claims_table, steering_table
+
+
+def _row(task, layer, k, alpha, position, objective, split="val", method="saif", strict=None):
+    """A sweep row whose selection objective (fluent strict + fluent loose) is `objective`."""
+    half = objective / 2
+    strict = half if strict is None else strict
+    return {"task": task, "method": method, "layer": layer, "k": k, "alpha": alpha, "position": position,
+            "split": split, "n": 16, "strict_acc": strict, "strict_ci_low": 0.0, "strict_ci_high": 1.0,
+            "loose_acc": half, "loose_ci_low": 0.0, "loose_ci_high": 1.0, "fluent_strict_acc": half,
+            "fluent_loose_acc": half, "fluent_strict_ci_low": 0.0, "fluent_strict_ci_high": 1.0, "degenerate_rate": 0.0}
+
+
+def _staged(task, best_layer, best_k, post, pre, layers=(10, 29), ks=(5, 15, 30), k_start=15):
+    """Val rows of a staged search: layer × α at k_start (post), then k at the best layer, then pre."""
+    rows = [_row(task, layer, k_start, alpha, "post", 1.0 if layer == best_layer and alpha == 0.5 else 0.2)
+            for layer in layers for alpha in (0.3, 0.5)]
+    rows += [_row(task, best_layer, k, 0.5, "post", post if k == best_k else 0.1) for k in ks if k != k_start]
+    if best_k != k_start:  # the k_start row of the best layer is the stage-1 row; make k_start lose to best_k
+        rows = [dict(r, fluent_strict_acc=0.05, fluent_loose_acc=0.05) if (r["layer"], r["k"], r["alpha"]) ==
+                (best_layer, k_start, 0.5) else r for r in rows]
+    else:
+        rows = [dict(r, fluent_strict_acc=post / 2, fluent_loose_acc=post / 2) if (r["layer"], r["k"], r["alpha"]) ==
+                (best_layer, k_start, 0.5) else r for r in rows]
+    if pre is not None:
+        rows.append(_row(task, best_layer, best_k, 0.5, "pre", pre))
+    return rows
+
+
+def _results(choices, strict):
+    """Test rows of SAIF at each task's chosen configuration."""
+    return pd.DataFrame([_row(t, layer, k, 0.5, pos, 0.0, split="test", strict=strict[t])
+                         for t, (layer, k, pos) in choices.items()])
+
+
+def _claims(sweep_rows, results):
+    table = claims_table(results, pd.DataFrame(sweep_rows), [10, 29], 15).set_index("paper's claim")
+    return table["status"].to_dict(), table["measured here"].to_dict()
+
+
+ACC, LAYER, K, POST = ("SAIF steering reaches > 30 % strict accuracy", "The final layer steers best",
+                       "An optimum near ~15 latents", "Post-instruction extraction steers better than pre")
+
+
+def test_every_claim_confirmed():
+    rows = _staged("a", 29, 15, post=0.9, pre=0.4) + _staged("b", 29, 15, post=0.8, pre=0.5)
+    status, measured = _claims(rows, _results({"a": (29, 15, "post"), "b": (29, 15, "post")}, {"a": 0.4, "b": 0.2}))
+    assert status == {ACC: "confirmed", LAYER: "confirmed", K: "confirmed", POST: "confirmed"}
+    assert measured[ACC].startswith("1 of 2 tasks above 0.30 — a 0.40 [0.00, 1.00] (n=16)")
+    assert measured[LAYER].endswith("{'a': 29, 'b': 29}; final SAE layer 29")
+    assert measured[K].endswith("{'a': 15, 'b': 15}; median 15")
+    assert measured[POST].endswith("a 0.90 vs 0.40; b 0.80 vs 0.50")
+
+
+def test_every_claim_not_confirmed():
+    rows = _staged("a", 10, 5, post=0.3, pre=0.6) + _staged("b", 10, 5, post=0.2, pre=0.7)
+    status, measured = _claims(rows, _results({"a": (10, 5, "pre"), "b": (10, 5, "pre")}, {"a": 0.1, "b": 0.3}))
+    assert status == {ACC: "not confirmed", LAYER: "not confirmed", K: "not confirmed", POST: "not confirmed"}
+    assert measured[K].endswith("{'a': 5, 'b': 5}; median 5")
+    assert measured[POST].endswith("a 0.30 vs 0.60; b 0.20 vs 0.70")
+
+
+def test_claims_not_tested_without_the_rows_they_need():
+    one_layer = [_row("a", 29, 15, 0.5, "post", 0.5)]
+    status, measured = _claims(one_layer, _results({"a": (29, 15, "post")}, {"a": 0.5}))
+    assert status[LAYER] == status[K] == status[POST] == "not tested on this profile"
+    assert measured[LAYER] == "fewer than two layers swept" and measured[K] == "k was not swept"
+    assert measured[POST] == "no pre-position condition evaluated"
+    prompting_only = pd.DataFrame([_row("a", None, None, None, None, 0.0, split="test", method="prompting")])
+    status, measured = _claims(one_layer, prompting_only)
+    assert status[ACC] == "not tested on this profile" and measured[ACC] == "no SAIF test rows"
+
+
+def test_post_vs_pre_is_judged_at_the_chosen_configuration_of_a_grid_search():
+    # A grid sweep: the first pre row is at layer 10, where pre wins; SAIF chose layer 29, where post wins.
+    rows = []
+    for layer, (post, pre) in {10: (0.2, 0.6), 29: (0.9, 0.3)}.items():
+        rows += [_row("a", layer, 15, 0.5, "post", post), _row("a", layer, 15, 0.5, "pre", pre)]
+    status, measured = _claims(rows, _results({"a": (29, 15, "post")}, {"a": 0.5}))
+    assert status[POST] == "confirmed" and measured[POST].endswith("a 0.90 vs 0.30")
+
+
+def test_steering_and_ablation_tables_as_literal_markdown():
+    results = pd.DataFrame([
+        _row("json", 10, 5, 0.3, "post", 0.0, split="test", strict=0.4) | {"degenerate_rate": 0.25},
+        _row("json", None, None, None, None, 0.0, split="test", method="prompting", strict=0.125),
+        _row("json", 15, None, 0.5, "pre", 0.0, split="test", method="diff_in_means", strict=0.0),
+    ])
+    assert steering_table(results).splitlines()[2:] == [
+        "| json | prompting | — | 16 | 0.12 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 |",
+        "| json | saif | L10, 5, 0.3, post | 16 | 0.40 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.25 |",
+        "| json | diff_in_means | L15, —, 0.5, pre | 16 | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 |",
+    ]
+    ablation = pd.DataFrame([{"task": "summarize", "layer": 15, "condition": "selected", "n": 45, "strict_acc": 0.18,
+                              "strict_ci_low": 0.07, "strict_ci_high": 0.29, "loose_acc": 0.2, "loose_ci_low": 0.1,
+                              "loose_ci_high": 0.3, "logprob_drop": 0.3204, "logprob_drop_ci_low": 0.279,
+                              "logprob_drop_ci_high": 0.3721}])
+    assert ablation_table(ablation).splitlines() == [
+        "| task | layer | ablated | n | strict [95 % CI] | loose [95 % CI] | log-prob drop [95 % CI] |",
+        "|---|---|---|---|---|---|---|",
+        "| summarize | 15 | selected | 45 | 0.18 [0.07, 0.29] | 0.20 [0.10, 0.30] | 0.320 [0.279, 0.372] |",
+    ]
+
+
+@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST])
+def test_claims_table_lists_each_claim_once(claim):
+    rows = _staged("a", 29, 15, post=0.9, pre=0.4)
+    table = claims_table(_results({"a": (29, 15, "post")}, {"a": 0.4}), pd.DataFrame(rows), [10, 29], 15)
+    assert table["paper's claim"].tolist().count(claim) == 1

@@ -1,0 +1,30 @@
+"""Accuracy tables with bootstrap CIs and the selection objective."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from saif_utils.stats import accuracy_table, bootstrap_ci, selection_objective
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    mean, low, high = bootstrap_ci([1, 0, 1, 1, 0, 1, 0, 1] * 5)
+    assert low < mean < high and mean == pytest.approx(0.625)
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0, 1.0)
+
+
+def test_accuracy_table_reports_n_cis_and_fluency():
+    judged = pd.DataFrame({"task": ["a"] * 40 + ["b"] * 4, "strict": [True] * 10 + [False] * 30 + [True] * 4,
+                           "loose": [True] * 40 + [False] * 4, "nll": [1.0] * 44, "repetition": [0.0] * 44,
+                           "degenerate": [False] * 44})
+    judged = judged.assign(fluent_strict=judged["strict"], fluent_loose=judged["loose"])
+    table = accuracy_table(judged, ["task"]).set_index("task")
+    assert table.loc["a", "n"] == 40 and table.loc["a", "strict_acc"] == 0.25
+    assert table.loc["a", "strict_ci_low"] < 0.25 < table.loc["a", "strict_ci_high"]
+    assert table.loc["b", "strict_ci_low"] == table.loc["b", "strict_ci_high"] == 1.0  # degenerate sample
+    assert table.loc["a", "fluency"] == pytest.approx(np.exp(-1.0))
+
+
+def test_selection_objective_counts_loops_as_failures():
+    table = pd.DataFrame({"strict_acc": [1.0, 0.4], "loose_acc": [1.0, 0.6], "fluent_strict_acc": [0.1, 0.4],
+                          "fluent_loose_acc": [0.2, 0.6]})
+    assert selection_objective(table).tolist() == pytest.approx([0.3, 1.0])
