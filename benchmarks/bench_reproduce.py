@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common import report
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from saif_utils.paths import REPO_ROOT
+
 TARGET_S = {"cold": 20 * 60, "warm": 2 * 60}
 
 

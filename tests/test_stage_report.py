@@ -16,19 +16,17 @@ def _row(task, layer, k, alpha, position, objective, split="val", method="saif",
 
 
 def _staged(task, best_layer, best_k, post, pre, layers=(10, 29), ks=(5, 15, 30), k_start=15):
-    """Val rows of a staged search: layer × α at k_start (post), then k at the best layer, then pre."""
-    rows = [_row(task, layer, k_start, alpha, "post", 1.0 if layer == best_layer and alpha == 0.5 else 0.2)
+    """Val rows of a staged search that ends at (best_layer, α = 0.5, best_k): layer × α at k_start (post), then k at
+    that layer and α, then pre at the chosen configuration. `post` (> 0.25) and `pre` are the objectives there."""
+    def objective(layer, k, alpha):
+        if (layer, alpha) != (best_layer, 0.5):
+            return 0.2
+        return post if k == best_k else 0.25 if k == k_start else 0.1
+
+    rows = [_row(task, layer, k_start, alpha, "post", objective(layer, k_start, alpha))
             for layer in layers for alpha in (0.3, 0.5)]
-    rows += [_row(task, best_layer, k, 0.5, "post", post if k == best_k else 0.1) for k in ks if k != k_start]
-    if best_k != k_start:  # the k_start row of the best layer is the stage-1 row; make k_start lose to best_k
-        rows = [dict(r, fluent_strict_acc=0.05, fluent_loose_acc=0.05) if (r["layer"], r["k"], r["alpha"]) ==
-                (best_layer, k_start, 0.5) else r for r in rows]
-    else:
-        rows = [dict(r, fluent_strict_acc=post / 2, fluent_loose_acc=post / 2) if (r["layer"], r["k"], r["alpha"]) ==
-                (best_layer, k_start, 0.5) else r for r in rows]
-    if pre is not None:
-        rows.append(_row(task, best_layer, best_k, 0.5, "pre", pre))
-    return rows
+    rows += [_row(task, best_layer, k, 0.5, "post", objective(best_layer, k, 0.5)) for k in ks if k != k_start]
+    return rows + [_row(task, best_layer, best_k, 0.5, "pre", pre)]
 
 
 def _results(choices, strict):
@@ -57,11 +55,11 @@ def test_every_claim_confirmed():
 
 
 def test_every_claim_not_confirmed():
-    rows = _staged("a", 10, 5, post=0.3, pre=0.6) + _staged("b", 10, 5, post=0.2, pre=0.7)
+    rows = _staged("a", 10, 5, post=0.3, pre=0.6) + _staged("b", 10, 5, post=0.4, pre=0.7)
     status, measured = _claims(rows, _results({"a": (10, 5, "pre"), "b": (10, 5, "pre")}, {"a": 0.1, "b": 0.3}))
     assert status == {ACC: "not confirmed", LAYER: "not confirmed", K: "not confirmed", POST: "not confirmed"}
     assert measured[K].endswith("{'a': 5, 'b': 5}; median 5")
-    assert measured[POST].endswith("a 0.30 vs 0.60; b 0.20 vs 0.70")
+    assert measured[POST].endswith("a 0.30 vs 0.60; b 0.40 vs 0.70")
 
 
 def test_claims_not_tested_without_the_rows_they_need():

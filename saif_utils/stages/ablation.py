@@ -103,10 +103,10 @@ def ablate_task(ctx: RunContext, prompts: pd.DataFrame, task: str, layer: int, l
     Every row also carries `logprob`: the mean token log-probability, under that condition, of the response the
     unablated model gave (its own instruction-following continuation), teacher-forced.
     """
-    model, model_key, sae, sae_key = ctx.model, ctx.model_key, ctx.saes[layer], ctx.sae_keys[layer]
+    sae, sae_key = ctx.saes[layer], ctx.sae_keys[layer]
     ids = list(prompts["input_ids"])
     n = len(ids)
-    mass = activation_mass(model, model_key, sae, sae_key, ids, layer, ctx.batch_size, ctx.remote)
+    mass = activation_mass(ctx.model, ctx.model_key, sae, sae_key, ids, layer, ctx.batch_size, ctx.remote)
     draws = np.arange(n) % cfg.n_random_draws
     random_sets = [mass_matched_latents(mass, latents, seed=cfg.seed * 1000 + d, window=cfg.mass_window)
                    for d in range(cfg.n_random_draws)]
@@ -124,7 +124,7 @@ def ablate_task(ctx: RunContext, prompts: pd.DataFrame, task: str, layer: int, l
     for c, condition in enumerate(CONDITIONS):
         new_ids = out[c * n:(c + 1) * n]
         removed = [0.0 if e is None else float(mass[list(e.latents)].sum()) for e in edits[condition]]
-        responses = prompts.assign(response=[model.tokenizer.decode(g, skip_special_tokens=True).strip() for g in new_ids],
+        responses = prompts.assign(response=[ctx.tokenizer.decode(g, skip_special_tokens=True).strip() for g in new_ids],
                                    task=task, layer=layer, k=len(latents), condition=condition,
                                    logprob=logprob[c * n:(c + 1) * n], mass_removed=removed,
                                    draw=draws if condition == "random" else 0)
