@@ -155,7 +155,7 @@ def _claim_post_vs_pre(sweep: pd.DataFrame, results: pd.DataFrame) -> tuple[str,
     claim = "Post-instruction extraction steers better than pre"
     pairs = pre_post_pairs(sweep, results[results["method"] == "saif"])
     post_vs_pre = {}
-    for task, g in pairs.groupby("task", sort=False):
+    for task, g in pairs.groupby("task"):
         by_position = g.set_index("position")
         if set(POSITIONS) <= set(by_position.index):  # (post, pre)
             post_vs_pre[task] = tuple(float(selection_objective(by_position.loc[[p]]).iloc[0]) for p in POSITIONS)
