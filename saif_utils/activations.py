@@ -4,6 +4,7 @@ on disk by content."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -12,13 +13,16 @@ import torch
 from .io import atomic_path, cache_root, cached_json, content_hash
 from .models import read_residual, read_residual_tokens
 
+if TYPE_CHECKING:
+    from .context import RunContext
+
 READ_POSITIONS = {"last_prompt": "idx_last_prompt", "end_user": "idx_end_user", "last_instruction": "idx_last_instruction"}
 """The token a prompt is read at → the column of `data.build_prompts` that indexes it."""
 
 
-def read_prompt_residuals(model, prompts: pd.DataFrame, layers: Sequence[int], read_at: str, model_key: str,
-                          batch_size: int = 16, remote: bool = False) -> dict[int, torch.Tensor]:
-    """Residual at `read_at` for every prompt → `{layer: [n_prompts, d_model]}`, cached on disk by content.
+def read_prompt_residuals(ctx: RunContext, prompts: pd.DataFrame, read_at: str) -> dict[int, torch.Tensor]:
+    """Residual at `read_at` for every prompt at every SAE layer → `{layer: [n_prompts, d_model]}`, cached on disk
+    by content.
 
     The key covers the model weights, every prompt's token ids and the read index, so reruns with the same
     data reuse the forward passes and any change recomputes them. Locally, prompts that share a prefix run it once:
@@ -30,13 +34,13 @@ def read_prompt_residuals(model, prompts: pd.DataFrame, layers: Sequence[int], r
     index = prompts[column].where(prompts[column] >= 0, prompts["idx_last_prompt"]).astype(int).tolist()
     token_ids = [list(ids) for ids in prompts["input_ids"]]
     groups = [("pre",) if pos == "pre" else ("post", p) for pos, p in zip(prompts["position"], prompts["passage_id"])]
-    key = content_hash({"model": model_key, "ids": content_hash(token_ids), "index": index,
-                        "shared_prefix": not remote})
+    key = content_hash({"model": ctx.model_key, "ids": content_hash(token_ids), "index": index,
+                        "shared_prefix": not ctx.remote})
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     root = cache_root() / "residuals"
-    paths = {layer: root / f"{key}-L{layer}.safetensors" for layer in layers}
+    paths = {layer: root / f"{key}-L{layer}.safetensors" for layer in ctx.saes}
 
     def load(path):
         try:
@@ -47,7 +51,7 @@ def read_prompt_residuals(model, prompts: pd.DataFrame, layers: Sequence[int], r
     out = {layer: load(path) for layer, path in paths.items()}
     missing = [layer for layer, resid in out.items() if resid is None or resid.shape[0] != len(token_ids)]
     if missing:
-        resid = read_residual(model, token_ids, missing, index, batch_size, remote, groups)
+        resid = read_residual(ctx.model, token_ids, missing, index, ctx.batch_size, ctx.remote, groups)
         for layer in missing:
             with atomic_path(paths[layer]) as tmp:
                 save_file({"resid": resid[layer].contiguous()}, str(tmp))
@@ -78,14 +82,14 @@ def mean_residual_norm(model, token_ids: Sequence[Sequence[int]], layers: Sequen
     return {layer: entry["norms"][str(layer)] for layer in layers}
 
 
-def activation_mass(model, model_key: str, sae, sae_key: str, token_ids, layer: int, batch_size: int = 16,
-                    remote: bool = False) -> np.ndarray:
-    """Mean activation of every latent over all prompt tokens (first token excluded) → `[d_sae]`, cached by the
-    model, SAE, layer and prompts."""
+def activation_mass(ctx: RunContext, token_ids: Sequence[Sequence[int]], layer: int) -> np.ndarray:
+    """Mean activation of every latent of the layer's SAE over all prompt tokens (first token excluded) → `[d_sae]`,
+    cached by the model, SAE, layer and prompts."""
     def compute() -> dict:
-        resid = read_residual_tokens(model, token_ids, [layer], batch_size=batch_size, remote=remote,
+        resid = read_residual_tokens(ctx.model, token_ids, [layer], batch_size=ctx.batch_size, remote=ctx.remote,
                                      desc="activation mass")
-        return {"mass": encode(sae, resid[layer]).mean(0).tolist()}
+        return {"mass": encode(ctx.saes[layer], resid[layer]).mean(0).tolist()}
 
-    key = {"model": model_key, "sae": sae_key, "layer": layer, "ids": content_hash([list(ids) for ids in token_ids])}
+    key = {"model": ctx.model_key, "sae": ctx.sae_keys[layer], "layer": layer,
+           "ids": content_hash([list(ids) for ids in token_ids])}
     return np.asarray(cached_json("activation_mass", key, compute)["mass"], dtype=np.float32)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .io import cached_json, content_hash
 from .models import chat_prompt, read_residual, tokenize
+
+if TYPE_CHECKING:
+    from .context import RunContext
 
 FRENCH_WORDS = {"le", "la", "les", "des", "du", "une", "un", "et", "est", "sont", "pour", "que", "qui", "dans", "sur",
                 "avec", "il", "elle", "ils", "elles", "nous", "vous", "ce", "cette", "au", "aux", "pas", "été", "ét",
@@ -36,23 +40,22 @@ def logit_lens(hf_model, tokenizer, directions: torch.Tensor, top_n: int = 20) -
             for t_row, b_row in zip(top.tolist(), bottom.tolist())]
 
 
-def instruction_directions(model, instructions: dict[str, Sequence[str]], contents: Sequence[str],
-                           layers: Sequence[int], batch_size: int = 16, remote: bool = False,
-                           model_key: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """The model's own representation of each task's instruction: mean residual at the last prompt token over the
-    task's instruction texts (alone, chat-formatted) minus the mean over content-only prompts → `{layer: {task: [d]}}`.
-    Cached by prompt content when `model_key` names the weights."""
-    tok = model.tokenizer
+def instruction_directions(ctx: RunContext, instructions: dict[str, Sequence[str]], contents: Sequence[str]
+                           ) -> dict[int, dict[str, torch.Tensor]]:
+    """The model's own representation of each task's instruction at every SAE layer: mean residual at the last prompt
+    token over the task's instruction texts (alone, chat-formatted) minus the mean over content-only prompts →
+    `{layer: {task: [d]}}`, cached by the model and the prompts."""
+    layers = sorted(ctx.saes)
+    tok = ctx.tokenizer
     tasks = list(instructions)
     texts = [chat_prompt(tok, t) for task in tasks for t in instructions[task]] + [chat_prompt(tok, c) for c in contents]
     token_ids = tokenize(tok, texts)
 
     def compute() -> dict:
-        resid = read_residual(model, token_ids, layers, batch_size=batch_size, remote=remote)
+        resid = read_residual(ctx.model, token_ids, layers, batch_size=ctx.batch_size, remote=ctx.remote)
         return {"resid": {str(layer): acts.float().tolist() for layer, acts in resid.items()}}
 
-    key = None if model_key is None else {"model": model_key, "ids": content_hash(token_ids), "layers": sorted(layers),
-                                          "batch_size": batch_size}
+    key = {"model": ctx.model_key, "ids": content_hash(token_ids), "layers": layers, "batch_size": ctx.batch_size}
     entry = cached_json("instruction_residuals", key, compute)
     resid = {layer: torch.tensor(entry["resid"][str(layer)]) for layer in layers}
     out = {}

@@ -106,7 +106,7 @@ def ablate_task(ctx: RunContext, prompts: pd.DataFrame, task: str, layer: int, l
     sae, sae_key = ctx.saes[layer], ctx.sae_keys[layer]
     ids = list(prompts["input_ids"])
     n = len(ids)
-    mass = activation_mass(ctx.model, ctx.model_key, sae, sae_key, ids, layer, ctx.batch_size, ctx.remote)
+    mass = activation_mass(ctx, ids, layer)
     draws = np.arange(n) % cfg.n_random_draws
     random_sets = [mass_matched_latents(mass, latents, seed=cfg.seed * 1000 + d, window=cfg.mass_window)
                    for d in range(cfg.n_random_draws)]

@@ -112,8 +112,7 @@ def run(ctx: RunContext, cfg: DiscoveryConfig) -> DiscoveryResult:
     passages = sample_passages(ctx.data.passages(), "train", cfg.n_passages, cfg.seed)
     prompts = build_prompts(ctx.tokenizer, variants, passages, cfg.positions)
     frames = score_latents(ctx, prompts, tasks, cfg)
-    resid = read_prompt_residuals(ctx.model, prompts, list(ctx.saes), cfg.read_at, ctx.model_key, ctx.batch_size,
-                                  ctx.remote)
+    resid = read_prompt_residuals(ctx, prompts, cfg.read_at)
     result = DiscoveryResult(prompts=prompts, **frames, summary=summary_table(frames),
                              directions=diff_in_means(prompts, resid, cfg.positions))
     out = ctx.run.stage(NAME)
@@ -141,8 +140,7 @@ def score_latents(ctx: RunContext, prompts: pd.DataFrame, tasks: dict, cfg: Disc
 def _score_latents(ctx: RunContext, prompts: pd.DataFrame, tasks: dict, cfg: DiscoveryConfig) -> dict[str, pd.DataFrame]:
     """`score_latents` without the cache."""
     saes = ctx.saes
-    resid = read_prompt_residuals(ctx.model, prompts, list(saes), cfg.read_at, ctx.model_key, ctx.batch_size,
-                                  ctx.remote)
+    resid = read_prompt_residuals(ctx, prompts, cfg.read_at)
     present = [t for t in prompts["task"].dropna().unique()]
     targets = sorted(t for t in present if tasks[t.split(":")[0]].role == "target")
     if not targets:

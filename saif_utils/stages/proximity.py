@@ -54,11 +54,8 @@ def run(ctx: RunContext, cfg: ProximityConfig) -> ProximityResult:
     passages = ctx.data.passages()
     contents = passages[passages["split"] == "train"]["text"].head(cfg.n_contents).tolist()
     instructions = {t: g["text"].tolist() for t, g in variants[variants["task"].isin(selected["task"])].groupby("task")}
-    inst_dirs = instruction_directions(ctx.model, instructions, contents, sorted(ctx.saes), ctx.batch_size,
-                                       ctx.remote, model_key=ctx.model_key)
-    result = ProximityResult(
-        proximity_table(ctx.model, ctx.saes, selected, inst_dirs, cfg.top_n, neuronpedia_ids(ctx.profile), cfg.seed),
-        overlap_matrix(selected, cfg.overlap_k))
+    inst_dirs = instruction_directions(ctx, instructions, contents)
+    result = ProximityResult(proximity_table(ctx, selected, inst_dirs, cfg), overlap_matrix(selected, cfg.overlap_k))
     out = ctx.run.stage(NAME)
     write_table(result.proximity, out / "proximity.parquet")
     write_table(result.overlap, out / "task_overlap.csv")
@@ -76,11 +73,12 @@ def random_control(selected: pd.DataFrame, d_sae: dict[int, int], seed: int = 0)
     return pd.DataFrame(rows)
 
 
-def proximity_table(model, saes: dict[int, object], selected: pd.DataFrame, inst_dirs: dict[int, dict[str, torch.Tensor]],
-                    top_n: int = 20, neuronpedia: dict[int, str] | None = None, seed: int = 0) -> pd.DataFrame:
-    """One row per selected latent and per random-control latent: logit-lens tokens, French-token flag, cosine with
-    the task's instruction representation and (for released SAEs) a Neuronpedia URL."""
-    control = random_control(selected, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, seed)
+def proximity_table(ctx: RunContext, selected: pd.DataFrame, inst_dirs: dict[int, dict[str, torch.Tensor]],
+                    cfg: ProximityConfig) -> pd.DataFrame:
+    """One row per selected latent and per random-control latent: `cfg.top_n` logit-lens tokens, French-token flag,
+    cosine with the task's instruction representation and (for released SAEs) a Neuronpedia URL."""
+    model, saes, top_n, neuronpedia = ctx.model, ctx.saes, cfg.top_n, neuronpedia_ids(ctx.profile)
+    control = random_control(selected, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, cfg.seed)
     both = pd.concat([selected.assign(control=False), control.assign(control=True)], ignore_index=True)
     hf_model = model._module  # the wrapped transformers model: final norm and unembedding are applied directly
     parts = []
