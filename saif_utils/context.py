@@ -57,9 +57,14 @@ class RunDir:
 
         return {layer: load_recorded_sae(entry, device) for layer, entry in self.sae_manifest().items()}
 
+    def table(self, stage: str, name: str) -> pd.DataFrame:
+        """A table (CSV or parquet) a stage wrote, or an error naming the notebook to run first."""
+        path = self._existing(stage, name)
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
     def selected_latents(self, contrast: str | None = "content") -> pd.DataFrame:
         """The discovery stage's selected latents, for one contrast (None: every contrast)."""
-        selected = pd.read_csv(self._existing("02_feature_discovery", "selected_latents.csv"))
+        selected = self.table("02_feature_discovery", "selected_latents.csv")
         return selected if contrast is None else selected[selected["contrast"] == contrast]
 
     def directions(self) -> dict[DirectionKey, torch.Tensor]:
@@ -118,13 +123,13 @@ class RunContext:
 
 
 def open_run(profile: str | Profile, output_dir: str | Path | None = None, remote: bool = False,
-             data: DataSources | None = None, **overrides) -> RunContext:
+             data: DataSources | None = None) -> RunContext:
     """Load a profile's model and the SAEs its SAE loading stage recorded in the run folder."""
     from .models import load_model, model_fingerprint
     from .saes import sae_fingerprint
 
     if isinstance(profile, str):
-        profile = get_profile(profile, remote=remote, **overrides)
+        profile = get_profile(profile, remote=remote)
     run = RunDir.for_profile(profile.name, output_dir)
     saes = run.saes(profile.device)  # before the model: a missing SAE manifest fails without a model load
     return RunContext(profile, run, load_model(profile), model_fingerprint(profile), saes,

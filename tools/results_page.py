@@ -9,8 +9,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-import pandas as pd
-
+from saif_utils.context import RunDir
 from saif_utils.io import atomic_path
 from saif_utils.paths import REPO_ROOT
 from saif_utils.stages.report import markdown_table, tables_markdown
@@ -20,8 +19,9 @@ DOCS = REPO_ROOT / "docs"
 
 def results_page(run_dir: Path) -> str:
     """The page: provenance, the claims, every headline table and the steering figure."""
-    env = pd.read_csv(run_dir / "06_report" / "environment.csv").set_index("item")["value"]
-    claims = pd.read_csv(run_dir / "06_report" / "claims.csv")
+    run = RunDir(run_dir)
+    env = run.table("06_report", "environment.csv").set_index("item")["value"]
+    claims = run.table("06_report", "claims.csv")
     commit = env.get("git commit", "unknown")
     return "\n".join([
         f"# Results — profile `{run_dir.name}`", "",

@@ -276,8 +276,8 @@ def run(profile: Profile, run_dir: RunDir, date: str | None = None) -> ReportRes
     """Judge the claims on the steering stage's tables, record the environment and write the report."""
     out = run_dir.stage(NAME)
     saes = run_dir.saes(profile.device)
-    results = pd.read_csv(run_dir.root / "05_steering_sweeps" / "results.csv")
-    sweep = pd.read_parquet(run_dir.root / "05_steering_sweeps" / "sweep.parquet")
+    results = run_dir.table("05_steering_sweeps", "results.csv")
+    sweep = run_dir.table("05_steering_sweeps", "sweep.parquet")
     claims = claims_table(results, sweep, sorted(saes), stage_config(SweepConfig, profile).k_start)
     env = environment(profile, model_fingerprint(profile), {layer: sae_fingerprint(s) for layer, s in saes.items()})
     write_table(claims, out / "claims.csv")

@@ -114,6 +114,8 @@ class SteeringSetup:
     cfg: SweepConfig
     nll_prefix: list[int] = field(default_factory=list)
     """Tokens the fluency NLL conditions on: an empty user turn, so a response is not judged by its instruction."""
+    n_norm_prompts: int = 0
+    """Content-only train prompts the mean residual norms were measured over."""
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -138,7 +140,7 @@ def build_setup(ctx: RunContext, cfg: SweepConfig, splits: tuple[str, ...] = ("v
     source = VectorSource(ctx.saes, ctx.run.selected_latents(), ctx.run.directions(), norms, cfg.seed)
     return SteeringSetup(ctx, source, {s: sample_passages(passages, s, sizes[s], cfg.seed) for s in splits},
                          prompting_instructions(ctx.data.variants(), cfg.tasks, cfg.prompt_variant), cfg,
-                         nll_prefix(ctx.tokenizer))
+                         nll_prefix(ctx.tokenizer), len(train_prompts))
 
 
 def validate_setup(setup: SteeringSetup) -> None:
@@ -304,7 +306,7 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
     norms = pd.DataFrame({"layer": list(setup.source.norms), "mean_norm": list(setup.source.norms.values()),
-                          "n_prompts": int((ctx.data.passages()["split"] == "train").sum())})
+                          "n_prompts": setup.n_norm_prompts})
     result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms)
     out = ctx.run.stage(NAME)
     write_table(result.norms, out / "residual_norms.csv")
