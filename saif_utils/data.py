@@ -15,6 +15,7 @@ from .paths import DATA_DIR
 INSTRUCTIONS_PATH = DATA_DIR / "instructions"
 CONTENT_PATH = DATA_DIR / "content" / "passages.jsonl"
 TASKS_PATH = DATA_DIR / "tasks.jsonl"
+LABELS_PATH = DATA_DIR / "labels" / "responses.jsonl"
 
 POSITIONS = ("post", "pre")
 """Where the instruction sits relative to the content: after it (post) or before it (pre)."""
@@ -51,7 +52,27 @@ class Task:
     keywords: tuple[str, ...] = ()
 
 
-ENUMS = {"kind": ("paraphrase", "translation"), "split": ("train", "val", "test"), "role": ("target", "sibling")}
+@dataclass(frozen=True)
+class LabelledResponse:
+    """One response of the study, read by a person and labelled (see data/labels/README.md)."""
+
+    response_id: str
+    task: str
+    method: str
+    split: str
+    passage_id: str
+    source: str
+    response: str
+    degenerate: bool  # a reader rejects it as language: a loop, a token flood, gibberish or pseudo-words, empty
+    follows: bool | None  # translate_fr / keyword: does it follow the instruction (None: not labelled for this task)
+    fold: str  # "dev" (thresholds were set on it) | "heldout" (reported)
+    note: str = ""
+
+
+ENUMS = {"kind": ("paraphrase", "translation"), "split": ("train", "val", "test"), "role": ("target", "sibling"),
+         "fold": ("dev", "heldout")}
+MAY_BE_EMPTY = {"response", "note"}
+"""String fields that may be empty (a model can answer with nothing)."""
 
 
 class DataError(ValueError):
@@ -69,11 +90,16 @@ def _check_row(row: Any, cls: type, where: str) -> dict:
     unknown = sorted(row.keys() - allowed)
     if unknown:
         raise DataError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    types = {f.name: f.type for f in fields(cls)}
     for name, value in row.items():
-        if name in ("siblings", "keywords"):
+        if types[name] in ("bool", "bool | None"):
+            if not (isinstance(value, bool) or (value is None and types[name] == "bool | None")):
+                raise DataError(f"{where}: field {name!r} must be true or false"
+                                f"{' or null' if types[name] == 'bool | None' else ''}, got {value!r}")
+        elif name in ("siblings", "keywords"):
             if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
                 raise DataError(f"{where}: field {name!r} must be a list of non-empty strings, got {value!r}")
-        elif not isinstance(value, str) or not value.strip():
+        elif not isinstance(value, str) or not (value.strip() or name in MAY_BE_EMPTY):
             raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
         if name in ENUMS and value not in ENUMS[name]:
             raise DataError(f"{where}: field {name!r} is {value!r}; allowed: {list(ENUMS[name])}")
@@ -168,6 +194,15 @@ def load_passages(path: str | Path = CONTENT_PATH) -> pd.DataFrame:
                 first_seen[key] = (where, passage.split)
             rows.append(passage.__dict__)
     return pd.DataFrame(rows)
+
+
+def load_labels(path: str | Path = LABELS_PATH) -> pd.DataFrame:
+    """The human-read sample of responses as a DataFrame; response ids must be unique."""
+    records = read_jsonl(path, LabelledResponse)
+    ids = pd.Series([r.response_id for r in records])
+    if ids.duplicated().any():
+        raise DataError(f"{path}: response_id(s) {sorted(set(ids[ids.duplicated()]))} appear more than once")
+    return pd.DataFrame([r.__dict__ for r in records])
 
 
 @dataclass(frozen=True)

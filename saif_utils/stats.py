@@ -22,28 +22,28 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000
 
 
 def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
-    """One row per group of `keys`: n, strict and loose accuracy — raw and counting degenerate responses as
-    failures (`fluent_*`) — with 95 % bootstrap CIs, the degenerate rate, and fluency.
+    """One row per group of `keys`: n, strict and loose accuracy (degenerate responses count as failures) and the
+    checkers' raw accuracy (`checker_*`, loops pass), each with a 95 % bootstrap CI, the degenerate rate, and fluency.
 
     `fluency` = exp(−mean token NLL) of the responses under the unsteered model (geometric-mean token probability:
-    1 = predictable text, → 0 = gibberish). A loop is very predictable, so read it with `repetition` and
-    `degenerate_rate` beside it.
+    1 = predictable text, → 0 = gibberish). A loop is very predictable, so read it with `degenerate_rate` beside it.
     """
     rows = []
     for key, group in judged.groupby(list(keys), sort=False, dropna=False):
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["n"] = len(group)
-        for name in ("strict", "loose", "fluent_strict", "fluent_loose"):
+        for name in ("strict", "loose", "checker_strict", "checker_loose"):
             mean, low, high = bootstrap_ci(group[name].astype(float), seed=seed)
             row |= {f"{name}_acc": mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
         row["fluency"] = float(np.exp(-group["nll"].mean())) if "nll" in group else np.nan
         row["nll"] = float(group["nll"].mean()) if "nll" in group else np.nan
         row["repetition"] = float(group["repetition"].mean())
-        row["degenerate_rate"] = float(group["degenerate"].mean())
+        row["degenerate_rate"], row["degenerate_ci_low"], row["degenerate_ci_high"] = bootstrap_ci(
+            group["degenerate"].astype(float), seed=seed)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def selection_objective(table: pd.DataFrame) -> pd.Series:
-    """What configurations are chosen by: strict + loose accuracy, counting degenerate responses (loops) as failures."""
-    return table["fluent_strict_acc"] + table["fluent_loose_acc"]
+    """What configurations are chosen by: strict + loose accuracy, degenerate responses counted as failures."""
+    return table["strict_acc"] + table["loose_acc"]

@@ -7,10 +7,10 @@ from saif_utils.evaluation import (
     check_translate_fr,
     check_uppercase,
     checker_for,
-    is_french,
-    repetition_rate,
+    Verdict,
     sentences,
 )
+from saif_utils.language import is_french
 
 FRENCH = [
     "Le chat dort sur le rebord chaud de la fenêtre.",
@@ -81,9 +81,12 @@ def test_keyword_verdicts_agree_with_ifeval():
     assert sum(agree) / len(agree) >= 0.95
 
 
-def test_translation_needs_french_and_fidelity():
+def test_translation_needs_real_french_and_fidelity():
     source = "The cat sleeps on the warm windowsill."
     assert check_translate_fr(FRENCH[0], source).strict
+    assert all(check_translate_fr(text, source).loose for text in FRENCH)
+    pseudo = "Céla La Célère, Le Célère La Célère de la fenêtre. Le chat célère."
+    assert not check_translate_fr(pseudo, source).loose, "French-looking syllables are not French"
     off_topic = check_translate_fr(FRENCH[6], source)
     assert not off_topic.strict and off_topic.loose, "French but not a translation of the source"
     mixed = check_translate_fr(f"{FRENCH[0]} The weather is nice. {FRENCH[1]}", source)
@@ -99,14 +102,22 @@ def test_summary_uppercase_bullets_and_dispatch():
     assert check_uppercase("HELLO WORLD!").strict and not check_uppercase("123").loose
     assert check_bullet_list("* a\n* b").strict and not check_bullet_list("- only one").loose
     assert checker_for("json")('```json\n{"a": 1}\n```', "src").strict
-    assert checker_for("keyword:ocean")("The ocean.", "src").strict
+    assert checker_for("keyword:ocean")("The ocean.", None).strict
     with pytest.raises(ValueError, match="no checker for task='poetry'"):
         checker_for("poetry")
 
 
-def test_sentences_and_repetition():
+def test_keyword_strict_needs_a_response_about_its_passage():
+    source = "Honeybees communicate the location of flowers through a special dance."
+    on_topic = "The bees dance to tell each other where the flowers are, like waves on the ocean."
+    off_topic = "The ocean is the largest body of salt water on Earth."
+    assert checker_for("keyword:ocean")(on_topic, source) == Verdict(True, True)
+    assert checker_for("keyword:ocean")(off_topic, source) == Verdict(False, False)
+    assert checker_for("keyword:ocean")(off_topic, None) == Verdict(True, True), "no source: the word alone"
+
+
+def test_sentences():
     assert sentences("One. Two!\nThree") == ["One.", "Two!", "Three"]
-    assert repetition_rate("a b c a b c a b c") > 0.5 and repetition_rate("one two three four") == 0
 
 
 def test_docstring_examples_hold():
@@ -118,12 +129,16 @@ def test_docstring_examples_hold():
     assert result.attempted >= 6 and result.failed == 0
 
 
-def test_judge_flags_loops_that_a_checker_accepts():
+def test_judge_fails_loops_that_a_checker_accepts():
     import pandas as pd
 
     from saif_utils.evaluation import judge
 
-    judged = judge(pd.DataFrame({"task": ["keyword:ocean"] * 2, "source": ["x", "x"],
-                                 "response": ["The ocean is calm tonight.", "ocean " * 20]}))
-    assert judged["strict"].tolist() == [True, True]
-    assert judged["degenerate"].tolist() == [False, True] and judged["fluent_strict"].tolist() == [True, False]
+    source = "The sea was calm tonight and the boats stayed in the harbour."
+    responses = ["The ocean is calm tonight, so the boats stay in the harbour.", "The boats stayed in the harbour on the calm ocean" + "-o" * 20,
+                 "The ocean's ocean.\n\nThe ocean's ocean.\n\nThe ocean's ocean.\n\nThe ocean's ocean."]
+    judged = judge(pd.DataFrame({"task": ["keyword:ocean"] * 3, "source": [source] * 3, "response": responses}))
+    assert judged["checker_loose"].tolist() == [True, True, True]
+    assert judged["degenerate"].tolist() == [False, True, True]
+    assert judged["loose"].tolist() == [True, False, False] and judged["strict"].tolist()[1:] == [False, False]
+    assert judged["degenerate_reasons"].iloc[0] == "" and "char_loop" in judged["degenerate_reasons"].iloc[1]

@@ -6,13 +6,14 @@ from saif_utils.stages.report import ablation_table, claims_table, steering_tabl
 
 
 def _row(task, layer, k, alpha, position, objective, split="val", method="saif", strict=None):
-    """A sweep row whose selection objective (fluent strict + fluent loose) is `objective`."""
+    """A sweep row whose selection objective (strict + loose, degenerate responses failing) is `objective`."""
     half = objective / 2
     strict = half if strict is None else strict
     return {"task": task, "method": method, "layer": layer, "k": k, "alpha": alpha, "position": position,
             "split": split, "n": 16, "strict_acc": strict, "strict_ci_low": 0.0, "strict_ci_high": 1.0,
-            "loose_acc": half, "loose_ci_low": 0.0, "loose_ci_high": 1.0, "fluent_strict_acc": half,
-            "fluent_loose_acc": half, "fluent_strict_ci_low": 0.0, "fluent_strict_ci_high": 1.0, "degenerate_rate": 0.0}
+            "loose_acc": half, "loose_ci_low": 0.0, "loose_ci_high": 1.0, "checker_strict_acc": 0.75,
+            "checker_strict_ci_low": 0.5, "checker_strict_ci_high": 1.0, "degenerate_rate": 0.0,
+            "degenerate_ci_low": 0.0, "degenerate_ci_high": 0.0}
 
 
 def _staged(task, best_layer, best_k, post, pre, layers=(10, 29), ks=(5, 15, 30), k_start=15):
@@ -84,14 +85,16 @@ def test_post_vs_pre_is_judged_at_the_chosen_configuration_of_a_grid_search():
 
 def test_steering_and_ablation_tables_as_literal_markdown():
     results = pd.DataFrame([
-        _row("json", 10, 5, 0.3, "post", 0.0, split="test", strict=0.4) | {"degenerate_rate": 0.25},
+        _row("json", 10, 5, 0.3, "post", 0.0, split="test", strict=0.4) | {"degenerate_rate": 0.25, "degenerate_ci_high": 0.5},
         _row("json", None, None, None, None, 0.0, split="test", method="prompting", strict=0.125),
         _row("json", 15, None, 0.5, "pre", 0.0, split="test", method="diff_in_means", strict=0.0),
     ])
     assert steering_table(results).splitlines()[2:] == [
-        "| json | prompting | — | 16 | 0.12 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 |",
-        "| json | saif | L10, 5, 0.3, post | 16 | 0.40 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.25 |",
-        "| json | diff_in_means | L15, —, 0.5, pre | 16 | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.00 |",
+        "| json | prompting | — | 16 | 0.12 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] | 0.00 [0.00, 0.00] |",
+        "| json | saif | L10, 5, 0.3, post | 16 | 0.40 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] "
+        "| 0.25 [0.00, 0.50] |",
+        "| json | diff_in_means | L15, —, 0.5, pre | 16 | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] "
+        "| 0.00 [0.00, 0.00] |",
     ]
     ablation = pd.DataFrame([{"task": "summarize", "layer": 15, "condition": "selected", "n": 45, "strict_acc": 0.18,
                               "strict_ci_low": 0.07, "strict_ci_high": 0.29, "loose_acc": 0.2, "loose_ci_low": 0.1,

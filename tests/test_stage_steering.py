@@ -21,7 +21,7 @@ def test_staged_search_refines_layer_alpha_then_k_then_position():
     assert len(grid) == 1 and len(grid[0]) == 2 * 2 * 2 * 2
 
 
-def test_best_condition_prefers_fluent_accuracy_then_fewer_loops_then_smaller_settings():
+def test_best_condition_prefers_accuracy_with_degenerate_failing_then_fewer_degenerate_then_smaller_settings():
     rows = pd.DataFrame([
         {"task": "t", "method": "saif", "layer": 20, "k": 15, "alpha": 0.5, "position": "post", "strict_acc": 0.5,
          "loose_acc": 0.5, "degenerate_rate": 0.4},
@@ -31,12 +31,10 @@ def test_best_condition_prefers_fluent_accuracy_then_fewer_loops_then_smaller_se
          "loose_acc": 0.5, "degenerate_rate": 0.1},
         {"task": "t", "method": "saif", "layer": 15, "k": 15, "alpha": 0.7, "position": "post", "strict_acc": 0.2,
          "loose_acc": 0.6, "degenerate_rate": 0.0},
-        {"task": "t", "method": "saif", "layer": 29, "k": 15, "alpha": 0.7, "position": "post", "strict_acc": 1.0,
-         "loose_acc": 1.0, "degenerate_rate": 0.9},  # "ocean ocean ocean …": passes the checker, but a loop
+        {"task": "t", "method": "saif", "layer": 29, "k": 15, "alpha": 0.7, "position": "post", "strict_acc": 0.1,
+         "loose_acc": 0.1, "degenerate_rate": 0.9},  # "ocean-ocean-ocean…": the checker accepts it, but a loop
     ])
-    fluent = {0: (0.5, 0.5), 1: (0.5, 0.5), 2: (0.5, 0.5), 3: (0.2, 0.6), 4: (0.1, 0.1)}
-    rows["fluent_strict_acc"] = [fluent[i][0] for i in rows.index]
-    rows["fluent_loose_acc"] = [fluent[i][1] for i in rows.index]
+    rows["checker_strict_acc"] = rows["checker_loose_acc"] = [0.5, 0.5, 0.5, 0.6, 1.0]
     assert best_condition(rows) == Condition("t", "saif", 10, 5, 0.3, "post")
 
 

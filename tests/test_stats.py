@@ -16,7 +16,7 @@ def test_accuracy_table_reports_n_cis_and_fluency():
     judged = pd.DataFrame({"task": ["a"] * 40 + ["b"] * 4, "strict": [True] * 10 + [False] * 30 + [True] * 4,
                            "loose": [True] * 40 + [False] * 4, "nll": [1.0] * 44, "repetition": [0.0] * 44,
                            "degenerate": [False] * 44})
-    judged = judged.assign(fluent_strict=judged["strict"], fluent_loose=judged["loose"])
+    judged = judged.assign(checker_strict=judged["strict"], checker_loose=judged["loose"])
     table = accuracy_table(judged, ["task"]).set_index("task")
     assert table.loc["a", "n"] == 40 and table.loc["a", "strict_acc"] == 0.25
     assert table.loc["a", "strict_ci_low"] < 0.25 < table.loc["a", "strict_ci_high"]
@@ -24,7 +24,7 @@ def test_accuracy_table_reports_n_cis_and_fluency():
     assert table.loc["a", "fluency"] == pytest.approx(np.exp(-1.0))
 
 
-def test_selection_objective_counts_loops_as_failures():
-    table = pd.DataFrame({"strict_acc": [1.0, 0.4], "loose_acc": [1.0, 0.6], "fluent_strict_acc": [0.1, 0.4],
-                          "fluent_loose_acc": [0.2, 0.6]})
+def test_selection_objective_counts_degenerate_responses_as_failures():
+    table = pd.DataFrame({"checker_strict_acc": [1.0, 0.4], "checker_loose_acc": [1.0, 0.6], "strict_acc": [0.1, 0.4],
+                          "loose_acc": [0.2, 0.6]})
     assert selection_objective(table).tolist() == pytest.approx([0.3, 1.0])

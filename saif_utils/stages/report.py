@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..context import RunDir
-from ..data import POSITIONS
+from ..data import LABELS_PATH, POSITIONS
 from ..io import atomic_path, write_table
 from ..methods import METHODS
 from ..models import model_fingerprint
@@ -38,14 +38,16 @@ FIGURES = {  # stage → figures shown in the report, in order
 
 
 def ci_cell(row, name: str) -> str:
-    """'0.42 [0.29, 0.56]' for one accuracy and its 95 % CI."""
-    return f"{row[f'{name}_acc']:.2f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]"
+    """'0.42 [0.29, 0.56]' for one accuracy (or rate) and its 95 % CI."""
+    value = row[f"{name}_acc"] if f"{name}_acc" in row else row[f"{name}_rate"]
+    return f"{value:.2f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]"
 
 
 def steering_table(results: pd.DataFrame) -> str:
-    """Markdown: every task × method on test with its configuration, n, strict/loose accuracy and loop rate."""
+    """Markdown: every task × method on test with its configuration, n, strict/loose accuracy (degenerate responses
+    fail), the checker's raw strict accuracy (degenerate responses pass) and the degenerate rate."""
     lines = ["| task | method | config (layer, k, α, position) | n | strict [95 % CI] | loose [95 % CI] "
-             "| strict, loops = fail | degenerate |", "|---|---|---|---|---|---|---|---|"]
+             "| checker strict, degenerate pass | degenerate [95 % CI] |", "|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     results = results.assign(order=results["method"].map(order)).sort_values(["task", "order"])
     for row in results.to_dict("records"):
@@ -54,7 +56,7 @@ def steering_table(results: pd.DataFrame) -> str:
             k = "—" if pd.isna(row["k"]) else int(row["k"])
             config = f"L{int(row['layer'])}, {k}, {row['alpha']:g}, {row['position']}"
         lines.append(f"| {row['task']} | {row['method']} | {config} | {row['n']} | {ci_cell(row, 'strict')} | "
-                     f"{ci_cell(row, 'loose')} | {ci_cell(row, 'fluent_strict')} | {row['degenerate_rate']:.2f} |")
+                     f"{ci_cell(row, 'loose')} | {ci_cell(row, 'checker_strict')} | {ci_cell(row, 'degenerate')} |")
     return "\n".join(lines)
 
 
@@ -165,7 +167,7 @@ def _claim_post_vs_pre(sweep: pd.DataFrame, results: pd.DataFrame) -> tuple[str,
     wins = sum(decided.values())
     detail = "; ".join(f"{t} {p:.2f} vs {q:.2f}" for t, (p, q) in post_vs_pre.items())
     status = NOT_TESTED if not decided else "confirmed" if wins * 2 > len(decided) else "not confirmed"
-    return claim, status, f"val strict+loose (loops fail), post vs pre at the chosen config: {detail}"
+    return claim, status, f"val strict+loose (degenerate = fail), post vs pre at the chosen config: {detail}"
 
 
 def environment(profile: Profile, model_key: str, sae_keys: dict[int, str], repo_root: Path = REPO_ROOT) -> pd.DataFrame:
@@ -218,7 +220,7 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
              f"{profile.description} Every number below is read from a table in this folder; file names are given "
              "with each section. Accuracies are fractions of test prompts with 95 % bootstrap CIs.", "",
              "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), "",
-             *tables_markdown(run_dir), "## Figures", ""]
+             *tables_markdown(run_dir), *agreement_markdown(), "## Figures", ""]
     for stage, names in FIGURES.items():
         for name in names:
             if (run_dir / stage / name).is_file():
@@ -260,6 +262,22 @@ def tables_markdown(run_dir: Path) -> list[str]:
         else:
             parts += [f"*{name} is missing: run that notebook for this output folder.*", ""]
     return parts
+
+
+def agreement_markdown(path: Path = LABELS_PATH.parent / "agreement.csv") -> list[str]:
+    """The judges' precision and recall against the human-read responses (held-out fold), as a markdown section."""
+    title = f"## The judges against human-read responses — `data/labels/{path.name}`"
+    if not path.is_file():
+        return [title, "", f"*{path} is missing: run `python tools/label_sample.py agreement`.*", ""]
+    table = pd.read_csv(path)
+    rows = ["| judge | n | judge / label positives | precision [95 % CI] | recall [95 % CI] |", "|---|---|---|---|---|"]
+    for row in table[table["fold"] == "heldout"].to_dict("records"):
+        cells = [f"{row[m]:.2f} [{row[f'{m}_ci_low']:.2f}, {row[f'{m}_ci_high']:.2f}]" if pd.notna(row[m]) else "—"
+                 for m in ("precision", "recall")]
+        rows.append(f"| {row['judge']} | {row['n']} | {row['n_judge_positive']} / {row['n_label_positive']} | "
+                    f"{cells[0]} | {cells[1]} |")
+    return [title, "", "Held-out half of the labelled sample (the thresholds were set on the other half); how the "
+            "responses were read is in `data/labels/README.md`.", "", *rows, ""]
 
 
 @dataclass(frozen=True)

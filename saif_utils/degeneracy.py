@@ -1,0 +1,118 @@
+"""Is a response language a reader would accept, or degenerate text — a loop, a token flood or gibberish?
+
+Each signal is a number a reader can check by hand; `degeneracy_signals` measures them all and `is_degenerate`
+applies the thresholds below. The thresholds were set on the development half of the human-read sample in
+`data/labels/` and are reported on its held-out half (`tools/label_sample.py`, README "Verdicts").
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from .language import detect_language, dictionary_share, words
+
+COMPRESSION_MAX = 0.35
+"""zlib-compressed size / raw size below which a text is a loop (fluent English of this length compresses to
+0.55–0.9; texts shorter than `COMPRESSION_MIN_BYTES` are not judged by it)."""
+COMPRESSION_MIN_BYTES = 80
+CHAR_LOOP_MAX = 0.3
+"""Share of characters inside a unit repeated ≥ 3 times in a row ('o-o-o-o', 'ocean-ocean-ocean', 'NANANA',
+a repeated sentence) from which a text is a loop."""
+CHAR_LOOP_MIN_SPAN = 8
+"""Shortest repeated span that counts ('...' or '000' in ordinary text are not loops)."""
+NGRAM_REPEAT_MAX = 0.5
+"""Share of word 3-grams (words split at any non-letter, so hyphen chains split) repeating an earlier one."""
+LINE_REPEAT_MAX = 0.5
+"""Share of non-empty lines that repeat an earlier line (texts of ≥ 3 lines)."""
+TOP_WORD_MAX = 0.3
+"""Share of all words taken by the most frequent one (texts of ≥ 10 words): a token flood."""
+REAL_WORD_MIN = 0.75
+"""Share of words (≥ 2 letters) found in the word list of English, French or the text's detected language
+(`language.dictionary_share`) below which a text is gibberish or pseudo-words (texts of ≥ 4 such words)."""
+
+CHAR_LOOP = re.compile(r"(.{1,60}?)\1{2,}", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class DegeneracySignals:
+    """The measured signals of one text, each with a threshold in this module."""
+
+    n_words: int
+    compression: float
+    char_loop: float
+    ngram_repeat: float
+    line_repeat: float
+    top_word: float
+    real_words: float
+
+    @property
+    def degenerate(self) -> bool:
+        """True when any signal crosses its threshold."""
+        return bool(self.reasons)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """The names of the signals that crossed their thresholds."""
+        crossed = {"empty": self.n_words == 0, "compression": self.compression < COMPRESSION_MAX, "char_loop": self.char_loop >= CHAR_LOOP_MAX,
+                   "ngram_repeat": self.ngram_repeat >= NGRAM_REPEAT_MAX,
+                   "line_repeat": self.line_repeat >= LINE_REPEAT_MAX, "top_word": self.top_word >= TOP_WORD_MAX,
+                   "real_words": self.real_words < REAL_WORD_MIN}
+        return tuple(name for name, hit in crossed.items() if hit)
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed bytes / raw bytes (1.0 for texts too short to judge)."""
+    raw = text.encode()
+    return 1.0 if len(raw) < COMPRESSION_MIN_BYTES else len(zlib.compress(raw, 9)) / len(raw)
+
+
+def char_loop_share(text: str) -> float:
+    """Share of characters inside spans of ≥ `CHAR_LOOP_MIN_SPAN` characters made of one unit (≤ 60 characters)
+    repeated at least three times in a row.
+
+    >>> round(char_loop_share("The ocean's ocean-o-o-o-o-o-o-o"), 2)
+    0.45
+    """
+    if not text:
+        return 0.0
+    looped = sum(len(m.group(0)) for m in CHAR_LOOP.finditer(text) if len(m.group(0)) >= CHAR_LOOP_MIN_SPAN)
+    return looped / len(text)
+
+
+def ngram_repeat_share(tokens: list[str], n: int = 3) -> float:
+    """Fraction of n-grams that repeat an earlier n-gram (0 = none, → 1 = a loop)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
+
+
+def line_repeat_share(text: str) -> float:
+    """Fraction of non-empty lines that repeat an earlier line (0 for fewer than three lines)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return 0.0 if len(lines) < 3 else 1 - len(set(lines)) / len(lines)
+
+
+def top_word_share(tokens: list[str]) -> float:
+    """Share of the most frequent word (0 for fewer than ten words)."""
+    return 0.0 if len(tokens) < 10 else Counter(tokens).most_common(1)[0][1] / len(tokens)
+
+
+def degeneracy_signals(text: str) -> DegeneracySignals:
+    """Every signal of one text (the text's own language, by fastText, joins English and French for the dictionary)."""
+    tokens = words(text)
+    languages = ("en", "fr") + ((detect_language(text)[0],) if tokens else ())
+    return DegeneracySignals(n_words=len(tokens), compression=compression_ratio(text), char_loop=char_loop_share(text),
+                             ngram_repeat=ngram_repeat_share(tokens), line_repeat=line_repeat_share(text),
+                             top_word=top_word_share(tokens), real_words=dictionary_share(tokens, languages))
+
+
+def is_degenerate(text: str) -> bool:
+    """True for an empty response or one whose signals cross a threshold."""
+    return degeneracy_signals(text).degenerate
+
+
+def signals_table(texts) -> list[dict]:
+    """Signals, the thresholds they crossed and the verdict per text, as records."""
+    return [asdict(s) | {"reasons": ",".join(s.reasons), "degenerate": s.degenerate}
+            for s in map(degeneracy_signals, texts)]

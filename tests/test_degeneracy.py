@@ -1,0 +1,71 @@
+"""The degeneracy detector: the loops, floods and gibberish a reader rejects, and ordinary answers it must leave alone."""
+import pytest
+
+from saif_utils.degeneracy import (
+    char_loop_share,
+    compression_ratio,
+    degeneracy_signals,
+    is_degenerate,
+    line_repeat_share,
+    ngram_repeat_share,
+    top_word_share,
+)
+from saif_utils.language import dictionary_share, words
+
+# Every example below is a response of this study (issue 16), or has the shape of one.
+DEGENERATE = {
+    "char_loop": "The ocean's ocean-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o",
+    "hyphen_chain": "ocean-souls-souls-souls-souls-souls-souls-souls-souls-souls",
+    "one_word": "ocean-ocean-ocean-ocean-ocean-ocean-ocean-ocean-ocean-ocean",
+    "repeated_lines": "The ocean's ocean.\n\nThe ocean's ocean.\n\nThe ocean's ocean.\n\nThe ocean's ocean.",
+    "syllables": "DUE MABNANANANANANANANA",
+    "pseudo_french": "Céla La Célère, Le Célère La Célère, Le Célère de la Célère.",
+    "flood": "ocean the ocean of ocean and ocean by ocean in ocean sea ocean",
+    "gibberish": "Thrumble vasquet orindal presh, muntavo keltrish ambrovel sintaquor.",
+    "empty": "",
+}
+COHERENT = [
+    "The passage describes how honeybees tell each other where flowers are, by dancing in a figure of eight.",
+    "Le chat dort sur le rebord chaud de la fenêtre. Il fait beau aujourd'hui.",
+    "- Bees dance to share where flowers are\n- The angle shows the direction\n- The sun is the reference",
+    '{"title": "Bees", "summary": "Honeybees dance to show where flowers are."}',
+    "El gato duerme en la ventana caliente y sueña con peces.",
+    "The library will be closed on Monday for repairs... It opens again on Tuesday at 9:00.",
+    "Yes.",
+]
+
+
+@pytest.mark.parametrize("kind", sorted(DEGENERATE))
+def test_detector_rejects_what_a_reader_rejects(kind):
+    assert is_degenerate(DEGENERATE[kind]), degeneracy_signals(DEGENERATE[kind])
+
+
+@pytest.mark.parametrize("text", COHERENT)
+def test_detector_keeps_ordinary_answers(text):
+    assert not is_degenerate(text), degeneracy_signals(text).reasons
+
+
+def test_each_signal_measures_its_own_pattern():
+    assert char_loop_share("ocean-" * 4) == 1.0 and char_loop_share("Wait... 1000 people came.") == 0
+    assert compression_ratio("short") == 1.0 and compression_ratio("The ocean. " * 20) < 0.2
+    assert ngram_repeat_share(words("a-b-c-a-b-c-a-b-c")) > 0.5 and ngram_repeat_share(words("one two three")) == 0
+    assert line_repeat_share("x\nx\nx\ny") == 0.5 and line_repeat_share("x\nx") == 0
+    assert top_word_share(words("ocean " * 10)) == 1.0 and top_word_share(words("one two")) == 0
+    assert dictionary_share(words("the cat sat on the warm mat"), ("en",)) == 1.0
+    assert dictionary_share(words("Thrumble vasquet orindal presh"), ("en", "fr")) == 0.0
+
+
+def test_reasons_name_every_crossed_threshold():
+    signals = degeneracy_signals(DEGENERATE["repeated_lines"])
+    assert {"char_loop", "line_repeat"} <= set(signals.reasons)
+    assert degeneracy_signals(DEGENERATE["empty"]).reasons == ("empty",)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    import saif_utils.degeneracy as degeneracy
+    import saif_utils.language as language
+
+    results = [doctest.testmod(module) for module in (degeneracy, language)]
+    assert all(r.attempted >= 1 and r.failed == 0 for r in results)
