@@ -11,6 +11,8 @@ import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .language import detect_language, dictionary_share, words
 
 COMPRESSION_MAX = 0.35
@@ -18,21 +20,28 @@ COMPRESSION_MAX = 0.35
 0.55–0.9; texts shorter than `COMPRESSION_MIN_BYTES` are not judged by it)."""
 COMPRESSION_MIN_BYTES = 80
 CHAR_LOOP_MAX = 0.3
-"""Share of characters inside a unit repeated ≥ 3 times in a row ('o-o-o-o', 'ocean-ocean-ocean', 'NANANA',
-a repeated sentence) from which a text is a loop."""
+"""Share of characters (case ignored) inside a unit repeated back to back — ≥ 3 copies of any unit ('o-o-o-o',
+'ocean-ocean-ocean', 'NANANA') or 2 copies of a unit of ≥ 8 characters (a restarted sentence) — from which a text is
+a loop."""
 CHAR_LOOP_MIN_SPAN = 8
 """Shortest repeated span that counts ('...' or '000' in ordinary text are not loops)."""
-NGRAM_REPEAT_MAX = 0.5
-"""Share of word 3-grams (words split at any non-letter, so hyphen chains split) repeating an earlier one."""
+SPAN_REPEAT_MAX = 0.35
+"""Share of words inside a word 6-gram that already occurred earlier in the text (words split at any non-letter, so
+hyphen chains split) from which a text is a loop: a sentence restarted verbatim, a cycling list."""
+SPAN_REPEAT_N = 6
 LINE_REPEAT_MAX = 0.5
-"""Share of non-empty lines that repeat an earlier line (texts of ≥ 3 lines)."""
+"""Share of non-empty lines that repeat an earlier line, list markers ignored (texts of ≥ 3 lines)."""
+DIGIT_MAX = 0.3
+"""Share of the non-space characters that are digits from which a text is a number flood ('1.1.1.2.3.4…',
+'3-4-5-6-7-…'); dates and quantities in ordinary answers stay under 0.15."""
 TOP_WORD_MAX = 0.3
 """Share of all words taken by the most frequent one (texts of ≥ 10 words): a token flood."""
 REAL_WORD_MIN = 0.75
 """Share of words (≥ 2 letters) found in the word list of English, French or the text's detected language
 (`language.dictionary_share`) below which a text is gibberish or pseudo-words (texts of ≥ 4 such words)."""
 
-CHAR_LOOP = re.compile(r"(.{1,60}?)\1{2,}", re.DOTALL)
+CHAR_LOOPS = (re.compile(r"(.{1,60}?)\1{2,}", re.DOTALL), re.compile(r"(.{8,60}?)\1", re.DOTALL))
+LIST_MARKER = re.compile(r"^\s*(?:[-*•·‣◦]|\d+[.)])\s*")
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,10 @@ class DegeneracySignals:
     n_words: int
     compression: float
     char_loop: float
-    ngram_repeat: float
+    span_repeat: float
     line_repeat: float
     top_word: float
+    digits: float
     real_words: float
 
     @property
@@ -56,9 +66,9 @@ class DegeneracySignals:
     def reasons(self) -> tuple[str, ...]:
         """The names of the signals that crossed their thresholds."""
         crossed = {"empty": self.n_words == 0, "compression": self.compression < COMPRESSION_MAX, "char_loop": self.char_loop >= CHAR_LOOP_MAX,
-                   "ngram_repeat": self.ngram_repeat >= NGRAM_REPEAT_MAX,
+                   "span_repeat": self.span_repeat >= SPAN_REPEAT_MAX,
                    "line_repeat": self.line_repeat >= LINE_REPEAT_MAX, "top_word": self.top_word >= TOP_WORD_MAX,
-                   "real_words": self.real_words < REAL_WORD_MIN}
+                   "digits": self.digits >= DIGIT_MAX, "real_words": self.real_words < REAL_WORD_MIN}
         return tuple(name for name, hit in crossed.items() if hit)
 
 
@@ -69,28 +79,45 @@ def compression_ratio(text: str) -> float:
 
 
 def char_loop_share(text: str) -> float:
-    """Share of characters inside spans of ≥ `CHAR_LOOP_MIN_SPAN` characters made of one unit (≤ 60 characters)
-    repeated at least three times in a row.
+    """Share of characters (case ignored) inside spans of ≥ `CHAR_LOOP_MIN_SPAN` characters made of one unit
+    (≤ 60 characters) repeated back to back: ≥ 3 copies, or 2 copies of a unit of ≥ 8 characters.
 
     >>> round(char_loop_share("The ocean's ocean-o-o-o-o-o-o-o"), 2)
     0.45
     """
     if not text:
         return 0.0
-    looped = sum(len(m.group(0)) for m in CHAR_LOOP.finditer(text) if len(m.group(0)) >= CHAR_LOOP_MIN_SPAN)
-    return looped / len(text)
+    looped = np.zeros(len(text), dtype=bool)
+    lowered = text.lower()
+    for pattern in CHAR_LOOPS:
+        for match in pattern.finditer(lowered):
+            if match.end() - match.start() >= CHAR_LOOP_MIN_SPAN:
+                looped[match.start():match.end()] = True
+    return float(looped.mean())
 
 
-def ngram_repeat_share(tokens: list[str], n: int = 3) -> float:
-    """Fraction of n-grams that repeat an earlier n-gram (0 = none, → 1 = a loop)."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
+def span_repeat_share(tokens: list[str], n: int = SPAN_REPEAT_N) -> float:
+    """Share of words covered by a word n-gram that already occurred earlier (0 = none, → 1 = a loop)."""
+    covered, seen = np.zeros(len(tokens), dtype=bool), set()
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i:i + n])
+        if gram in seen:
+            covered[i:i + n] = True
+        seen.add(gram)
+    return float(covered.mean()) if tokens else 0.0
 
 
 def line_repeat_share(text: str) -> float:
-    """Fraction of non-empty lines that repeat an earlier line (0 for fewer than three lines)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """Fraction of non-empty lines, list markers ('-', '*', '3.') removed, that repeat an earlier line (0 for fewer
+    than three lines)."""
+    lines = [LIST_MARKER.sub("", line).strip() for line in text.splitlines() if line.strip()]
     return 0.0 if len(lines) < 3 else 1 - len(set(lines)) / len(lines)
+
+
+def digit_share(text: str) -> float:
+    """Share of the non-space characters that are digits."""
+    chars = [c for c in text if not c.isspace()]
+    return sum(c.isdigit() for c in chars) / len(chars) if chars else 0.0
 
 
 def top_word_share(tokens: list[str]) -> float:
@@ -103,8 +130,9 @@ def degeneracy_signals(text: str) -> DegeneracySignals:
     tokens = words(text)
     languages = ("en", "fr") + ((detect_language(text)[0],) if tokens else ())
     return DegeneracySignals(n_words=len(tokens), compression=compression_ratio(text), char_loop=char_loop_share(text),
-                             ngram_repeat=ngram_repeat_share(tokens), line_repeat=line_repeat_share(text),
-                             top_word=top_word_share(tokens), real_words=dictionary_share(tokens, languages))
+                             span_repeat=span_repeat_share(tokens), line_repeat=line_repeat_share(text),
+                             top_word=top_word_share(tokens), digits=digit_share(text),
+                             real_words=dictionary_share(tokens, languages))
 
 
 def is_degenerate(text: str) -> bool:

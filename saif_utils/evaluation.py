@@ -28,8 +28,10 @@ FRENCH_WORDS_MIN = 0.8
 """Share of a response's words (≥ 2 letters) in wordfreq's French word list from which it is real French rather than
 French-looking syllables ('Céla La Célère, Le Célère …' scores 0.43)."""
 KEYWORD_TOPIC_SIM_MIN = 0.2
-"""MiniLM cosine to the passage from which a keyword response is about its passage (calibrated on the prompted
-responses of the default run: see `tools/label_sample.py calibrate`)."""
+"""MiniLM cosine to its passage from which a keyword response is about that passage: the 95th percentile (0.200) of
+the similarity of 238 prompted keyword responses on the train passages to *another* passage, so 5 % of responses
+would pass against a passage they are not about (`python tools/label_sample.py calibrate`; their median similarity to
+their own passage is 0.85)."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,9 @@ def is_real_french(text: str) -> bool:
 
 
 def check_translate_fr(response: str, source: str) -> Verdict:
-    """Strict: the whole response is French — as a whole and sentence by sentence (fastText p ≥ 0.8, confirmed by
-    langid) — and a translation of the source (e5 similarity ≥ TRANSLATION_SIM_MIN). Loose: French is the majority
-    language of its sentences. Both require real French words (`is_real_french`).
+    """Loose: most of the response's words are in sentences that are French (fastText p ≥ 0.8, confirmed by langid),
+    and those sentences are real French (`is_real_french`), not French-looking syllables. Strict: loose, every
+    sentence and the whole response French, and a translation of the source (e5 similarity ≥ TRANSLATION_SIM_MIN).
 
     >>> check_translate_fr("Le chat dort sur le rebord chaud de la fenêtre.", "The cat sleeps on the warm windowsill.")
     Verdict(strict=True, loose=True)
@@ -85,11 +87,11 @@ def check_translate_fr(response: str, source: str) -> Verdict:
     Verdict(strict=False, loose=False)
     """
     parts = sentences(response)
-    if not (parts and is_real_french(response)):
-        return Verdict(False, False)
-    french = [is_french(p) for p in parts]
-    loose = sum(french) > len(parts) / 2
-    strict = all(french) and is_french(response) and e5_similarity(response, source) >= TRANSLATION_SIM_MIN
+    french = [p for p in parts if is_french(p)]
+    n_french_words, n_words = sum(len(words(p)) for p in french), sum(len(words(p)) for p in parts)
+    loose = bool(french) and n_french_words > n_words / 2 and is_real_french(" ".join(french))
+    strict = (loose and len(french) == len(parts) and is_french(response)
+              and e5_similarity(response, source) >= TRANSLATION_SIM_MIN)
     return Verdict(strict, loose)
 
 
@@ -190,9 +192,9 @@ def _verdict_entry(verdict: Verdict) -> dict:
 
 def judge(responses: pd.DataFrame) -> pd.DataFrame:
     """Judge a table with columns task, response and source. Adds the checkers' verdicts `checker_strict` /
-    `checker_loose`, `degenerate` with the signals that made it so (`degenerate_reasons`) and the word 3-gram
-    `repetition`, and the verdicts the study reports, `strict` / `loose`: the checker passes and the response is not
-    degenerate."""
+    `checker_loose`, `degenerate` with the signals that made it so (`degenerate_reasons`), `repetition` (the share
+    of words inside a repeated word 6-gram) and the verdicts the study reports, `strict` / `loose`: the checker
+    passes and the response is not degenerate."""
     rows = list(zip(responses["task"], responses["response"], responses["source"]))
 
     def compute(missing: list[int]) -> list[dict]:
@@ -207,5 +209,5 @@ def judge(responses: pd.DataFrame) -> pd.DataFrame:
     strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])
     return responses.assign(checker_strict=strict, checker_loose=loose, degenerate=degenerate,
                             degenerate_reasons=[",".join(s.reasons) for s in signals],
-                            repetition=[s.ngram_repeat for s in signals],
+                            repetition=[s.span_repeat for s in signals],
                             strict=strict & ~degenerate, loose=loose & ~degenerate)

@@ -7,7 +7,8 @@ from saif_utils.degeneracy import (
     degeneracy_signals,
     is_degenerate,
     line_repeat_share,
-    ngram_repeat_share,
+    span_repeat_share,
+    digit_share,
     top_word_share,
 )
 from saif_utils.language import dictionary_share, words
@@ -22,6 +23,10 @@ DEGENERATE = {
     "pseudo_french": "Céla La Célère, Le Célère La Célère, Le Célère de la Célère.",
     "flood": "ocean the ocean of ocean and ocean by ocean in ocean sea ocean",
     "gibberish": "Thrumble vasquet orindal presh, muntavo keltrish ambrovel sintaquor.",
+    "restarted": "The new phone, which has a larger screen, will be in stores next month.\n\nThe new phone, which has a "
+                 "larger screen, will be in stores next month.",
+    "cycling_list": "1. Rome's Colosseum\n2. Hadrian's Wall\n3. Hadrian's Wall\n4. Hadrian's Wall\n5. Colosseum",
+    "counting": "1\n2\n3\n4\n5\n\nThe 4-5-6-7-8-9-10-11-12-13-14-15-16-17",
     "empty": "",
 }
 COHERENT = [
@@ -48,8 +53,11 @@ def test_detector_keeps_ordinary_answers(text):
 def test_each_signal_measures_its_own_pattern():
     assert char_loop_share("ocean-" * 4) == 1.0 and char_loop_share("Wait... 1000 people came.") == 0
     assert compression_ratio("short") == 1.0 and compression_ratio("The ocean. " * 20) < 0.2
-    assert ngram_repeat_share(words("a-b-c-a-b-c-a-b-c")) > 0.5 and ngram_repeat_share(words("one two three")) == 0
-    assert line_repeat_share("x\nx\nx\ny") == 0.5 and line_repeat_share("x\nx") == 0
+    assert char_loop_share("Je suis là, je suis là, je suis là.") > 0.6, "case ignored"
+    assert char_loop_share("The new phone is out. The new phone is out. The") > 0.9, "a restarted sentence"
+    assert span_repeat_share(words("a-b-c-d-e-f-a-b-c-d-e-f")) == 0.5 and span_repeat_share(words("one two three")) == 0
+    assert line_repeat_share("1. x\n2. x\n3. x\n4. y") == 0.5 and line_repeat_share("x\nx") == 0
+    assert digit_share("1.2.3.4") == 4 / 7 and digit_share("In 1999 it rained.") < 0.3
     assert top_word_share(words("ocean " * 10)) == 1.0 and top_word_share(words("one two")) == 0
     assert dictionary_share(words("the cat sat on the warm mat"), ("en",)) == 1.0
     assert dictionary_share(words("Thrumble vasquet orindal presh"), ("en", "fr")) == 0.0

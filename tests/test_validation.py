@@ -41,3 +41,14 @@ def test_malformed_label_fails_with_file_and_line(tmp_path):
     path.write_text(json.dumps(row | {"degenerate": True}) + "\n" + json.dumps(row | {"degenerate": False}) + "\n")
     with pytest.raises(DataError, match=r"response_id\(s\) \['a1'\] appear more than once"):
         load_labels(path)
+
+
+def test_judges_agree_with_the_readers_on_the_heldout_fold(labels):
+    # Measured: detector 0.96 / 0.90 (43 of 48; the target is 0.9 each), translate_fr loose 0.90 / 0.90, keyword
+    # loose 1.00 / 1.00. The floor below leaves room for one relabelled close call, not for a broken judge.
+    table = agreement_table(labels).set_index(["judge", "fold"])
+    for judge in ("degeneracy detector → degenerate", "translate_fr loose → follows", "keyword:ocean loose → follows"):
+        row = table.loc[(judge, "heldout")]
+        assert row["precision"] >= 0.85 and row["recall"] >= 0.85, (judge, row["precision"], row["recall"])
+    before = table.loc[("word 3-gram loop rule (before) → degenerate", "heldout")]
+    assert before["recall"] < 0.5, "the old loop rule missed most degenerate responses; the labels should show it"
