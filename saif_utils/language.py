@@ -12,6 +12,9 @@ REAL_WORD_ZIPF = 2.0
 in ten million words; invented syllables ('Célère', 'mabnanana') score 0."""
 
 WORD = re.compile(r"[^\W\d_]+")
+UNSEGMENTED = frozenset({"zh", "ja", "ko", "th", "my", "lo", "km"})
+"""Languages written without spaces: their letter runs are not words, and wordfreq needs extra segmenters (jieba,
+MeCab) for them, so `dictionary_share` does not judge them."""
 
 
 def words(text: str) -> list[str]:
@@ -58,13 +61,13 @@ def _wordfreq_languages() -> frozenset[str]:
 
 def dictionary_share(tokens: list[str], languages: tuple[str, ...], min_words: int = 4) -> float:
     """Share of words of ≥ 2 letters that are words of any of `languages` (Zipf ≥ `REAL_WORD_ZIPF`); 1.0 when there
-    are fewer than `min_words` such words (too few to judge).
+    are fewer than `min_words` such words (too few to judge) or a language is written without spaces (`UNSEGMENTED`).
 
     >>> round(dictionary_share(words("Céla La Célère, Le Célère La Célère"), ("fr",)), 2)
     0.43
     """
     long_words = [w for w in tokens if len(w) >= 2]
-    if len(long_words) < min_words:
+    if len(long_words) < min_words or UNSEGMENTED & set(languages):
         return 1.0
     langs = [lang for lang in languages if lang in _wordfreq_languages()]
     return sum(any(_zipf(w, lang) >= REAL_WORD_ZIPF for lang in langs) for w in long_words) / len(long_words)

@@ -37,6 +37,7 @@ COHERENT = [
     "El gato duerme en la ventana caliente y sueña con peces.",
     "The library will be closed on Monday for repairs... It opens again on Tuesday at 9:00.",
     "Yes.",
+    "猫在温暖的窗台上睡觉，它梦见了鱼。",
 ]
 
 

@@ -218,7 +218,9 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
     run_dir = Path(run_dir)
     parts = [f"# SAIF run report — profile `{profile.name}` ({date})", "",
              f"{profile.description} Every number below is read from a table in this folder; file names are given "
-             "with each section. Accuracies are fractions of test prompts with 95 % bootstrap CIs.", "",
+             "with each section. Accuracies are fractions of test prompts with 95 % bootstrap CIs; a degenerate response "
+             "(a loop, a token flood, gibberish — `saif_utils/degeneracy.py`) fails whatever its checker says, and the "
+             "checker's raw verdict is kept as a secondary column.", "",
              "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), "",
              *tables_markdown(run_dir), *agreement_markdown(), "## Figures", ""]
     for stage, names in FIGURES.items():
