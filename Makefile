@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce results test bench check-determinism lab ship-saes lock clean-outputs
+.PHONY: help venv reproduce results test bench check-determinism lab ship-saes lock clean-outputs ndif-up ndif-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -62,6 +62,16 @@ ship-saes: venv  ## train (or reuse cached) SAEs of PROFILE and copy them, fp16,
 
 lock: venv  ## regenerate requirements.lock and environment.yml from .venv
 	$(BIN)/python tools/write_lock.py
+
+ndif-up: venv  ## start a local NDIF (own venv, loopback-only namespace) serving PROFILE's model; then REMOTE=1 runs use it
+	bash tools/ndif/ndif.sh install
+	bash tools/ndif/ndif.sh up "$$($(BIN)/python -c "from saif_utils.models import remote_checkpoint; \
+	from saif_utils.profiles import get_profile; print(remote_checkpoint(get_profile('$(PROFILE)').model))")"
+	@echo "clients must run in its namespace: NDIF_HOST=http://127.0.0.1:8001 NDIF_API_KEY=local \
+	bash tools/ndif/ndif.sh exec make reproduce PROFILE=$(PROFILE) REMOTE=1"
+
+ndif-down:  ## stop the local NDIF started by ndif-up (exactly the processes it started)
+	bash tools/ndif/ndif.sh down
 
 clean-outputs:  ## delete outputs/ run artifacts (caches under ~/.cache/saif are kept)
 	find outputs -mindepth 1 -not -name README.md -delete

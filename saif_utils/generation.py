@@ -37,11 +37,13 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 3):
         batch_edit = None if edit is None else edit.rows(batch.rows)
+        # Only plain tensors and the intervention (shipped by value) enter the block: on NDIF it runs on the server.
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with model.generate(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
-                with tracer.invoke({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
+                with tracer.invoke(inputs):
                     if batch_edit is not None and span == "prompt":
                         resid = model.model.layers[layer].output  # the first forward: the whole prompt
                         resid[:] += batch_edit.delta(resid)

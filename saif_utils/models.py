@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import nnsight
 import torch
 from tqdm.auto import tqdm
 
@@ -93,20 +94,50 @@ def load_hf(spec: ModelSpec, device: str = "cpu"):
 
 def load_model(profile: Profile):
     """Wrap the profile's model in nnsight's `TransformersModel`: loaded locally, or a lazy handle for NDIF."""
-    from nnsight import CONFIG, TransformersModel
+    from nnsight import TransformersModel
 
     if profile.remote:
-        api_key = os.environ.get("NDIF_API_KEY")
-        if not api_key:
-            raise OSError("profile.remote=True needs the NDIF_API_KEY environment variable (never a parameter)")
-        CONFIG.set_default_api_key(api_key)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(profile.model.hf_id)
-        tokenizer.padding_side = "left"
-        return TransformersModel(profile.model.hf_id, tokenizer=tokenizer, task="text-generation")
+        return remote_model(profile.model)
     hf_model, tokenizer = load_hf(profile.model, profile.device)
     return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+
+
+def remote_checkpoint(spec: ModelSpec) -> str:
+    """What NDIF serves the model as: the hub id, or for a packaged GGUF its dequantised directory (absolute path:
+    a local NDIF deploys it under the same path, `tools/ndif/ndif.sh up DIR`)."""
+    return str(dequantised_model_dir(spec).resolve()) if spec.gguf_package else spec.hf_id
+
+
+def remote_model(spec: ModelSpec):
+    """A weightless nnsight handle whose traces run on NDIF. The key comes from NDIF_API_KEY and the host from NDIF_HOST,
+    both read from the environment into nnsight's in-memory config only: `CONFIG.set_default_api_key` would write
+    the key to nnsight's user config file, where it outlives the run."""
+    from nnsight import CONFIG, TransformersModel
+    from nnsight.modeling import huggingface
+    from transformers import AutoTokenizer
+
+    api_key = os.environ.get("NDIF_API_KEY")
+    if not api_key:
+        raise OSError("remote=True needs the NDIF_API_KEY environment variable (never a parameter); for a local NDIF "
+                      "(make ndif-up) any value works")
+    CONFIG.API.APIKEY = api_key
+    CONFIG.APP.REMOTE_LOGGING = False  # a status spinner per trace would bury the stages' own progress bars
+    if os.environ.get("NDIF_HOST"):
+        CONFIG.API.HOST = os.environ["NDIF_HOST"]
+    # The edits that travel with a trace (steering vectors, latent ablations) are our classes; NDIF has no saif_utils,
+    # so they are shipped by value (their module imports only torch).
+    from . import interventions
+
+    nnsight.register(interventions)
+    checkpoint = remote_checkpoint(spec)
+    if spec.gguf_package:
+        # nnsight canonicalises a model id through the hub before sending it; a local directory is its own id.
+        huggingface._ID_CACHE[checkpoint] = checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TransformersModel(checkpoint, tokenizer=tokenizer, task="text-generation")
 
 
 def chat_prompt(tokenizer, user_text: str, assistant_text: str | None = None) -> str:
@@ -176,16 +207,18 @@ def residual_batches(
     pad_id = model.tokenizer.pad_token_id
     batches = list(length_buckets(token_ids, batch_size, pad_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
-        saved = {}
         with torch.inference_mode(), model.trace(
             {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote
         ) as tracer:
+            # Built and saved inside the block: on NDIF the block runs on the server, and only saved names come back
+            # (a dict filled from outside the block would stay empty).
+            saved = nnsight.save({})
             for layer in sorted(layers):
                 out = model.model.layers[layer].output
-                saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu().save()
+                saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu()
             if not remote and deepest < n_layers - 1:
                 tracer.stop()
-        yield batch, {layer: value for layer, value in saved.items()}
+        yield batch, dict(saved)
 
 
 Positions = Literal["last"] | Sequence[int]

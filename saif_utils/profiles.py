@@ -105,7 +105,8 @@ class Profile:
     device: str = "cpu"
     """Torch device for local runs."""
     remote: bool = False
-    """Run every nnsight trace on NDIF (key from the NDIF_API_KEY environment variable)."""
+    """Run every nnsight trace on NDIF: the host from NDIF_HOST (default: the public NDIF), the key from NDIF_API_KEY.
+    A GGUF-backed model is served from its dequantised directory by a local NDIF (`make ndif-up`)."""
     batch_size: int = 16
     """Prompts per forward pass when reading activations."""
     neuronpedia_model: str | None = None
@@ -120,11 +121,6 @@ class Profile:
             check_layer(layer, self.model)
         if (self.sae_release is None) != (self.sae_id_template is None):
             raise ValueError(f"Profile {self.name!r}: set sae_release and sae_id_template together")
-        if self.remote and self.model.gguf_package is not None:
-            raise ValueError(
-                f"Profile {self.name!r}: remote=True needs a model deployed on NDIF; "
-                f"{self.model.name} is a local GGUF. Use a profile such as 'llama-3.1-8b' with remote=True."
-            )
 
     @property
     def trains_saes(self) -> bool:

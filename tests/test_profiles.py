@@ -26,10 +26,30 @@ def test_overrides_are_typed_and_validated():
         get_profile("default", sae_k=5000)
 
 
-def test_remote_needs_a_hub_model():
-    assert get_profile("llama-3.1-8b", remote=True).remote
-    with pytest.raises(ValueError, match="remote=True needs a model deployed on NDIF"):
-        get_profile("default", remote=True)
+def test_every_profile_can_go_remote():
+    assert all(get_profile(name, remote=True).remote for name in ("tiny", "default", "llama-3.1-8b"))
+
+
+def test_a_remote_handle_keeps_the_key_in_memory_only(tmp_path, monkeypatch):
+    """nnsight's `CONFIG.set_default_api_key` writes the key to its user config file; the handle must not."""
+    from nnsight import CONFIG
+
+    from saif_utils.models import remote_checkpoint, remote_model
+
+    secret, config_file = "ndif-dummy-key-7c1d0e", tmp_path / "nnsight" / "config.yaml"
+    monkeypatch.setenv("NNSIGHT_CONFIG", str(config_file))
+    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:8001")
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    spec = get_profile("tiny").model
+    with pytest.raises(OSError, match="needs the NDIF_API_KEY environment variable"):
+        remote_model(spec)
+    monkeypatch.setenv("NDIF_API_KEY", secret)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", CONFIG.API.APIKEY)  # restored after the test
+    monkeypatch.setattr(CONFIG.API, "HOST", CONFIG.API.HOST)
+    handle = remote_model(spec)
+    assert CONFIG.API.APIKEY == secret and CONFIG.API.HOST == "http://127.0.0.1:8001"
+    assert handle.to_model_key().endswith(f'"repo_id": "{remote_checkpoint(spec)}", "revision": null, "task": "text-generation"}}')
+    assert not config_file.exists(), "the key was persisted to nnsight's config file"
 
 
 def test_every_profiles_stage_defaults_build_valid_configs():
