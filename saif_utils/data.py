@@ -16,6 +16,8 @@ INSTRUCTIONS_PATH = DATA_DIR / "instructions"
 CONTENT_PATH = DATA_DIR / "content" / "passages.jsonl"
 TASKS_PATH = DATA_DIR / "tasks.jsonl"
 LABELS_PATH = DATA_DIR / "labels" / "responses.jsonl"
+AGREEMENT_PATH = DATA_DIR / "labels" / "agreement.csv"
+"""The judges' precision and recall against LABELS_PATH (`tools/label_sample.py agreement`)."""
 
 POSITIONS = ("post", "pre")
 """Where the instruction sits relative to the content: after it (post) or before it (pre)."""

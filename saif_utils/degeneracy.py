@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,8 +65,8 @@ class DegeneracySignals:
     @property
     def reasons(self) -> tuple[str, ...]:
         """The names of the signals that crossed their thresholds."""
-        crossed = {"empty": self.n_words == 0, "compression": self.compression < COMPRESSION_MAX, "char_loop": self.char_loop >= CHAR_LOOP_MAX,
-                   "span_repeat": self.span_repeat >= SPAN_REPEAT_MAX,
+        crossed = {"empty": self.n_words == 0, "compression": self.compression < COMPRESSION_MAX,
+                   "char_loop": self.char_loop >= CHAR_LOOP_MAX, "span_repeat": self.span_repeat >= SPAN_REPEAT_MAX,
                    "line_repeat": self.line_repeat >= LINE_REPEAT_MAX, "top_word": self.top_word >= TOP_WORD_MAX,
                    "digits": self.digits >= DIGIT_MAX, "real_words": self.real_words < REAL_WORD_MIN}
         return tuple(name for name, hit in crossed.items() if hit)
@@ -139,8 +139,3 @@ def is_degenerate(text: str) -> bool:
     """True for an empty response or one whose signals cross a threshold."""
     return degeneracy_signals(text).degenerate
 
-
-def signals_table(texts) -> list[dict]:
-    """Signals, the thresholds they crossed and the verdict per text, as records."""
-    return [asdict(s) | {"reasons": ",".join(s.reasons), "degenerate": s.degenerate}
-            for s in map(degeneracy_signals, texts)]

@@ -81,15 +81,23 @@ def model_fingerprint(profile: Profile) -> str:
 
 def load_hf(spec: ModelSpec, device: str = "cpu"):
     """Return `(hf_model, tokenizer)` in eval mode; GGUF models come from the dequantised cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = str(dequantised_model_dir(spec)) if spec.gguf_package else spec.hf_id
+    tokenizer = load_tokenizer(source)
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device).eval()
+    return hf_model, tokenizer
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model directory or hub id, left-padding (generation) with end-of-text as pad when none is set."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device).eval()
-    return hf_model, tokenizer
+    return tokenizer
 
 
 def load_model(profile: Profile):
@@ -114,7 +122,6 @@ def remote_model(spec: ModelSpec):
     the key to nnsight's user config file, where it outlives the run."""
     from nnsight import CONFIG, TransformersModel
     from nnsight.modeling import huggingface
-    from transformers import AutoTokenizer
 
     api_key = os.environ.get("NDIF_API_KEY")
     if not api_key:
@@ -133,11 +140,7 @@ def remote_model(spec: ModelSpec):
     if spec.gguf_package:
         # nnsight canonicalises a model id through the hub before sending it; a local directory is its own id.
         huggingface._ID_CACHE[checkpoint] = checkpoint
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return TransformersModel(checkpoint, tokenizer=tokenizer, task="text-generation")
+    return TransformersModel(checkpoint, tokenizer=load_tokenizer(checkpoint), task="text-generation")
 
 
 def chat_prompt(tokenizer, user_text: str, assistant_text: str | None = None) -> str:

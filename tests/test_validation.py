@@ -4,10 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from saif_utils.data import LABELS_PATH, DataError, load_labels
+from saif_utils.data import AGREEMENT_PATH, DataError, load_labels
 from saif_utils.validation import LABELLED_TASKS, agreement_table
 
-AGREEMENT_PATH = LABELS_PATH.parent / "agreement.csv"
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from saif_utils.data import LABELS_PATH, evaluation_prompts, load_labels, prompting_instructions
+from saif_utils.data import AGREEMENT_PATH, evaluation_prompts, load_labels, prompting_instructions
 from saif_utils.degeneracy import is_degenerate
 from saif_utils.evaluation import checker_for, minilm_similarity
 from saif_utils.io import write_table
 from saif_utils.validation import LABELLED_TASKS, agreement_table
 
-AGREEMENT_PATH = LABELS_PATH.parent / "agreement.csv"
 PER_STRATUM = {"default": 8, "labelled": 10}
 """Responses drawn per task × method: more for the tasks that also get a `follows` label."""
 

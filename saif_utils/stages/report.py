@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..context import RunDir
-from ..data import LABELS_PATH, POSITIONS
+from ..data import AGREEMENT_PATH, POSITIONS
 from ..io import atomic_path, write_table
 from ..methods import METHODS
 from ..models import model_fingerprint
@@ -38,8 +38,11 @@ FIGURES = {  # stage → figures shown in the report, in order
 
 
 def ci_cell(row, name: str) -> str:
-    """'0.42 [0.29, 0.56]' for one accuracy (or rate) and its 95 % CI."""
-    value = row[f"{name}_acc"] if f"{name}_acc" in row else row[f"{name}_rate"]
+    """'0.42 [0.29, 0.56]' for one accuracy, rate or plain value (`<name>_acc`, `<name>_rate` or `<name>`) and its
+    95 % CI (`<name>_ci_low`, `<name>_ci_high`); '—' when the value is missing."""
+    value = next(row[key] for key in (f"{name}_acc", f"{name}_rate", name) if key in row)
+    if pd.isna(value):
+        return "—"
     return f"{value:.2f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]"
 
 
@@ -266,7 +269,7 @@ def tables_markdown(run_dir: Path) -> list[str]:
     return parts
 
 
-def agreement_markdown(path: Path = LABELS_PATH.parent / "agreement.csv") -> list[str]:
+def agreement_markdown(path: Path = AGREEMENT_PATH) -> list[str]:
     """The judges' precision and recall against the human-read responses (held-out fold), as a markdown section."""
     title = f"## The judges against human-read responses — `data/labels/{path.name}`"
     if not path.is_file():
@@ -274,10 +277,8 @@ def agreement_markdown(path: Path = LABELS_PATH.parent / "agreement.csv") -> lis
     table = pd.read_csv(path)
     rows = ["| judge | n | judge / label positives | precision [95 % CI] | recall [95 % CI] |", "|---|---|---|---|---|"]
     for row in table[table["fold"] == "heldout"].to_dict("records"):
-        cells = [f"{row[m]:.2f} [{row[f'{m}_ci_low']:.2f}, {row[f'{m}_ci_high']:.2f}]" if pd.notna(row[m]) else "—"
-                 for m in ("precision", "recall")]
         rows.append(f"| {row['judge']} | {row['n']} | {row['n_judge_positive']} / {row['n_label_positive']} | "
-                    f"{cells[0]} | {cells[1]} |")
+                    f"{ci_cell(row, 'precision')} | {ci_cell(row, 'recall')} |")
     return [title, "", "Held-out half of the labelled sample (the thresholds were set on the other half); how the "
             "responses were read is in `data/labels/README.md`.", "", *rows, ""]
 
