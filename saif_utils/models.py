@@ -281,7 +281,8 @@ def read_residual_tokens(
             start = width - len(token_ids[i]) + skip_first
             for layer, acts in resid.items():
                 chunks[layer].append((i, acts[r, start:].to(dtype or acts.dtype)))
-    return {layer: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for layer, parts in chunks.items()}
+    # One layer at a time, its pieces freed as it is joined: peak memory ≈ all layers once plus one layer.
+    return {layer: torch.cat([t for _, t in sorted(chunks.pop(layer), key=lambda p: p[0])]) for layer in layers}
 
 
 def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:

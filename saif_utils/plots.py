@@ -65,16 +65,42 @@ def latent_firing(firing: pd.DataFrame, model_name: str):
     return fig
 
 
-def sae_quality(metrics: pd.DataFrame, ev_target: float):
-    """Explained variance (against its target) and the spliced cross-entropy increase per layer."""
+def sae_quality(metrics: pd.DataFrame, targets: dict):
+    """Explained variance, spliced cross-entropy increase and CE loss recovered per layer, one bar per SAE family
+    (`family` column; a single family is one colour), dashed lines at the targets."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    sns.barplot(data=metrics, x="layer", y="explained_variance", ax=axes[0], color="tab:blue")
-    axes[0].axhline(ev_target, ls="--", c="k", lw=1)
-    axes[0].set(ylim=(0, 1), title=f"explained variance (dashed: target; n = {int(metrics['n_tokens'].iloc[0]):,} tokens)")
-    sns.barplot(data=metrics, x="layer", y="ce_increase", ax=axes[1], color="tab:orange")
-    axes[1].set(title="CE increase when the SAE is spliced in (nats)")
+    hue = "family" if metrics.get("family", pd.Series(dtype=str)).ne("").any() else None
+    plot_df = metrics.assign(family=metrics["family"] + " (" + metrics["d_sae"].map("{:,}".format) + " latents, k "
+                             + metrics["k"].astype(str) + ")") if hue else metrics
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    panels = (("explained_variance", "explained variance", targets["explained_variance"]),
+              ("ce_increase", "CE increase, SAE spliced in (nats)", targets["ce_increase"]),
+              ("ce_recovered", "CE loss recovered (vs zero-ablation)", None))
+    for ax, (column, title, target) in zip(axes, panels):
+        sns.barplot(data=plot_df, x="layer", y=column, hue=hue, ax=ax, palette="Set2" if hue else None)
+        if target is not None:
+            ax.axhline(target, ls="--", c="k", lw=1)
+        ax.set(title=title, ylabel="")
+        if ax is not axes[0] and ax.get_legend():
+            ax.get_legend().remove()
+    axes[0].set_ylim(0, 1)
+    axes[2].set_ylim(min(0.0, float(metrics["ce_recovered"].min())), 1)
+    fig.suptitle(f"SAE quality on the same held-out text (n = {int(metrics['n_tokens'].iloc[0]):,} tokens, "
+                 f"{int(metrics['n_ce_predictions'].iloc[0]):,} CE predictions; dashed: targets)")
+    fig.tight_layout()
+    return fig
+
+
+def sae_learning_curves(curves: pd.DataFrame):
+    """Held-out explained variance over training samples, one line per layer (the training records' learning curves)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=curves, x="samples", y="explained_variance", hue="layer", marker="o", palette="viridis", ax=ax)
+    ax.set(xlabel="training samples (activations seen)", ylabel="explained variance",
+           title=f"SAE learning curves (held-out, n = {int(curves['n_tokens'].iloc[0]):,} tokens)")
+    ax.grid(alpha=0.3)
     return fig
 
 
@@ -254,3 +280,54 @@ def pre_vs_post(pairs: pd.DataFrame):
 def _with_n(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     """`rows` with `column` labelled by its sample size, e.g. 'summarize (n=16)'."""
     return rows.assign(**{column: rows[column] + " (n=" + rows["n"].astype(int).astype(str) + ")"})
+
+
+# ---------------------------------------------------------------- calibration
+def calibration_rounds(history: pd.DataFrame):
+    """Validation (solid) and train (dashed) NLL of the target responses per calibration round, one panel per
+    calibrating method, one colour per task; round 0 is SAIF's vector, the ringed dot the round kept."""
+    import matplotlib.pyplot as plt
+
+    done = history[history["calibrated"]]
+    methods = list(dict.fromkeys(done["method"]))
+    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(6 * max(len(methods), 1), 4), squeeze=False)
+    tasks = list(dict.fromkeys(done["task"]))
+    colours = dict(zip(tasks, sns.color_palette("tab10", len(tasks))))
+    for ax, method in zip(axes[0], methods):
+        for task in tasks:
+            rows = done[(done["method"] == method) & (done["task"] == task)].sort_values("round")
+            if rows.empty:
+                continue
+            n_train, n_val = int(rows["n_train_targets"].iloc[0]), int(rows["n_val_targets"].iloc[0])
+            ax.plot(rows["round"], rows["val_nll"], "o-", ms=3, color=colours[task],
+                    label=f"{task} (n = {n_train} train / {n_val} val)")
+            ax.plot(rows["round"], rows["train_nll"], "--", color=colours[task], alpha=0.6)
+            kept = rows[rows["best"]]
+            ax.scatter(kept["round"], kept["val_nll"], s=80, facecolors="none", edgecolors=colours[task])
+        ax.set(title=method, xlabel="round (0 = SAIF's vector)", ylabel="NLL per response token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def calibrated_weights(weights: pd.DataFrame):
+    """SAIF's latent weights before (x) and after (y) calibration, one panel per task; pruned latents in grey."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(weights["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = weights[weights["task"] == task]
+        kept = rows[~rows["pruned"]]
+        ax.scatter(kept["initial_weight"], kept["weight"], s=18, color="tab:blue", label="kept")
+        ax.scatter(rows.loc[rows["pruned"], "initial_weight"], rows.loc[rows["pruned"], "weight"], s=18,
+                   color="0.6", label="pruned")
+        lim = float(np.abs(rows[["initial_weight", "weight"]].to_numpy()).max()) * 1.1 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], ls="--", c="k", lw=0.8)
+        status = "" if rows["calibrated"].all() else " (not calibrated: too few targets)"
+        ax.set(title=f"{task}, L{int(rows['layer'].iloc[0])}, k = {len(rows)}{status}", xlabel="initial weight",
+               ylabel="calibrated weight", xlim=(-lim, lim), ylim=(-lim, lim))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -63,6 +63,8 @@ class SAETrainConfig:
     """Steps without firing after which a latent counts as dead for AuxK."""
     context_size: int = 256
     """Maximum tokens per training text."""
+    corpus: Literal["v1", "v2"] = "v1"
+    """Offline corpus version (`saif_utils.corpus.CORPUS_VERSIONS`): v2 adds instruction prompts and keeps long texts whole."""
     seed: int = 0
     """Seed for corpus shuffling, SAE initialisation and batch order."""
 
@@ -71,6 +73,8 @@ class SAETrainConfig:
             raise ValueError(f"SAETrainConfig.k={self.k} must lie in 1 … d_sae={self.d_sae}")
         if self.architecture not in ("topk", "batchtopk"):
             raise ValueError(f"SAETrainConfig.architecture={self.architecture!r}; allowed: 'topk', 'batchtopk'")
+        if self.corpus not in ("v1", "v2"):
+            raise ValueError(f"SAETrainConfig.corpus={self.corpus!r}; allowed: 'v1', 'v2'")
         if self.n_train_tokens < self.batch_size:
             raise ValueError(
                 f"SAETrainConfig.n_train_tokens={self.n_train_tokens} is smaller than batch_size={self.batch_size}"
@@ -80,6 +84,20 @@ class SAETrainConfig:
     def total_steps(self) -> int:
         """Optimisation steps over all epochs."""
         return self.epochs * self.n_train_tokens // self.batch_size
+
+
+@dataclass(frozen=True)
+class SAEFamily:
+    """A set of SAEs we train for one model: their layers, one training recipe, and the folder they are committed in."""
+
+    name: str
+    """Short label used in tables and figures, e.g. '8x' (latents per residual dimension)."""
+    sae_layers: tuple[int, ...]
+    """Layers with an SAE of this family."""
+    sae_train: SAETrainConfig
+    """The family's training recipe."""
+    shipped_sae_dir: str
+    """Repository-relative folder with the committed SAEs (`layer_<L>/`)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,10 @@ class Profile:
     """Neuronpedia model id for latent dashboard links (released SAEs only)."""
     stage_defaults: dict = field(default_factory=dict)
     """Per-stage config defaults, e.g. {"discovery": {"n_passages": 3}}; notebook parameters override them."""
+    sae_family: str | None = None
+    """Name of the SAE family in use (one of `sae_families`); None for a single recipe or released SAEs."""
+    sae_families: tuple[SAEFamily, ...] = ()
+    """Every SAE family trained for this model; notebook 01 compares them, `with_family` switches between them."""
 
     def __post_init__(self) -> None:
         if not self.sae_layers:
@@ -121,6 +143,9 @@ class Profile:
             check_layer(layer, self.model)
         if (self.sae_release is None) != (self.sae_id_template is None):
             raise ValueError(f"Profile {self.name!r}: set sae_release and sae_id_template together")
+        names = [family.name for family in self.sae_families]
+        if self.sae_family is not None and self.sae_family not in names:
+            raise ValueError(f"Profile {self.name!r}: unknown sae_family={self.sae_family!r}; allowed: {names}")
 
     @property
     def trains_saes(self) -> bool:
@@ -132,6 +157,22 @@ class Profile:
         if self.sae_id_template is None:
             raise ValueError(f"Profile {self.name!r} has no released SAEs; its SAEs are trained locally")
         return self.sae_id_template.format(layer=layer)
+
+
+def with_family(profile: Profile, family: str) -> Profile:
+    """`profile` running on its SAE family named `family` (layers, recipe and committed folder swapped in)."""
+    by_name = {f.name: f for f in profile.sae_families}
+    if family not in by_name:
+        raise ValueError(f"profile {profile.name!r} has no SAE family {family!r}; allowed: {sorted(by_name) or 'none'}")
+    chosen = by_name[family]
+    return replace(profile, sae_family=family, sae_layers=chosen.sae_layers, sae_train=chosen.sae_train,
+                   shipped_sae_dir=chosen.shipped_sae_dir)
+
+
+def family_fields(family: SAEFamily) -> dict[str, Any]:
+    """The Profile fields that put `family` in use (for building a profile on it)."""
+    return {"sae_family": family.name, "sae_layers": family.sae_layers, "sae_train": family.sae_train,
+            "shipped_sae_dir": family.shipped_sae_dir}
 
 
 def check_layer(layer: int, model: ModelSpec) -> int:
@@ -157,6 +198,18 @@ LLAMA_31_8B_IT = ModelSpec(
     name="llama-3.1-8b-instruct", hf_id="meta-llama/Llama-3.1-8B-Instruct", n_layers=32, d_model=4096, dtype="bfloat16"
 )
 
+# SmolLM2-135M's two SAE families (d_model = 576). 4x: the first family (600k tokens of the v1 corpus, 4 epochs).
+# 8x: twice as wide, half the active latents, twice the tokens (v2 corpus), plus layer 25 next to the final layer.
+SMOLLM2_4X = SAEFamily(name="4x", sae_layers=(10, 15, 20, 29), sae_train=SAETrainConfig(),
+                       shipped_sae_dir="data/saes/smollm2-135m-instruct/4x")
+SMOLLM2_8X = SAEFamily(
+    name="8x", sae_layers=(10, 15, 20, 25, 29),
+    sae_train=SAETrainConfig(d_sae=4608, k=32, n_train_tokens=1_200_000, n_eval_tokens=60_000, epochs=2,
+                             corpus="v2"),
+    shipped_sae_dir="data/saes/smollm2-135m-instruct/8x",
+)
+SMOLLM2_FAMILIES = (SMOLLM2_8X, SMOLLM2_4X)
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -175,26 +228,35 @@ PROFILES: dict[str, Profile] = {
                 "ablation": {"tasks": ("translate_fr", "summarize"), "k": 5, "n_test": 3, "max_new_tokens": 8,
                              "n_random_draws": 2},
                 "steering": {"tasks": ("translate_fr", "summarize"), "k_grid": (1, 5), "k_start": 5,
-                             "alpha_grid": (0.5,), "n_val": 2, "n_test": 3, "max_new_tokens": 8, "n_random_draws": 2},
+                             "alpha_grid": (0.5,), "n_val": 2, "n_test": 3, "max_new_tokens": 8, "n_random_draws": 2,
+                             "calibration_n_train": 6, "calibration_min_targets": 2, "calibration_rounds": 2},
             },
         ),
         Profile(
             name="default",
-            description="SmolLM2-135M-Instruct (GGUF from PyPI) on CPU with TopK SAEs we trained at layers 10/15/20/29.",
+            description="SmolLM2-135M-Instruct (GGUF from PyPI) on CPU with the 8x TopK SAEs we trained at layers 10/15/20/25/29.",
             model=SMOLLM2_135M,
-            sae_layers=(10, 15, 20, 29),
-            shipped_sae_dir="data/saes/smollm2-135m-instruct",
+            **family_fields(SMOLLM2_8X),
+            sae_families=SMOLLM2_FAMILIES,
             # 12 passages × 213 variants × 2 positions ≈ 5.2k prompts ≈ 11 min of CPU forward passes.
             # Steering: a staged search (layer × α at k=15, then k, then position) on 16 val passages; the `full`
             # profile sweeps the whole grid.
             stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
         ),
         Profile(
+            name="default-4x",
+            description="The default study on the 4x SAE family (2,304 latents, k = 64, layers 10/15/20/29).",
+            model=SMOLLM2_135M,
+            **family_fields(SMOLLM2_4X),
+            sae_families=SMOLLM2_FAMILIES,
+            stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
+        ),
+        Profile(
             name="full",
             description="The default model and SAEs with the whole steering grid (layer × k × α × position) and ablation at every layer.",
             model=SMOLLM2_135M,
-            sae_layers=(10, 15, 20, 29),
-            shipped_sae_dir="data/saes/smollm2-135m-instruct",
+            **family_fields(SMOLLM2_8X),
+            sae_families=SMOLLM2_FAMILIES,
             stage_defaults={"discovery": {"n_passages": 24},
                             "steering": {"search": "grid", "alpha_grid": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0),
                                          "n_val": 25}},
@@ -268,14 +330,18 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
 def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
     """Look up a profile by name, optionally switched to NDIF (`remote`) and with field overrides.
 
-    Overrides name a `Profile` field (`sae_layers=[10, 15]`) or a `SAETrainConfig` field prefixed
-    with `sae_` (`sae_k=32`, `sae_epochs=2`).
+    Overrides name an SAE family (`sae_family="4x"`), a `Profile` field (`sae_layers=[10, 15]`) or a
+    `SAETrainConfig` field prefixed with `sae_` (`sae_k=32`, `sae_epochs=2`).
     """
     if name not in PROFILES:
         close = difflib.get_close_matches(name, PROFILES, n=3, cutoff=0.3)
         raise ValueError(f"unknown profile={name!r}; allowed: {sorted(PROFILES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     profile = PROFILES[name]
-    profile_fields = {f.name for f in fields(Profile)} - {"name", "model", "sae_train", "stage_defaults"}
+    if overrides.get("sae_family") is not None:  # first, so that field overrides apply on top of the family
+        profile = with_family(profile, overrides.pop("sae_family"))
+    overrides.pop("sae_family", None)
+    profile_fields = {f.name for f in fields(Profile)} - {"name", "model", "sae_train", "stage_defaults",
+                                                          "sae_family", "sae_families"}
     train_fields = {f"sae_{f.name}" for f in fields(SAETrainConfig)}
     top, train = {}, {}
     for key, value in overrides.items():

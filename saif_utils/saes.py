@@ -18,6 +18,10 @@ from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 
 TRAINING_RECORD = "training.json"
+CURVE_TOKENS = 8192
+"""Held-out tokens the learning curve in a training record is measured on."""
+SKIP_FIRST = 1
+"""Leading tokens of every text that SAEs never read: the attention sink, whose norm dwarfs the rest."""
 
 
 # ---------------------------------------------------------------- released SAEs
@@ -143,8 +147,13 @@ def _batches(acts: np.ndarray, batch_size: int, seed: int):
             yield data[order[start:start + batch_size]].float()
 
 
-def train_sae(train_acts: np.ndarray, cfg: SAETrainConfig, layer: int, model_name: str):
-    """Train a TopK or BatchTopK SAE with sae-lens's `SAETrainer` on cached activations `[n_tokens, d_in]`."""
+def train_sae(train_acts: np.ndarray, cfg: SAETrainConfig, layer: int, model_name: str,
+              curve_acts: np.ndarray | None = None, n_curve_points: int = 8):
+    """Train a TopK or BatchTopK SAE with sae-lens's `SAETrainer` on cached activations `[n_tokens, d_in]`.
+
+    Returns `(sae, curve)`: with held-out `curve_acts`, `curve` lists explained variance and L0 on them at
+    `n_curve_points` evenly spaced points of training (the learning curve in the training record); else it is empty.
+    """
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -173,11 +182,36 @@ def train_sae(train_acts: np.ndarray, cfg: SAETrainConfig, layer: int, model_nam
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=min(50, cfg.total_steps),
+        n_checkpoints=n_curve_points if curve_acts is not None else 0,
+        checkpoint_path=None,  # sae-lens's "checkpoints" default would write every checkpoint into the cwd
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train_acts, cfg.batch_size, cfg.seed))
+    curve: list[dict] = []
+
+    def record_curve_point(checkpoint_path=None) -> None:
+        scale = trainer.activation_scaler.scaling_factor or 1.0
+        curve.append({"samples": trainer.n_training_samples, "steps": trainer.n_training_steps}
+                     | _heldout_fit(sae, curve_acts, scale))
+
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train_acts, cfg.batch_size, cfg.seed),
+                         save_checkpoint_fn=record_curve_point if curve_acts is not None else None)
     with torch.enable_grad():  # callers may run under inference_mode
         trainer.fit()
-    return _inference_sae(sae)
+    inference_sae = _inference_sae(sae)
+    if curve_acts is not None:
+        curve.append({"samples": trainer.n_training_samples, "steps": trainer.n_training_steps}
+                     | _heldout_fit(inference_sae, curve_acts, 1.0))
+    return inference_sae, curve
+
+
+@torch.no_grad()
+def _heldout_fit(sae, acts: np.ndarray, scale: float) -> dict:
+    """Explained variance and mean L0 of a (training or inference) SAE on `acts`, which it reads multiplied by `scale`
+    (sae-lens trains on activations normalised by a scalar it folds into the weights only at the end)."""
+    x = torch.from_numpy(np.array(acts, dtype=np.float32)) * scale  # a writable copy of the memmap
+    feats = sae.encode(x)
+    recon = sae.decode(feats)
+    return {"explained_variance": 1 - ((x - recon) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item(),
+            "l0": (feats > 0).sum(-1).float().mean().item()}
 
 
 def _inference_sae(training_sae):
@@ -215,8 +249,9 @@ def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096) -> dic
 def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[int]], batch_size: int = 8,
                           skip_first: int = 1, remote: bool = False) -> dict[int, dict]:
     """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
-    and the mean KL(clean ‖ spliced), over every real token after the first `skip_first` (the splice skips them too)."""
-    totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "kl": 0.0} for layer in saes}
+    with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
+    every real token after the first `skip_first` (the splice and the ablation skip them too)."""
+    totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for layer in saes}
     n_pred = 0
     for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
@@ -235,6 +270,12 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                 resid[:] = torch.where(splice.to(resid.device), sae(resid), resid)
                 spliced_logits = model.lm_head.output.detach().cpu().save()
             logp_spliced = torch.log_softmax(spliced_logits[:, :-1][keep].float(), -1)
+            with model.trace(inputs, remote=remote):
+                resid = model.model.layers[layer].output
+                resid[:] = torch.where(splice.to(resid.device), torch.zeros_like(resid), resid)
+                zeroed_logits = model.lm_head.output.detach().cpu().save()
+            logp_zero = torch.log_softmax(zeroed_logits[:, :-1][keep].float(), -1)
+            totals[layer]["ce_zero"] += -logp_zero.gather(1, targets).sum().item()
             totals[layer]["ce_clean"] += ce_clean
             totals[layer]["ce_spliced"] += -logp_spliced.gather(1, targets).sum().item()
             totals[layer]["kl"] += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
@@ -245,7 +286,8 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
 # ---------------------------------------------------------------- a profile's SAEs
 def sae_corpus(tokenizer, cfg: SAETrainConfig) -> TokenCorpus:
     """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics."""
-    return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed)
+    return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed,
+                              skip_first=SKIP_FIRST, version=cfg.corpus)
 
 
 def training_recipe(profile: Profile, layer: int, corpus_manifest: dict) -> dict:
@@ -302,10 +344,12 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
         acts = collect_activations(model, profile, corpus, to_train)
         for layer in tqdm(to_train, desc="train SAEs"):
             recipe = recipes[layer]
-            sae = train_sae(acts["train"][layer], cfg, layer, profile.model.name)
+            sae, curve = train_sae(acts["train"][layer], cfg, layer, profile.model.name,
+                                   curve_acts=acts["eval"][layer][:CURVE_TOKENS])
             metrics = reconstruction_metrics(sae, acts["eval"][layer])
             record = {"recipe": recipe, "recipe_hash": content_hash(recipe), "corpus_manifest": corpus.manifest,
-                      "eval": {k: v for k, v in metrics.items() if k != "firing_freq"}}
+                      "eval": {k: v for k, v in metrics.items() if k != "firing_freq"},
+                      "learning_curve": {"n_tokens": len(acts["eval"][layer][:CURVE_TOKENS]), "points": curve}}
             save_sae(sae, cached[layer], record)
             found[layer] = (cached[layer], "trained")
     out = {}
@@ -330,59 +374,79 @@ def ship_saes(profile: Profile, saes: dict[int, dict]) -> list[Path]:
     return written
 
 
-METRIC_TARGETS = {"explained_variance": 0.80, "l0": 64, "dead_frac": 0.10}
-"""Quality bar for every trained SAE: explained variance ≥, mean L0 ≤, dead fraction ≤."""
+METRIC_TARGETS = {"explained_variance": 0.85, "l0": 32, "dead_frac": 0.05, "ce_increase": 0.15, "ce_layers_upto": 20}
+"""Quality bar for a trained SAE: explained variance ≥, mean L0 ≤, dead fraction ≤ on held-out text, and a spliced
+cross-entropy increase ≤ `ce_increase` nats at layers ≤ `ce_layers_upto` (deeper splices compound less downstream
+computation, so the CE bar applies to the early and middle layers)."""
 
 
-def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: int = 8000):
-    """One row per SAE layer: reconstruction metrics on held-out tokens and spliced next-token CE/KL.
+def heldout_token_ids(tokenizer, profile: Profile) -> list[list[int]]:
+    """Held-out texts for SAE metrics: the profile's corpus eval split without any text that one of the profile's SAE
+    families trained on, so that every family is measured on the same tokens, unseen by all of them."""
+    corpus = sae_corpus(tokenizer, profile.sae_train)
+    trained = {tuple(ids) for ids in corpus.train_ids}
+    for family in profile.sae_families:
+        if family.sae_train != profile.sae_train:
+            trained |= {tuple(ids) for ids in sae_corpus(tokenizer, family.sae_train).train_ids}
+    kept = [ids for ids in corpus.eval_ids if tuple(ids) not in trained]
+    if not kept:
+        raise ValueError(f"profile {profile.name!r}: every held-out text was trained on by some SAE family; "
+                         f"raise sae_train.n_eval_tokens")
+    return kept
+
+
+def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], eval_ids: list[list[int]],
+                      n_ce_tokens: int = 8000):
+    """One row per SAE layer: reconstruction metrics on the held-out texts `eval_ids` and spliced next-token CE/KL.
 
     Returns `(metrics, firing)`: the metrics DataFrame and a tidy `(layer, latent, firing_freq)` DataFrame.
-    Held-out tokens are the corpus's eval split, whose documents never enter SAE training.
     """
-    from .corpus import corpus_packages
-
-    # Cached by everything the numbers depend on, so a warm rerun skips the corpus and the forward passes.
+    # Cached by everything the numbers depend on, so a warm rerun skips the forward passes.
     key = {"model": model_fingerprint(profile), "saes": {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()},
-           "sources": {layer: e["source"] for layer, e in saes.items()}, "recipe": asdict(profile.sae_train),
-           "corpus_packages": corpus_packages(),
+           "sources": {layer: e["source"] for layer, e in saes.items()}, "eval_ids": content_hash(eval_ids),
            "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size,
            "code": sha256_file(__file__)[:16]}  # any change to the metrics code recomputes them
     frames = cached_frames("sae_metrics", key, lambda: dict(zip(
-        ("metrics", "firing"), _sae_metrics(model, profile, saes, n_ce_tokens))))
+        ("metrics", "firing"), _sae_metrics(model, profile, saes, eval_ids, n_ce_tokens))))
     return frames["metrics"], frames["firing"]
 
 
-def _sae_metrics(model, profile: Profile, saes: dict[int, dict], n_ce_tokens: int):
+def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[list[int]], n_ce_tokens: int):
     """`sae_metrics_table` without the cache."""
     import pandas as pd
 
-    corpus = sae_corpus(model.tokenizer, profile.sae_train)
-    eval_acts = collect_activations(model, profile, corpus, list(saes), splits=("eval",))["eval"]
+    skip_first = SKIP_FIRST  # as in training: the attention sink is neither encoded nor spliced
+    eval_acts = read_residual_tokens(model, eval_ids, list(saes), skip_first=skip_first, batch_size=profile.batch_size,
+                                     remote=profile.remote, desc="held-out activations")
     ce_ids, n_tok = [], 0
-    for ids in corpus.eval_ids:
+    for ids in eval_ids:
         if n_tok >= n_ce_tokens:
             break
         ce_ids.append(ids)
-        n_tok += len(ids) - corpus.manifest["skip_first"]
+        n_tok += len(ids) - skip_first
     ce = spliced_cross_entropy(model, {layer: e["sae"] for layer, e in saes.items()}, ce_ids,
-                               batch_size=profile.batch_size, skip_first=corpus.manifest["skip_first"],
-                               remote=profile.remote)
+                               batch_size=profile.batch_size, skip_first=skip_first, remote=profile.remote)
     rows, firing = [], []
     for layer, entry in saes.items():
         sae = entry["sae"]
-        rec = reconstruction_metrics(sae, eval_acts[layer])
+        rec = reconstruction_metrics(sae, eval_acts[layer].numpy())
         rows.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
                      "n_tokens": rec["n_tokens"], "explained_variance": rec["explained_variance"], "l0": rec["l0"],
                      "dead_frac": rec["dead_frac"], "ce_clean": ce[layer]["ce_clean"],
-                     "ce_spliced": ce[layer]["ce_spliced"], "kl": ce[layer]["kl"],
+                     "ce_spliced": ce[layer]["ce_spliced"], "ce_zero_ablated": ce[layer]["ce_zero"],
+                     "kl": ce[layer]["kl"],
                      "n_ce_predictions": ce[layer]["n_predictions"], "source": entry["source"]})
         firing.append(pd.DataFrame({"layer": layer, "latent": range(sae.cfg.d_sae), "firing_freq": rec["firing_freq"]}))
     metrics = pd.DataFrame(rows)
     metrics["ce_increase"] = metrics["ce_spliced"] - metrics["ce_clean"]
+    # "CE loss recovered": 1 when the splice costs nothing, 0 when it is as bad as deleting the layer's residual.
+    metrics["ce_recovered"] = ((metrics["ce_zero_ablated"] - metrics["ce_spliced"])
+                               / (metrics["ce_zero_ablated"] - metrics["ce_clean"]))
+    ce_ok = ((metrics["ce_increase"] <= METRIC_TARGETS["ce_increase"])
+             | (metrics["layer"] > METRIC_TARGETS["ce_layers_upto"]))
     metrics["meets_targets"] = ((metrics["explained_variance"] >= METRIC_TARGETS["explained_variance"])
                                 & (metrics["l0"] <= METRIC_TARGETS["l0"])
-                                & (metrics["dead_frac"] <= METRIC_TARGETS["dead_frac"]))
+                                & (metrics["dead_frac"] <= METRIC_TARGETS["dead_frac"]) & ce_ok)
     return metrics, pd.concat(firing, ignore_index=True)
 
 

@@ -62,7 +62,8 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     output_dir, timings, _ = tiny_run
     stage = output_dir / "01_sae_loading"
     metrics = pd.read_csv(stage / "sae_metrics.csv")
-    expected = ["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_spliced", "kl"]
+    expected = ["family", "layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean",
+                "ce_spliced", "ce_zero_ablated", "kl"]
     assert list(metrics.columns[: len(expected)]) == expected
     assert sorted(metrics["layer"]) == list(tiny_profile.sae_layers)
     cfg = tiny_profile.sae_train
@@ -72,8 +73,12 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     assert (metrics["explained_variance"] > 0.3).all(), metrics[["layer", "explained_variance"]]
     assert metrics["dead_frac"].between(0, 1).all()
     assert (metrics["ce_spliced"] > metrics["ce_clean"]).all() and (metrics["kl"] > 0).all()
+    # Deleting a layer's residual is far worse than any trained reconstruction: recovered lies in (0, 1).
+    assert (metrics["ce_zero_ablated"] > metrics["ce_spliced"]).all()
+    assert metrics["ce_recovered"].between(0, 1, inclusive="neither").all()
     assert all(math.isfinite(v) for v in metrics[["ce_clean", "ce_spliced", "kl"]].to_numpy().ravel())
     assert (stage / "01_sae_loading.ipynb").is_file() and (stage / "latent_firing.png").is_file()
+    assert (stage / "sae_quality.png").is_file() and (stage / "sae_learning_curves.png").is_file()
     assert (stage / "saes.json").is_file() and (output_dir / "timings.csv").is_file()
     assert list(timings["stage"]) == [nb.stem for nb in numbered_notebooks()]
 

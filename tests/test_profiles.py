@@ -22,7 +22,7 @@ def test_overrides_are_typed_and_validated():
         get_profile("default", batch_size="many")
     with pytest.raises(ValueError, match="unknown override 'sae_widht'"):
         get_profile("default", sae_widht=10)
-    with pytest.raises(ValueError, match=r"SAETrainConfig.k=5000 must lie in 1 … d_sae=2304"):
+    with pytest.raises(ValueError, match=r"SAETrainConfig.k=5000 must lie in 1 … d_sae=4608"):
         get_profile("default", sae_k=5000)
 
 
@@ -86,3 +86,17 @@ def test_stage_config_reads_a_parameters_namespace():
         stage_config(SweepConfig, PROFILES["default"], layers=15)
     with pytest.raises(TypeError, match="override n_val='many'"):
         stage_config(SweepConfig, PROFILES["default"], {"n_val": "many"})
+
+
+def test_sae_family_is_one_parameter_or_profile_away():
+    from saif_utils.profiles import with_family
+
+    default, small = get_profile("default"), get_profile("default", sae_family="4x")
+    assert default.sae_family == "8x" and default.sae_train.d_sae == 8 * default.model.d_model
+    assert small.sae_family == "4x" and small.sae_train.d_sae == 4 * small.model.d_model
+    assert small.sae_layers == get_profile("default-4x").sae_layers and small.shipped_sae_dir.endswith("/4x")
+    assert get_profile("default", sae_family="4x", sae_layers=[10]).sae_layers == (10,), "overrides apply on top"
+    with pytest.raises(ValueError, match="no SAE family '16x'.*allowed: \\['4x', '8x'\\]"):
+        with_family(default, "16x")
+    with pytest.raises(ValueError, match="no SAE family"):
+        get_profile("tiny", sae_family="8x")

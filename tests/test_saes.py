@@ -100,19 +100,43 @@ def test_explained_variance_on_known_reconstructions(decoder_scale, offset, expe
         assert m["l0"] == 1.0 and m["dead_frac"] == 0.0 and m["firing_freq"].tolist() == [0.125] * 8
 
 
-def test_shipped_saes_match_the_default_profile_recipe(tiny_model):
-    """An edit to the default SAE recipe, the corpus or the model silently invalidates data/saes: fail here."""
-    from saif_utils.saes import (
-        recipe_matches,
-        sae_corpus,
-        shipped_sae_path,
-        training_recipe,
-    )
+@pytest.mark.parametrize("family", [f.name for f in PROFILES["default"].sae_families])
+def test_shipped_saes_match_their_family_recipe(tiny_model, family):
+    """An edit to a family's SAE recipe, the corpus or the model silently invalidates data/saes: fail here."""
+    from saif_utils.profiles import with_family
+    from saif_utils.saes import recipe_matches, sae_corpus, shipped_sae_path, training_recipe
 
-    profile = PROFILES["default"]
+    profile = with_family(PROFILES["default"], family)
     corpus = sae_corpus(tiny_model.tokenizer, profile.sae_train)
     for layer in profile.sae_layers:
         path = shipped_sae_path(profile, layer)
         assert (path / "sae_weights.safetensors").is_file(), path
         assert recipe_matches(path, training_recipe(profile, layer, corpus.manifest)), (
-            f"{path} was not trained with the default profile's recipe; retrain it (make ship-saes) or restore the recipe")
+            f"{path} was not trained with the {family} family's recipe; retrain it (make ship-saes) or restore the recipe")
+
+
+def test_v2_corpus_keeps_long_texts_and_holds_out_whole_documents(tiny_model):
+    """v2 cuts long texts into windows instead of truncating them, and a document's windows never straddle splits."""
+    from saif_utils.corpus import build_token_corpus
+
+    v1 = build_token_corpus(tiny_model.tokenizer, 60_000, 20_000, 64, version="v1")
+    v2 = build_token_corpus(tiny_model.tokenizer, 60_000, 20_000, 64, version="v2")
+    assert max(map(len, v1.train_ids)) == max(map(len, v2.train_ids)) == 64
+    assert v2.manifest["train"]["n_texts"] > v2.manifest["train"]["n_docs"], "no document was cut into windows"
+    assert v1.manifest["train"]["n_texts"] == v1.manifest["train"]["n_docs"]
+    assert {s["path"] for s in v2.manifest["sources"]} > {s["path"] for s in v1.manifest["sources"]}
+    train, held_out = set(map(tuple, v2.train_ids)), set(map(tuple, v2.eval_ids))
+    assert not train & held_out
+    with pytest.raises(ValueError, match="unknown SAE corpus version"):
+        build_token_corpus(tiny_model.tokenizer, 1000, 100, 64, version="v3")
+
+
+def test_heldout_texts_are_unseen_by_every_family(tiny_model):
+    """The side-by-side metrics read texts that no family trained on (the 8x eval split minus the 4x train split)."""
+    from saif_utils.saes import heldout_token_ids, sae_corpus
+
+    profile = PROFILES["default"]
+    held_out = set(map(tuple, heldout_token_ids(tiny_model.tokenizer, profile)))
+    assert len(held_out) > 100
+    for family in profile.sae_families:
+        assert not held_out & set(map(tuple, sae_corpus(tiny_model.tokenizer, family.sae_train).train_ids)), family.name

@@ -41,14 +41,16 @@ def _claims(sweep_rows, results):
     return table["status"].to_dict(), table["measured here"].to_dict()
 
 
-ACC, LAYER, K, POST = ("SAIF steering reaches > 30 % strict accuracy", "The final layer steers best",
-                       "An optimum near ~15 latents", "Post-instruction extraction steers better than pre")
+ACC, LAYER, K, POST, SIZES = ("SAIF steering reaches > 30 % strict accuracy", "The final layer steers best",
+                              "An optimum near ~15 latents", "Post-instruction extraction steers better than pre",
+                              "The method holds across SAE sizes")
+UNTESTED = "not tested on this profile"
 
 
 def test_every_claim_confirmed():
     rows = _staged("a", 29, 15, post=0.9, pre=0.4) + _staged("b", 29, 15, post=0.8, pre=0.5)
     status, measured = _claims(rows, _results({"a": (29, 15, "post"), "b": (29, 15, "post")}, {"a": 0.4, "b": 0.2}))
-    assert status == {ACC: "confirmed", LAYER: "confirmed", K: "confirmed", POST: "confirmed"}
+    assert status == {ACC: "confirmed", LAYER: "confirmed", K: "confirmed", POST: "confirmed", SIZES: UNTESTED}
     assert measured[ACC].startswith("1 of 2 tasks above 0.30 — a 0.40 [0.00, 1.00] (n=16)")
     assert measured[LAYER].endswith("{'a': 29, 'b': 29}; final SAE layer 29")
     assert measured[K].endswith("{'a': 15, 'b': 15}; median 15")
@@ -58,7 +60,8 @@ def test_every_claim_confirmed():
 def test_every_claim_not_confirmed():
     rows = _staged("a", 10, 5, post=0.3, pre=0.6) + _staged("b", 10, 5, post=0.4, pre=0.7)
     status, measured = _claims(rows, _results({"a": (10, 5, "pre"), "b": (10, 5, "pre")}, {"a": 0.1, "b": 0.3}))
-    assert status == {ACC: "not confirmed", LAYER: "not confirmed", K: "not confirmed", POST: "not confirmed"}
+    assert status == {ACC: "not confirmed", LAYER: "not confirmed", K: "not confirmed", POST: "not confirmed",
+                      SIZES: UNTESTED}
     assert measured[K].endswith("{'a': 5, 'b': 5}; median 5")
     assert measured[POST].endswith("a 0.30 vs 0.60; b 0.40 vs 0.70")
 
@@ -107,7 +110,32 @@ def test_steering_and_ablation_tables_as_literal_markdown():
     ]
 
 
-@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST])
+def _family(saif_low: dict[str, float], baseline: float = 0.1) -> pd.DataFrame:
+    """Test rows of one SAE family: SAIF with the given CI lower bounds, and the no-instruction baseline."""
+    rows = [_row(t, 10, 15, 0.5, "post", 0.0, split="test", strict=low + 0.1) | {"strict_ci_low": low}
+            for t, low in saif_low.items()]
+    rows += [_row(t, None, None, None, None, 0.0, split="test", method="no_instruction", strict=baseline)
+             for t in saif_low]
+    return pd.DataFrame(rows)
+
+
+def test_sae_sizes_claim_needs_saif_above_baseline_in_every_family():
+    rows = _staged("a", 29, 15, post=0.9, pre=0.4)
+    results = _results({"a": (29, 15, "post")}, {"a": 0.4})
+
+    def judged(families):
+        table = claims_table(results, pd.DataFrame(rows), [10, 29], 15, families).set_index("paper's claim")
+        return table.loc[SIZES, "status"], table.loc[SIZES, "measured here"]
+
+    both = {"8x": _family({"a": 0.3, "b": 0.05}), "4x": _family({"a": 0.2, "b": 0.3})}
+    status, measured = judged(both)
+    assert status == "confirmed" and "8x: beats no instruction on 1/2" in measured and "4x: beats no instruction on 2/2" in measured
+    status, _ = judged({"8x": _family({"a": 0.3, "b": 0.05}), "4x": _family({"a": 0.05, "b": 0.08})})
+    assert status == "not confirmed", "the 4x family never beats the baseline"
+    assert judged({"8x": both["8x"]})[0] == UNTESTED
+
+
+@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST, SIZES])
 def test_claims_table_lists_each_claim_once(claim):
     rows = _staged("a", 29, 15, post=0.9, pre=0.4)
     table = claims_table(_results({"a": (29, 15, "post")}, {"a": 0.4}), pd.DataFrame(rows), [10, 29], 15)

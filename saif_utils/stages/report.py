@@ -19,7 +19,7 @@ from ..io import atomic_path, write_table
 from ..methods import METHODS
 from ..models import model_fingerprint
 from ..paths import REPO_ROOT
-from ..profiles import Profile, stage_config
+from ..profiles import PROFILES, Profile, stage_config
 from ..saes import sae_fingerprint
 from ..stats import selection_objective
 from .steering import SweepConfig, alpha_curve, k_curve, pre_post_pairs
@@ -29,7 +29,7 @@ PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas
 NOT_TESTED = "not tested on this profile"
 STATUSES = ("confirmed", "not confirmed", NOT_TESTED)
 FIGURES = {  # stage → figures shown in the report, in order
-    "01_sae_loading": ("sae_quality.png",),
+    "01_sae_loading": ("sae_quality.png", "sae_learning_curves.png"),
     "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
     "03_semantic_proximity": ("cosine_selected_vs_random.png",),
     "04_causal_ablation": ("ablation.png",),
@@ -97,14 +97,38 @@ def _argmax_per_task(rows: pd.DataFrame, column: str) -> dict[str, int]:
     return out
 
 
-def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], k_start: int) -> pd.DataFrame:
-    """Our measurements beside the paper's four headline claims, each confirmed / not confirmed / not tested here.
+def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], k_start: int,
+                 family_results: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Our measurements beside the paper's headline claims, each confirmed / not confirmed / not tested here.
 
     Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position,
-    scored by the selection objective."""
+    scored by the selection objective; `family_results` (SAE family → its run's `results.csv`, this run included)
+    for the claim across SAE sizes."""
     rows = [_claim_accuracy(results), _claim_final_layer(sweep, layers, k_start), _claim_k(sweep, results),
-            _claim_post_vs_pre(sweep, results)]
+            _claim_post_vs_pre(sweep, results), _claim_sae_sizes(family_results or {})]
     return pd.DataFrame(rows, columns=["paper's claim", "status", "measured here"])
+
+
+def _claim_sae_sizes(family_results: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
+    """Holds when, in every family, SAIF's strict accuracy beats no instruction (its 95 % CI above the baseline's
+    accuracy) on at least half of the tasks both families ran."""
+    claim = "The method holds across SAE sizes"
+    if len(family_results) < 2:
+        return claim, NOT_TESTED, ("one SAE family run; run the other family's profile (e.g. `make reproduce "
+                                   "PROFILE=default-4x`) into the same outputs folder")
+    tasks = sorted(set.intersection(*(set(r.loc[r["method"] == "saif", "task"]) for r in family_results.values())))
+    if not tasks:
+        return claim, NOT_TESTED, "the families share no SAIF task"
+    wins, evidence = {}, []
+    for family, results in family_results.items():
+        by_method = results.set_index(["task", "method"])
+        beats = [t for t in tasks if by_method.loc[(t, "saif"), "strict_ci_low"]
+                 > by_method.loc[(t, "no_instruction"), "strict_acc"]]
+        wins[family] = len(beats)
+        cells = ", ".join(f"{t} {ci_cell(by_method.loc[(t, 'saif')], 'strict')}" for t in tasks)
+        evidence.append(f"{family}: beats no instruction on {len(beats)}/{len(tasks)} ({cells})")
+    status = "confirmed" if all(2 * n >= len(tasks) for n in wins.values()) else "not confirmed"
+    return claim, status, "SAIF strict on test, n per cell in results.csv — " + "; ".join(evidence)
 
 
 def _saif_val(sweep: pd.DataFrame) -> pd.DataFrame:
@@ -242,6 +266,13 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
     return "\n".join(parts)
 
 
+def sae_quality_table(metrics: pd.DataFrame) -> str:
+    """Markdown: one row per SAE (family, layer) with its held-out reconstruction and spliced cross-entropy numbers."""
+    columns = ["family", "layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean",
+               "ce_spliced", "ce_increase", "ce_recovered", "kl", "n_ce_predictions", "meets_targets", "source"]
+    return markdown_table(metrics[[c for c in columns if c in metrics]])
+
+
 def tables_markdown(run_dir: Path) -> list[str]:
     """The headline tables of a run — steering, ablation, SAE quality, discovery — as markdown sections, each naming
     the file it was read from."""
@@ -249,15 +280,19 @@ def tables_markdown(run_dir: Path) -> list[str]:
         ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv", steering_table),
         ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
          "04_causal_ablation/ablation.csv", ablation_table),
-        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv",
-         lambda df: markdown_table(df[["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac",
-                                       "ce_clean", "ce_spliced", "kl", "source"]])),
+        ("SAE quality, every SAE family on the same held-out text — `01_sae_loading/sae_families.csv`",
+         "01_sae_loading/sae_families.csv", sae_quality_table),
+        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv", sae_quality_table),
         ("Feature discovery, post position, content contrast — `02_feature_discovery/summary.csv`",
          "02_feature_discovery/summary.csv",
          lambda df: markdown_table(df[(df["position"] == "post") & (df["contrast"] == "content")][
              ["task", "layer", "n_pairs", "n_consistent", "max_consistency", "bootstrap_jaccard", "bootstrap_ci_low",
               "bootstrap_ci_high", "n_bootstrap", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"]])),
     ]
+    if (Path(run_dir) / "01_sae_loading/sae_families.csv").is_file():  # the same rows and more: show one of the two
+        sections = [s for s in sections if s[1] != "01_sae_loading/sae_metrics.csv"]
+    else:
+        sections = [s for s in sections if s[1] != "01_sae_loading/sae_families.csv"]
     parts = []
     for title, name, render in sections:
         parts += [f"## {title}", ""]
@@ -283,6 +318,19 @@ def agreement_markdown(path: Path = AGREEMENT_PATH) -> list[str]:
             "responses were read is in `data/labels/README.md`.", "", *rows, ""]
 
 
+def family_results(profile: Profile, run_root: Path, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """SAE family → test results: this run's, and those of sibling runs (same outputs folder) of the profiles that run
+    the same study on the model's other SAE families (e.g. `default` and `default-4x`)."""
+    out = {profile.sae_family: results} if profile.sae_family else {}
+    for other in PROFILES.values():
+        if (other.sae_family and other.sae_family not in out and other.model == profile.model
+                and other.stage_defaults == profile.stage_defaults):
+            path = Path(run_root).parent / other.name / "05_steering_sweeps" / "results.csv"
+            if path.is_file():
+                out[other.sae_family] = pd.read_csv(path)
+    return out
+
+
 @dataclass(frozen=True)
 class ReportResult:
     """The claims table, the environment table, the report's markdown and where it was written."""
@@ -299,7 +347,8 @@ def run(profile: Profile, run_dir: RunDir, date: str | None = None) -> ReportRes
     saes = run_dir.saes(profile.device)
     results = run_dir.table("05_steering_sweeps", "results.csv")
     sweep = run_dir.table("05_steering_sweeps", "sweep.parquet")
-    claims = claims_table(results, sweep, sorted(saes), stage_config(SweepConfig, profile).k_start)
+    claims = claims_table(results, sweep, sorted(saes), stage_config(SweepConfig, profile).k_start,
+                          family_results(profile, run_dir.root, results))
     env = environment(profile, model_fingerprint(profile), {layer: sae_fingerprint(s) for layer, s in saes.items()})
     write_table(claims, out / "claims.csv")
     write_table(env, out / "environment.csv")

@@ -11,8 +11,8 @@ import pandas as pd
 from ..context import RunDir
 from ..io import sha256_file, write_json, write_table
 from ..models import load_model
-from ..profiles import Profile
-from ..saes import profile_saes, sae_metrics_table
+from ..profiles import Profile, with_family
+from ..saes import heldout_token_ids, profile_saes, sae_metrics_table
 
 NAME = "01_sae_loading"
 
@@ -34,23 +34,37 @@ class SAELoadingConfig:
 
 @dataclass(frozen=True)
 class SAELoadingResult:
-    """Each layer's SAE entry (`sae`, `path`, `source`, `record`), its quality metrics and per-latent firing rates."""
+    """Each layer's SAE entry (`sae`, `path`, `source`, `record`), its quality metrics and per-latent firing rates,
+    and the same metrics for every SAE family of the profile on the same held-out tokens (empty with one family)."""
 
     saes: dict[int, dict]
     metrics: pd.DataFrame
     firing: pd.DataFrame
+    family_metrics: pd.DataFrame
 
 
 def run(profile: Profile, run_dir: RunDir, cfg: SAELoadingConfig) -> SAELoadingResult:
     """Load (or train) the SAEs, measure them and record where each one lives (`saes.json`: later stages read it)."""
     model = load_model(profile)
     saes = profile_saes(model, profile, retrain=cfg.retrain_sae)
-    metrics, firing = sae_metrics_table(model, profile, saes, n_ce_tokens=cfg.n_ce_tokens)
+    eval_ids = heldout_token_ids(model.tokenizer, profile)
+    metrics, firing = sae_metrics_table(model, profile, saes, eval_ids, n_ce_tokens=cfg.n_ce_tokens)
+    metrics.insert(0, "family", profile.sae_family or "")
+    per_family = [metrics]
+    for family in profile.sae_families:
+        if family.name != profile.sae_family:
+            other = with_family(profile, family.name)
+            other_metrics, _ = sae_metrics_table(model, other, profile_saes(model, other), eval_ids,
+                                                 n_ce_tokens=cfg.n_ce_tokens)
+            per_family.append(other_metrics.assign(family=family.name))
+    family_metrics = pd.concat(per_family, ignore_index=True) if len(per_family) > 1 else metrics.iloc[:0]
     out = run_dir.stage(NAME)
     write_table(metrics, out / "sae_metrics.csv")
     write_table(firing, out / "latent_firing.parquet")
+    if len(family_metrics):
+        write_table(family_metrics, out / "sae_families.csv")
     write_json({str(layer): _manifest_entry(entry) for layer, entry in saes.items()}, out / "saes.json")
-    return SAELoadingResult(saes, metrics, firing)
+    return SAELoadingResult(saes, metrics, firing, family_metrics)
 
 
 def _manifest_entry(entry: dict) -> dict:
@@ -59,3 +73,11 @@ def _manifest_entry(entry: dict) -> dict:
     return {"path": entry["path"], "source": entry["source"],
             "sha256": sha256_file(weights) if entry["source"] != "released" else None,
             "training": entry["record"].get("recipe")}
+
+
+def learning_curves(saes: dict[int, dict]) -> pd.DataFrame:
+    """The training records' held-out learning curves, one row per (layer, point); empty for SAEs without one."""
+    rows = [{"layer": layer, "n_tokens": entry["record"]["learning_curve"]["n_tokens"]} | point
+            for layer, entry in saes.items() if "learning_curve" in entry["record"]
+            for point in entry["record"]["learning_curve"]["points"]]
+    return pd.DataFrame(rows)

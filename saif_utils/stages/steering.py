@@ -8,18 +8,20 @@ disjoint `test` passages.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..activations import mean_residual_norm
+from ..calibration import CalibrationConfig, Targets, calibrate, initial_weights
 from ..context import RunContext
 from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
 from ..evaluation import judge
 from ..interventions import AddVector
-from ..io import write_table
+from ..io import cached_frames, content_hash, sha256_file, write_table
 from ..methods import METHODS, Condition, VectorSource, get_method
 from ..models import chat_prompt
 from ..selection import DirectionKey, check_selection
@@ -66,6 +68,16 @@ class SweepConfig:
     """Variant id suffix of the instruction used for prompting (e.g. translate_fr-en-00)."""
     seed: int = 0
     """Seed for passage samples and random latents."""
+    calibration_n_train: int = 48
+    """Train passages whose prompted responses (those the judge accepts) are the calibration targets."""
+    calibration_min_targets: int = 4
+    """Fewer accepted train targets than this (or none on val) leaves a task's vector uncalibrated."""
+    calibration_rounds: int = 8
+    """Upper bound on calibration rounds (one Adam pass over the train targets each)."""
+    calibration_patience: int = 2
+    """Calibration stops after this many rounds without a better validation NLL."""
+    calibration_lr: float = 0.05
+    """Adam step relative to the initial parameters' RMS."""
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
@@ -91,7 +103,8 @@ class SweepConfig:
             raise ValueError(f"alpha_grid contains {bad_alpha}; every α must be a finite number")
         for position in self.positions:
             check_position(position, "positions")
-        for name in ("n_val", "n_test", "max_new_tokens", "gen_batch_size", "n_random_draws"):
+        for name in ("n_val", "n_test", "max_new_tokens", "gen_batch_size", "n_random_draws", "calibration_n_train",
+                     "calibration_min_targets", "calibration_rounds", "calibration_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
 
@@ -99,6 +112,17 @@ class SweepConfig:
     def tuned_methods(self) -> tuple[str, ...]:
         """The methods whose configuration is searched on val."""
         return tuple(m for m in self.methods if METHODS[m].tuned)
+
+    @property
+    def calibrated_methods(self) -> tuple[str, ...]:
+        """The methods whose vector is optimised after the search (`calibration`)."""
+        return tuple(m for m in self.methods if METHODS[m].calibrates)
+
+    @property
+    def calibration(self) -> CalibrationConfig:
+        """The optimiser settings of the calibrating methods."""
+        return CalibrationConfig(max_rounds=self.calibration_rounds, patience=self.calibration_patience,
+                                 lr=self.calibration_lr, seed=self.seed)
 
 
 @dataclass
@@ -132,7 +156,7 @@ def build_setup(ctx: RunContext, cfg: SweepConfig, splits: tuple[str, ...] = ("v
     """Read the discovery stage's selections and directions, sample the passages of `splits`, and measure the mean
     residual norm of every swept layer (over the train passages' content-only prompts; α multiplies it)."""
     passages = ctx.data.passages()
-    sizes = {"val": cfg.n_val, "test": cfg.n_test}
+    sizes = {"train": cfg.calibration_n_train, "val": cfg.n_val, "test": cfg.n_test}
     train_prompts = evaluation_prompts(ctx.tokenizer, passages[passages["split"] == "train"])
     layers = cfg.layers or tuple(sorted(ctx.saes))
     norms = mean_residual_norm(ctx.model, list(train_prompts["input_ids"]), layers, ctx.batch_size, ctx.remote,
@@ -285,15 +309,92 @@ def reported_conditions(cfg: SweepConfig, tuned: dict[Search, Condition]) -> lis
     return conds
 
 
+def calibration_targets(setup: SteeringSetup, split: str) -> tuple[dict[str, Targets], pd.DataFrame]:
+    """Per task, the model's own prompted responses on `split` that the judge accepts (strict: the checker passes and
+    the response is not degenerate), paired with the same passage's prompt without the instruction; and the judged
+    table of every prompted response."""
+    cfg, ctx = setup.cfg, setup.ctx
+    tables = evaluate_many(setup, [Condition(task, "prompting") for task in cfg.tasks], split)
+    targets = {}
+    for task, table in zip(cfg.tasks, tables):
+        instructed = setup.prompts(split, task)
+        responses = ctx.generate(list(instructed["input_ids"]), None, None, cfg.max_new_tokens, cfg.gen_batch_size)
+        keep = [i for i, ok in enumerate(table["strict"]) if ok and responses[i]]
+        bare = setup.prompts(split, None)["input_ids"]
+        targets[task] = Targets([list(bare.iloc[i]) for i in keep], [list(responses[i]) for i in keep])
+    return targets, pd.concat(tables, ignore_index=True)
+
+
+def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
+        dict[tuple[str, str], tuple], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Refine SAIF's chosen vector of every task for each calibrating method (`calibration.calibrate`): the vectors by
+    (task, method), the round history, the latent weights before and after, and the judged target responses.
+
+    A task with too few accepted targets keeps SAIF's vector (its history says so); results are cached by content."""
+    cfg, ctx, source = setup.cfg, setup.ctx, setup.source
+    train, train_table = calibration_targets(setup, "train")
+    val, val_table = calibration_targets(setup, "val")
+    vectors, histories, weights = {}, [], []
+    for task in cfg.tasks:
+        cond = tuned.get((task, "saif"))
+        if cond is None:
+            continue
+        top = source.latents(task, cond.layer, cond.position, cond.k)
+        latents = top["latent"].to_numpy()
+        saif_vector, n_latents = source.latent_vector(cond)
+        basis = ctx.saes[cond.layer].W_dec.detach().float().cpu()[torch.as_tensor(latents)]
+        enough = len(train[task]) >= cfg.calibration_min_targets and len(val[task]) >= 1
+        for name in cfg.calibrated_methods:
+            dense = METHODS[name].calibrates == "dense"
+            init = saif_vector.float() if dense else initial_weights(ctx.saes[cond.layer], latents,
+                                                                     top["weight"].to_numpy(), float(saif_vector.norm()))
+            info = {"task": task, "method": name, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
+                    "position": cond.position, "n_train_targets": len(train[task]), "n_val_targets": len(val[task])}
+            if enough:
+                key = {"model": ctx.model_key, "sae": ctx.sae_keys[cond.layer], "layer": cond.layer,
+                       "latents": None if dense else latents.tolist(), "init": content_hash(init.tolist()),
+                       "train": content_hash([train[task].prompt_ids, train[task].response_ids]),
+                       "val": content_hash([val[task].prompt_ids, val[task].response_ids]),
+                       "config": asdict(cfg.calibration), "code": sha256_file(calibrate.__code__.co_filename)[:16]}
+                frames = cached_frames("calibration", key, lambda: _calibration_frames(
+                    calibrate(ctx.model, cond.layer, init, None if dense else basis, train[task], val[task],
+                              cfg.calibration, ctx.remote, desc=f"calibrate {name} {task}")))
+                params = torch.tensor(frames["params"]["param"].to_numpy(), dtype=torch.float32)
+                active = frames["params"]["active"].to_numpy()
+                histories.append(frames["history"].assign(**info, calibrated=True))
+            else:
+                params, active = init, np.ones(len(init), dtype=bool)
+                histories.append(pd.DataFrame([{"round": 0, "train_nll": np.nan, "val_nll": np.nan,
+                                                "n_active": len(init), "best": True, **info, "calibrated": False}]))
+            vectors[(task, name)] = (params @ basis if not dense else params, 0 if dense else int(active.sum()))
+            if not dense:
+                weights.append(pd.DataFrame({**info, "rank": top["rank"].to_numpy(), "latent": latents,
+                                             "initial_weight": init.numpy(), "weight": params.numpy(),
+                                             "pruned": ~active, "calibrated": enough}))
+    targets = pd.concat([train_table, val_table], ignore_index=True)
+    empty = pd.DataFrame()
+    return (vectors, pd.concat(histories, ignore_index=True) if histories else empty,
+            pd.concat(weights, ignore_index=True) if weights else empty, targets)
+
+
+def _calibration_frames(result) -> dict[str, pd.DataFrame]:
+    """A `Calibration` as cacheable frames."""
+    return {"history": result.history,
+            "params": pd.DataFrame({"param": result.params.numpy(), "active": result.active.numpy()})}
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """`sweep`: one row per evaluated condition and split; `results`: the test rows (the reported configuration of
-    every task × method); `generations`: every prompt, condition and judged response; `norms`: the residual scale."""
+    every task × method); `generations`: every prompt, condition and judged response; `norms`: the residual scale;
+    `calibration` / `calibrated_weights`: the calibrating methods' rounds and SAIF's latent weights before and after."""
 
     sweep: pd.DataFrame
     results: pd.DataFrame
     generations: pd.DataFrame
     norms: pd.DataFrame
+    calibration: pd.DataFrame
+    calibrated_weights: pd.DataFrame
 
 
 def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
@@ -302,13 +403,22 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     validate_setup(setup)
     searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods]
     tuned, judged = tune(setup, searches) if searches else ({}, [])
+    calibration, weights = pd.DataFrame(), pd.DataFrame()
+    if cfg.calibrated_methods:
+        vectors, calibration, weights, targets = calibrate_vectors(setup, tuned)
+        setup.source = replace(setup.source, calibrated=vectors)
     judged += evaluate_many(setup, reported_conditions(cfg, tuned), "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
     norms = pd.DataFrame({"layer": list(setup.source.norms), "mean_norm": list(setup.source.norms.values()),
                           "n_prompts": setup.n_norm_prompts})
-    result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms)
+    result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms,
+                         calibration, weights)
     out = ctx.run.stage(NAME)
+    if cfg.calibrated_methods:
+        write_table(calibration, out / "calibration.csv")
+        write_table(weights, out / "calibrated_weights.csv")
+        write_table(targets.drop(columns=["input_ids", "user_text"], errors="ignore"), out / "calibration_targets.parquet")
     write_table(result.norms, out / "residual_norms.csv")
     write_table(result.sweep, out / "sweep.parquet")
     write_table(result.results, out / "results.csv")

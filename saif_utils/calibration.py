@@ -1,0 +1,191 @@
+"""Calibrated steering vectors: refine a vector's parameters so that the model, with no instruction in its prompt,
+gives high likelihood to its own instruction-following responses.
+
+The vector is `params @ basis`: for `saif_calibrated` the basis is the decoder rows of the k selected latents and the
+parameters are their weights (the SAE's directions stay fixed); for `optimized_dense` the basis is the identity and
+every residual coordinate is free (the upper bound on what any vector at that layer can do under this objective).
+The model and the SAE stay frozen. Each round is one seeded pass of Adam over the train targets; the validation
+targets only decide when to stop and which round's parameters to keep. Between rounds, latents whose weight fell
+below a fraction of the largest are pruned (fixed at zero).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .interventions import AddVector
+from .models import length_buckets
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Teacher-forcing pairs: prompts without the instruction and the responses the model gave with it."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_ids) != len(self.response_ids):
+            raise ValueError(f"{len(self.prompt_ids)} prompts but {len(self.response_ids)} responses")
+        if any(len(r) == 0 for r in self.response_ids):
+            raise ValueError("a calibration target has an empty response; drop it before calibrating")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def subset(self, rows: Sequence[int]) -> Targets:
+        """The targets at `rows`."""
+        return Targets([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows])
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the parameters are refined."""
+
+    max_rounds: int = 8
+    """Upper bound on rounds (one Adam pass over the train targets each)."""
+    patience: int = 2
+    """Stop after this many rounds without a better validation NLL."""
+    lr: float = 0.05
+    """Adam step per coordinate, relative to the initial parameters' RMS (the same relative step for k weights and
+    for a d_model vector)."""
+    batch_size: int = 16
+    """Targets per Adam step."""
+    prune_fraction: float = 0.05
+    """After a round, latents with |weight| below this fraction of the largest are fixed at zero (latent basis only)."""
+    seed: int = 0
+    """Seed of the batch order."""
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ValueError("max_rounds, patience and batch_size must be ≥ 1")
+        if not (self.lr > 0 and 0 <= self.prune_fraction < 1):
+            raise ValueError(f"lr={self.lr} must be > 0 and prune_fraction={self.prune_fraction} in [0, 1)")
+
+
+@contextlib.contextmanager
+def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
+    """No gradient for the module's own weights inside the block (only the steering parameters learn)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def steered_nll(model, layer: int, vector: torch.Tensor, targets: Targets, backward: bool = False,
+                remote: bool = False) -> tuple[float, int]:
+    """Summed negative log-likelihood of the responses (teacher-forced) with `vector` added to decoder block `layer`'s
+    output at every position, as steered generation adds it, and the number of response tokens. With `backward`, the
+    gradient of the sum flows into whatever `vector` was computed from."""
+    full = [list(p) + list(r) for p, r in zip(targets.prompt_ids, targets.response_ids)]
+    batch = next(iter(length_buckets(full, len(full), model.tokenizer.pad_token_id)))
+    width = batch.input_ids.shape[1]
+    # logit column j predicts token j + 1; a row's response fills its last len(response) columns (left padding)
+    predicts = torch.zeros(len(full), width - 1, dtype=torch.bool)
+    for r, i in enumerate(batch.rows):
+        predicts[r, width - 1 - len(targets.response_ids[i]):] = True
+    next_ids = batch.input_ids[:, 1:][predicts]
+    with torch.enable_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote):
+        resid = model.model.layers[layer].output
+        resid[:] = resid + AddVector(vector).delta(resid)
+        logits = model.lm_head.output[:, :-1][predicts.to(resid.device)].float()
+        nll = -logits.log_softmax(-1).gather(-1, next_ids[:, None].to(logits.device)).sum()
+        if backward:
+            nll.backward()
+        total = nll.detach().cpu().save()
+    return float(total), int(predicts.sum())
+
+
+def mean_nll(model, layer: int, vector: torch.Tensor, targets: Targets, batch_size: int, remote: bool = False) -> float:
+    """Mean NLL per response token over all targets (no gradient)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(targets), batch_size):
+            part_total, part_n = steered_nll(model, layer, vector, targets.subset(range(start, min(start + batch_size,
+                                                                                                   len(targets)))),
+                                             remote=remote)
+            total, n = total + part_total, n + part_n
+    return total / n
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The refined parameters (those of the best validation round), the round history and the kept-latent mask."""
+
+    params: torch.Tensor
+    history: pd.DataFrame
+    """One row per round (0 = the initial vector): train_nll, val_nll, n_active, best."""
+    active: torch.Tensor
+
+
+def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None, train: Targets, val: Targets,
+              cfg: CalibrationConfig, remote: bool = False, desc: str = "calibrating") -> Calibration:
+    """Refine `init` (k latent weights over the rows of `basis` `[k, d]`, or with `basis` None a `[d]` vector) to
+    minimise the steered NLL of `train`; keep the round with the lowest NLL on `val`, stop after `cfg.patience`
+    rounds without improvement."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"calibration needs train and val targets (got {len(train)} and {len(val)})")
+    params = init.detach().float().clone().requires_grad_(True)
+    active = torch.ones_like(params, dtype=torch.bool) if basis is not None else None
+    rms = float(params.detach().pow(2).mean().sqrt())
+    optimiser = torch.optim.Adam([params], lr=cfg.lr * rms)
+    order = torch.Generator().manual_seed(cfg.seed)
+
+    def vector(p: torch.Tensor) -> torch.Tensor:
+        return p @ basis if basis is not None else p
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            v = vector(params)
+            return {"train_nll": mean_nll(model, layer, v, train, cfg.batch_size, remote),
+                    "val_nll": mean_nll(model, layer, v, val, cfg.batch_size, remote),
+                    "n_active": int(active.sum()) if active is not None else params.numel()}
+
+    history = [{"round": 0} | evaluate()]
+    best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_nll"], active, 0
+    with frozen_weights(model._module):
+        for round_no in tqdm(range(1, cfg.max_rounds + 1), desc=desc, leave=False):
+            permutation = torch.randperm(len(train), generator=order).tolist()
+            for start in range(0, len(train), cfg.batch_size):
+                batch = train.subset(permutation[start:start + cfg.batch_size])
+                optimiser.zero_grad()
+                _, n_tokens = steered_nll(model, layer, vector(params), batch, backward=True, remote=remote)
+                params.grad /= n_tokens  # the step follows the batch's mean per-token NLL
+                optimiser.step()
+                if active is not None:
+                    with torch.no_grad():
+                        params[~active] = 0.0
+            history.append({"round": round_no} | evaluate())
+            if history[-1]["val_nll"] < best_val:
+                best_params, best_val, since_best = params.detach().clone(), history[-1]["val_nll"], 0
+                best_active = active.clone() if active is not None else None
+            else:
+                since_best += 1
+            if active is not None and cfg.prune_fraction > 0:
+                with torch.no_grad():
+                    active &= params.abs() >= cfg.prune_fraction * params.abs().max()
+                    params[~active] = 0.0
+            if since_best >= cfg.patience:
+                break
+    table = pd.DataFrame(history)
+    table["best"] = table["val_nll"] == best_val
+    kept = best_active if best_active is not None else torch.ones_like(best_params, dtype=torch.bool)
+    return Calibration(best_params, table, kept)
+
+
+def initial_weights(sae, latents: Sequence[int], weights: Sequence[float], target_norm: float) -> torch.Tensor:
+    """Latent weights proportional to `weights` whose decoder sum Σ_j w_j W_dec[j] has norm `target_norm` — the SAIF
+    vector α‖h̄‖·unit(Σ_j w_j W_dec[j]) written as weights, where calibration starts."""
+    basis = sae.W_dec.detach().float().cpu()[torch.as_tensor(np.asarray(latents, dtype=int))]
+    raw = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+    return raw * (target_norm / float((raw @ basis).norm()))

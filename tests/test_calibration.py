@@ -1,0 +1,92 @@
+"""The calibration optimiser on the tiny model: its objective equals the library's teacher-forced log-probability, it
+descends, it keeps the best validation round, it prunes, and it is deterministic."""
+import numpy as np
+import pytest
+import torch
+
+from saif_utils.calibration import CalibrationConfig, Targets, calibrate, initial_weights, mean_nll
+from saif_utils.interventions import AddVector
+from saif_utils.likelihood import continuation_logprob
+from saif_utils.models import chat_prompt
+
+LAYER = 3
+PASSAGES = ["The old lighthouse stood at the end of the rocky pier.", "Honeybees dance to show where flowers are.",
+            "The train to the mountains leaves at seven o'clock.", "My grandmother bakes bread every Sunday morning.",
+            "Solar panels turn sunlight into electricity.", "The library opens at nine and closes at six.",
+            "A fox crossed the snowy field at dawn.", "The river floods every spring after the thaw."]
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_model):
+    """The model's own answers to 'Translate to French' prompts, paired with the bare passages (6 train, 2 val)."""
+    from saif_utils.generation import generate_steered
+
+    tok = tiny_model.tokenizer
+    ids = lambda texts: tok([chat_prompt(tok, t) for t in texts], add_special_tokens=False)["input_ids"]  # noqa: E731
+    answers = generate_steered(tiny_model, ids([f"{p}\n\nTranslate this into French." for p in PASSAGES]), LAYER, None,
+                               max_new_tokens=8)
+    pairs = Targets(ids(PASSAGES), [list(a) for a in answers])
+    return pairs.subset(range(6)), pairs.subset(range(6, 8))
+
+
+@pytest.fixture(scope="module")
+def basis():
+    """Five fixed random unit directions standing in for SAE decoder rows."""
+    directions = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
+    return directions / directions.norm(dim=1, keepdim=True)
+
+
+def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
+    """mean_nll is the token-weighted mean of what continuation_logprob (the scoring path) computes under the edit."""
+    train, _ = targets
+    vector = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    per_row = continuation_logprob(tiny_model, train.prompt_ids, train.response_ids, LAYER, AddVector(vector))
+    n_tokens = np.array([len(r) for r in train.response_ids])
+    expected = -(per_row * n_tokens).sum() / n_tokens.sum()
+    assert mean_nll(tiny_model, LAYER, vector, train, batch_size=4) == pytest.approx(expected, rel=1e-5)
+
+
+def test_initial_weights_reproduce_the_saif_vector(basis):
+    class FakeSAE:  # only W_dec is read
+        W_dec = basis
+
+    weights = initial_weights(FakeSAE, [0, 2, 4], [3.0, 2.0, 1.0], target_norm=7.0)
+    vector = weights @ basis[[0, 2, 4]]
+    assert float(vector.norm()) == pytest.approx(7.0, rel=1e-5)
+    assert torch.allclose(weights / weights[0], torch.tensor([1.0, 2 / 3, 1 / 3]))
+
+
+def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model, targets, basis):
+    train, val = targets
+    init = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    cfg = CalibrationConfig(max_rounds=3, patience=3, lr=0.3, batch_size=3, prune_fraction=0.2)
+    result = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
+    history = result.history
+    assert list(history["round"]) == [0, 1, 2, 3]
+    assert history["train_nll"].iloc[1] < history["train_nll"].iloc[0], "the first round did not lower the train NLL"
+    best = history[history["best"]].iloc[0]
+    assert best["val_nll"] == history["val_nll"].min() <= history["val_nll"].iloc[0]
+    # the returned weights are the best round's: their val NLL is the one recorded for it
+    assert mean_nll(tiny_model, LAYER, result.params @ basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
+    assert (result.params[~result.active] == 0).all()
+    assert all(p.grad is None for p in tiny_model._module.parameters()), "the model's weights must not learn"
+    again = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
+    assert torch.equal(result.params, again.params) and history.equals(again.history)
+
+
+def test_dense_calibration_moves_every_coordinate(tiny_model, targets):
+    train, val = targets
+    init = torch.randn(576, generator=torch.Generator().manual_seed(2))
+    result = calibrate(tiny_model, LAYER, init, None, train, val, CalibrationConfig(max_rounds=1, patience=1, lr=0.3))
+    assert result.history["train_nll"].iloc[1] < result.history["train_nll"].iloc[0]
+    assert result.active.all() and result.params.shape == init.shape
+
+
+def test_bad_input_fails_fast(tiny_model, targets, basis):
+    train, _ = targets
+    with pytest.raises(ValueError, match="needs train and val targets"):
+        calibrate(tiny_model, LAYER, torch.ones(5), basis, train, Targets([], []), CalibrationConfig())
+    with pytest.raises(ValueError, match="empty response"):
+        Targets([[1, 2]], [[]])
+    with pytest.raises(ValueError, match="must be ≥ 1"):
+        CalibrationConfig(max_rounds=0)
