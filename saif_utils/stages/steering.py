@@ -152,7 +152,8 @@ class SteeringSetup:
         return evaluation_prompts(self.ctx.tokenizer, self.passages[split], instruction, "post")
 
 
-def build_setup(ctx: RunContext, cfg: SweepConfig, splits: tuple[str, ...] = ("val", "test")) -> SteeringSetup:
+def build_setup(ctx: RunContext, cfg: SweepConfig,
+                splits: tuple[str, ...] = ("train", "val", "test")) -> SteeringSetup:
     """Read the discovery stage's selections and directions, sample the passages of `splits`, and measure the mean
     residual norm of every swept layer (over the train passages' content-only prompts; α multiplies it)."""
     passages = ctx.data.passages()
@@ -351,14 +352,8 @@ def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> t
             info = {"task": task, "method": name, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
                     "position": cond.position, "n_train_targets": len(train[task]), "n_val_targets": len(val[task])}
             if enough:
-                key = {"model": ctx.model_key, "sae": ctx.sae_keys[cond.layer], "layer": cond.layer,
-                       "latents": None if dense else latents.tolist(), "init": content_hash(init.tolist()),
-                       "train": content_hash([train[task].prompt_ids, train[task].response_ids]),
-                       "val": content_hash([val[task].prompt_ids, val[task].response_ids]),
-                       "config": asdict(cfg.calibration), "code": sha256_file(calibrate.__code__.co_filename)[:16]}
-                frames = cached_frames("calibration", key, lambda: _calibration_frames(
-                    calibrate(ctx.model, cond.layer, init, None if dense else basis, train[task], val[task],
-                              cfg.calibration, ctx.remote, desc=f"calibrate {name} {task}")))
+                frames = _cached_calibration(ctx, cond, init, None if dense else (latents, basis), train[task],
+                                             val[task], cfg.calibration, desc=f"calibrate {name} {task}")
                 params = torch.tensor(frames["params"]["param"].to_numpy(), dtype=torch.float32)
                 active = frames["params"]["active"].to_numpy()
                 histories.append(frames["history"].assign(**info, calibrated=True))
@@ -377,10 +372,24 @@ def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> t
             pd.concat(weights, ignore_index=True) if weights else empty, targets)
 
 
-def _calibration_frames(result) -> dict[str, pd.DataFrame]:
-    """A `Calibration` as cacheable frames."""
-    return {"history": result.history,
-            "params": pd.DataFrame({"param": result.params.numpy(), "active": result.active.numpy()})}
+def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
+                        latent_basis: tuple[np.ndarray, torch.Tensor] | None, train: Targets, val: Targets,
+                        cfg: CalibrationConfig, desc: str) -> dict[str, pd.DataFrame]:
+    """`calibrate` as frames (`history`; `params` with `param` and `active`), cached by everything it depends on;
+    `latent_basis` is (latents, their decoder rows), None for a dense vector."""
+    key = {"model": ctx.model_key, "sae": ctx.sae_keys[cond.layer], "layer": cond.layer,
+           "latents": None if latent_basis is None else latent_basis[0].tolist(), "init": content_hash(init.tolist()),
+           "train": content_hash([train.prompt_ids, train.response_ids]),
+           "val": content_hash([val.prompt_ids, val.response_ids]),
+           "config": asdict(cfg), "code": sha256_file(calibrate.__code__.co_filename)[:16]}
+
+    def compute() -> dict[str, pd.DataFrame]:
+        basis = None if latent_basis is None else latent_basis[1]
+        result = calibrate(ctx.model, cond.layer, init, basis, train, val, cfg, ctx.remote, desc)
+        return {"history": result.history,
+                "params": pd.DataFrame({"param": result.params.numpy(), "active": result.active.numpy()})}
+
+    return cached_frames("calibration", key, compute)
 
 
 @dataclass(frozen=True)
