@@ -287,6 +287,7 @@ def calibration_rounds(history: pd.DataFrame):
     """Validation (solid) and train (dashed) NLL of the target responses per calibration round, one panel per
     calibrating method, one colour per task; round 0 is SAIF's vector, the ringed dot the round kept."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = history[history["calibrated"]]
     methods = list(dict.fromkeys(done["method"]))
@@ -305,6 +306,7 @@ def calibration_rounds(history: pd.DataFrame):
             kept = rows[rows["best"]]
             ax.scatter(kept["round"], kept["val_nll"], s=80, facecolors="none", edgecolors=colours[task])
         ax.set(title=method, xlabel="round (0 = SAIF's vector)", ylabel="NLL per response token")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig

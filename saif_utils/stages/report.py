@@ -33,7 +33,8 @@ FIGURES = {  # stage → figures shown in the report, in order
     "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
     "03_semantic_proximity": ("cosine_selected_vs_random.png",),
     "04_causal_ablation": ("ablation.png",),
-    "05_steering_sweeps": ("results.png", "layer_comparison.png", "accuracy_vs_k.png", "pre_vs_post.png"),
+    "05_steering_sweeps": ("results.png", "layer_comparison.png", "accuracy_vs_k.png", "pre_vs_post.png",
+                           "calibration_rounds.png", "calibrated_weights.png"),
 }
 
 
