@@ -382,13 +382,18 @@ computation, so the CE bar applies to the early and middle layers)."""
 
 def heldout_token_ids(tokenizer, profile: Profile) -> list[list[int]]:
     """Held-out texts for SAE metrics: the profile's corpus eval split without any text that one of the profile's SAE
-    families trained on, so that every family is measured on the same tokens, unseen by all of them."""
+    families trained on, so that every family is measured on the same tokens, unseen by all of them — and without the
+    windows cut from the middle of a long text (corpus v2): they do not begin like a chat prompt, and the model puts
+    attention-sink tokens with ~150× the median residual norm into them, which would dominate every variance."""
+    from .models import chat_prompt, tokenize
+
     corpus = sae_corpus(tokenizer, profile.sae_train)
     trained = {tuple(ids) for ids in corpus.train_ids}
     for family in profile.sae_families:
         if family.sae_train != profile.sae_train:
             trained |= {tuple(ids) for ids in sae_corpus(tokenizer, family.sae_train).train_ids}
-    kept = [ids for ids in corpus.eval_ids if tuple(ids) not in trained]
+    prompt_start = tokenize(tokenizer, [chat_prompt(tokenizer, "")])[0][0]
+    kept = [ids for ids in corpus.eval_ids if tuple(ids) not in trained and ids[0] == prompt_start]
     if not kept:
         raise ValueError(f"profile {profile.name!r}: every held-out text was trained on by some SAE family; "
                          f"raise sae_train.n_eval_tokens")
