@@ -212,6 +212,18 @@ SMOLLM2_8X = SAEFamily(
 )
 SMOLLM2_FAMILIES = (SMOLLM2_8X, SMOLLM2_4X)
 
+DEFAULT_PROFILE = Profile(
+    name="default",
+    description="SmolLM2-135M-Instruct (GGUF from PyPI) on CPU with the 4x TopK SAEs we trained at layers 10/15/20/29.",
+    model=SMOLLM2_135M,
+    **family_fields(SMOLLM2_4X),
+    sae_families=SMOLLM2_FAMILIES,
+    # 12 passages × 213 variants × 2 positions ≈ 5.2k prompts ≈ 11 min of CPU forward passes.
+    # Steering: a staged search (layer × α at k=15, then k, then position) on 16 val passages; the `full`
+    # profile sweeps the whole grid.
+    stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
+)
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -234,25 +246,10 @@ PROFILES: dict[str, Profile] = {
                              "calibration_n_train": 6, "calibration_min_targets": 2, "calibration_rounds": 2},
             },
         ),
-        Profile(
-            name="default",
-            description="SmolLM2-135M-Instruct (GGUF from PyPI) on CPU with the 4x TopK SAEs we trained at layers 10/15/20/29.",
-            model=SMOLLM2_135M,
-            **family_fields(SMOLLM2_4X),
-            sae_families=SMOLLM2_FAMILIES,
-            # 12 passages × 213 variants × 2 positions ≈ 5.2k prompts ≈ 11 min of CPU forward passes.
-            # Steering: a staged search (layer × α at k=15, then k, then position) on 16 val passages; the `full`
-            # profile sweeps the whole grid.
-            stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
-        ),
-        Profile(
-            name="default-8x",
-            description="The default study on the 8x SAE family (4,608 latents, k = 32, layers 10/15/20/25/29).",
-            model=SMOLLM2_135M,
-            **family_fields(SMOLLM2_8X),
-            sae_families=SMOLLM2_FAMILIES,
-            stage_defaults={"discovery": {"n_passages": 12}, "ablation": {"layers": (15, 20)}},
-        ),
+        DEFAULT_PROFILE,
+        # The default study on the 8x family: same stages, other SAEs (the report compares sibling runs like these).
+        replace(DEFAULT_PROFILE, name="default-8x", **family_fields(SMOLLM2_8X),
+                description="The default study on the 8x SAE family (4,608 latents, k = 32, layers 10/15/20/25/29)."),
         Profile(
             name="full",
             description="The default model and SAEs with the whole steering grid (layer × k × α × position) and ablation at every layer.",
