@@ -183,7 +183,7 @@ def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
     report = (run / "report.md").read_text()
     assert (run / "report.html").read_text().startswith("<!doctype html>")
     claims = pd.read_csv(run / "06_report" / "claims.csv")
-    assert len(claims) == 4 and set(claims["status"]) <= set(STATUSES)
+    assert len(claims) == 5 and set(claims["status"]) <= set(STATUSES)
     for claim, status in zip(claims["paper's claim"], claims["status"]):
         assert f"| {claim} | {status} |" in report
     # every steering and ablation accuracy in the report is the one in the stage's CSV
