@@ -343,7 +343,7 @@ def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> t
         top = source.latents(task, cond.layer, cond.position, cond.k)
         latents = top["latent"].to_numpy()
         saif_vector, _ = source.latent_vector(cond)
-        basis = ctx.saes[cond.layer].W_dec.detach().float().cpu()[torch.as_tensor(latents)]
+        basis = ctx.saes[cond.layer].W_dec.detach().float().cpu()[torch.tensor(latents)]
         enough = len(train[task]) >= cfg.calibration_min_targets and len(val[task]) >= 1
         for name in cfg.calibrated_methods:
             dense = METHODS[name].calibrates == "dense"
