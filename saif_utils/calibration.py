@@ -186,6 +186,6 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
 def initial_weights(sae, latents: Sequence[int], weights: Sequence[float], target_norm: float) -> torch.Tensor:
     """Latent weights proportional to `weights` whose decoder sum Σ_j w_j W_dec[j] has norm `target_norm` — the SAIF
     vector α‖h̄‖·unit(Σ_j w_j W_dec[j]) written as weights, where calibration starts."""
-    basis = sae.W_dec.detach().float().cpu()[torch.as_tensor(np.asarray(latents, dtype=int))]
+    basis = sae.W_dec.detach().float().cpu()[torch.tensor(np.asarray(latents, dtype=int))]
     raw = torch.as_tensor(np.asarray(weights, dtype=np.float32))
     return raw * (target_norm / float((raw @ basis).norm()))
