@@ -111,9 +111,8 @@ def mean_nll(model, layer: int, vector: torch.Tensor, targets: Targets, batch_si
     total, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(targets), batch_size):
-            part_total, part_n = steered_nll(model, layer, vector, targets.subset(range(start, min(start + batch_size,
-                                                                                                   len(targets)))),
-                                             remote=remote)
+            rows = range(len(targets))[start:start + batch_size]
+            part_total, part_n = steered_nll(model, layer, vector, targets.subset(rows), remote=remote)
             total, n = total + part_total, n + part_n
     return total / n
 
@@ -183,9 +182,8 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
     return Calibration(best_params, table, kept)
 
 
-def initial_weights(sae, latents: Sequence[int], weights: Sequence[float], target_norm: float) -> torch.Tensor:
-    """Latent weights proportional to `weights` whose decoder sum Σ_j w_j W_dec[j] has norm `target_norm` — the SAIF
-    vector α‖h̄‖·unit(Σ_j w_j W_dec[j]) written as weights, where calibration starts."""
-    basis = sae.W_dec.detach().float().cpu()[torch.tensor(np.asarray(latents, dtype=int))]
+def initial_weights(basis: torch.Tensor, weights: Sequence[float], target_norm: float) -> torch.Tensor:
+    """Latent weights proportional to `weights` whose decoder sum over `basis` (the latents' rows of W_dec, `[k, d]`)
+    has norm `target_norm` — the SAIF vector α‖h̄‖·unit(Σ_j w_j W_dec[j]) written as weights, where calibration starts."""
     raw = torch.as_tensor(np.asarray(weights, dtype=np.float32))
     return raw * (target_norm / float((raw @ basis).norm()))

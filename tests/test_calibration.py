@@ -47,10 +47,7 @@ def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
 
 
 def test_initial_weights_reproduce_the_saif_vector(basis):
-    class FakeSAE:  # only W_dec is read
-        W_dec = basis
-
-    weights = initial_weights(FakeSAE, [0, 2, 4], [3.0, 2.0, 1.0], target_norm=7.0)
+    weights = initial_weights(basis[[0, 2, 4]], [3.0, 2.0, 1.0], target_norm=7.0)
     vector = weights @ basis[[0, 2, 4]]
     assert float(vector.norm()) == pytest.approx(7.0, rel=1e-5)
     assert torch.allclose(weights / weights[0], torch.tensor([1.0, 2 / 3, 1 / 3]))

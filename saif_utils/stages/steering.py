@@ -347,8 +347,8 @@ def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> t
         enough = len(train[task]) >= cfg.calibration_min_targets and len(val[task]) >= 1
         for name in cfg.calibrated_methods:
             dense = METHODS[name].calibrates == "dense"
-            init = saif_vector.float() if dense else initial_weights(ctx.saes[cond.layer], latents,
-                                                                     top["weight"].to_numpy(), float(saif_vector.norm()))
+            init = saif_vector.float() if dense else initial_weights(basis, top["weight"].to_numpy(),
+                                                                     float(saif_vector.norm()))
             info = {"task": task, "method": name, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
                     "position": cond.position, "n_train_targets": len(train[task]), "n_val_targets": len(val[task])}
             if enough:
