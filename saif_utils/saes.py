@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from dataclasses import asdict
@@ -284,8 +285,10 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
 
 
 # ---------------------------------------------------------------- a profile's SAEs
+@functools.lru_cache(maxsize=4)  # notebook 01 needs each family's corpus several times; tokenising one takes ≈ 10 s
 def sae_corpus(tokenizer, cfg: SAETrainConfig) -> TokenCorpus:
-    """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics."""
+    """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics
+    (shared between callers: treat it as read-only)."""
     return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed,
                               version=cfg.corpus)
 
