@@ -11,6 +11,25 @@ from .io import cached_json_items
 from .models import check_model_layer, common_prefix_length, length_buckets, shared_prefix_batches
 
 
+LOGIT_CHUNK = 256
+"""Positions whose full-vocabulary logits exist at once when scoring tokens: ≈ 50 MB for SmolLM2's 49k vocabulary and
+260 MB for Gemma-2's 256k, however many rows and positions a batch holds."""
+
+
+def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """log p(target) at each row of the final-norm hidden states `hidden` [N, d]: the LM head (and the final logit
+    soft-cap of models that have one, e.g. Gemma-2) on `chunk` positions at a time, reduced to the target's logit
+    minus the logsumexp, so that no [N, vocab] tensor is ever built. Works inside a trace and on a plain HF model."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = model.lm_head(hidden[start:start + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        pieces.append(logits.gather(-1, targets[start:start + chunk, None])[:, 0] - logits.logsumexp(-1))
+    return torch.cat(pieces)
+
+
 @torch.inference_mode()
 def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
                          layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
@@ -35,20 +54,29 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         batches = ((b.rows, b.input_ids, {"attention_mask": b.attention_mask}, None)
                    for b in length_buckets(full, batch_size, model.tokenizer.pad_token_id))
     for rows, ids, inputs, shared in batches:
-        with model.trace(ids, **inputs, remote=remote):
+        # Scored positions: for row r, the columns whose next token is a continuation token (right-padded suffixes
+        # start after the shared prefix, left-padded rows end at the last column).
+        firsts = [len(prefix_ids[i]) - 1 - shared if shared is not None else ids.shape[1] - 1 - len(cont_ids[i])
+                  for i in rows]
+        lengths = [len(cont_ids[i]) for i in rows]
+        pos_rows = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        pos_cols = torch.cat([torch.arange(first, first + n) for first, n in zip(firsts, lengths)])
+        if len(pos_rows) == 0:
+            continue
+        targets = ids[pos_rows, pos_cols + 1]
+        with model.trace(ids, **inputs, remote=remote) as tracer:
             if edit is not None:
                 resid = model.model.layers[layer].output
                 resid[:] += edit.rows(rows).delta(resid)
-            logits = model.lm_head.output
-            targets = ids[:, 1:, None].to(logits.device)
-            token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, targets)[..., 0].cpu().save()
+            hidden = model.model.norm.output
+            token_lp = scored_token_logprob(model, hidden[pos_rows.to(hidden.device), pos_cols.to(hidden.device)],
+                                            targets.to(hidden.device)).cpu().save()
+            if not remote:
+                tracer.stop()  # the model's own LM head would compute [batch, seq, vocab] logits nobody reads
+        offsets = np.cumsum([0] + lengths)
         for r, i in enumerate(rows):
-            n_cont = len(cont_ids[i])
-            # column of the logit predicting the first continuation token: right-padded suffixes start after the
-            # shared prefix, left-padded rows end at the last column
-            first = len(prefix_ids[i]) - 1 - shared if shared is not None else ids.shape[1] - 1 - n_cont
-            if n_cont:
-                out[i] = float(token_lp[r, first:first + n_cont].mean())
+            if len(cont_ids[i]):
+                out[i] = float(token_lp[offsets[r]:offsets[r + 1]].mean())
     return out
 
 

@@ -236,3 +236,25 @@ def test_per_prompt_ablations_share_a_batch_and_match_separate_runs(tiny_model, 
                                           abs=1e-4)
     with pytest.raises(TypeError, match="per-prompt edits must all be AddVector"):
         stack_edits([selected, AddVector(torch.ones(576))])
+
+
+def test_scored_token_logprob_matches_the_models_log_softmax_with_its_logit_soft_cap():
+    """Chunked LM head + gather − logsumexp equals the model's own full-vocabulary log-softmax, Gemma-2's final logit
+    soft-cap included (a random two-layer Gemma-2 with a cap small enough to bite)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from saif_utils.likelihood import scored_token_logprob
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5)
+    gemma = Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.inference_mode():
+        out = gemma(ids, output_hidden_states=True)
+        expected = out.logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].flatten()
+        hidden = out.hidden_states[-1][:, :-1].reshape(-1, 64)  # the final norm's output
+        got = scored_token_logprob(gemma, hidden, ids[:, 1:].flatten(), chunk=5)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        gemma.config.final_logit_softcapping = None
+        assert (scored_token_logprob(gemma, hidden, ids[:, 1:].flatten()) - expected).abs().max() > 0.01, "the cap never bit"
