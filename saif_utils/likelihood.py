@@ -16,18 +16,22 @@ LOGIT_CHUNK = 256
 260 MB for Gemma-2's 256k, however many rows and positions a batch holds."""
 
 
-def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """log p(target) at each row of the final-norm hidden states `hidden` [N, d]: the LM head (and the final logit
-    soft-cap of models that have one, e.g. Gemma-2) on `chunk` positions at a time, reduced to the target's logit
-    minus the logsumexp, so that no [N, vocab] tensor is ever built. Works inside a trace and on a plain HF model."""
+def vocab_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token log-probabilities [N, vocab] from final-norm hidden states [N, d]: the LM head, then the final
+    logit soft-cap of models that have one (Gemma-2), then log-softmax. Works inside a trace and on a plain HF model;
+    callers pass at most `LOGIT_CHUNK` rows at a time."""
+    logits = model.lm_head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = model.lm_head(hidden[start:start + chunk]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        pieces.append(logits.gather(-1, targets[start:start + chunk, None])[:, 0] - logits.logsumexp(-1))
-    return torch.cat(pieces)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.log_softmax(-1)
+
+
+def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """log p(target) at each row of the final-norm hidden states `hidden` [N, d], `chunk` positions at a time, so that
+    no [N, vocab] tensor is ever built."""
+    return torch.cat([vocab_logprobs(model, hidden[start:start + chunk]).gather(-1, targets[start:start + chunk, None])[:, 0]
+                      for start in range(0, hidden.shape[0], chunk)])
 
 
 @torch.inference_mode()

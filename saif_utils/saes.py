@@ -252,8 +252,25 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
     """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
     with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
     every real token after the first `skip_first` (the splice and the ablation skip them too)."""
+    from .likelihood import LOGIT_CHUNK, vocab_logprobs
+
+    def final_hidden(inputs, keep, layer=None, splice=None, sae=None):
+        """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`
+        positions replaced by `sae`'s reconstruction, or by zeros without an `sae`."""
+        with model.trace(inputs, remote=remote) as tracer:
+            if layer is not None:
+                resid = model.model.layers[layer].output
+                replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
+                resid[:] = torch.where(splice.to(resid.device), replacement, resid)
+            hidden = model.model.norm.output
+            saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
+            if not remote:
+                tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
+        return saved
+
     totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for layer in saes}
     n_pred = 0
+    lm = model._module  # the HF model: the chunked LM head runs outside the trace, on the saved hidden states
     for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         width = batch.input_ids.shape[1]
@@ -261,25 +278,17 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         splice = (torch.arange(width)[None, :] >= (starts[:, None] + skip_first))[..., None]  # [B, S, 1]
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
-        with model.trace(inputs, remote=remote):
-            clean_logits = model.lm_head.output.detach().cpu().save()
-        logp_clean = torch.log_softmax(clean_logits[:, :-1][keep].float(), -1)
-        ce_clean = -logp_clean.gather(1, targets).sum().item()
+        clean = final_hidden(inputs, keep)
         for layer, sae in saes.items():
-            with model.trace(inputs, remote=remote):
-                resid = model.model.layers[layer].output
-                resid[:] = torch.where(splice.to(resid.device), sae(resid), resid)
-                spliced_logits = model.lm_head.output.detach().cpu().save()
-            logp_spliced = torch.log_softmax(spliced_logits[:, :-1][keep].float(), -1)
-            with model.trace(inputs, remote=remote):
-                resid = model.model.layers[layer].output
-                resid[:] = torch.where(splice.to(resid.device), torch.zeros_like(resid), resid)
-                zeroed_logits = model.lm_head.output.detach().cpu().save()
-            logp_zero = torch.log_softmax(zeroed_logits[:, :-1][keep].float(), -1)
-            totals[layer]["ce_zero"] += -logp_zero.gather(1, targets).sum().item()
-            totals[layer]["ce_clean"] += ce_clean
-            totals[layer]["ce_spliced"] += -logp_spliced.gather(1, targets).sum().item()
-            totals[layer]["kl"] += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
+            spliced = final_hidden(inputs, keep, layer, splice, sae)
+            zeroed = final_hidden(inputs, keep, layer, splice)
+            for start in range(0, len(targets), LOGIT_CHUNK):
+                rows = slice(start, start + LOGIT_CHUNK)
+                lp_clean, lp_spliced, lp_zero = (vocab_logprobs(lm, h[rows]) for h in (clean, spliced, zeroed))
+                totals[layer]["ce_clean"] -= lp_clean.gather(1, targets[rows]).sum().item()
+                totals[layer]["ce_spliced"] -= lp_spliced.gather(1, targets[rows]).sum().item()
+                totals[layer]["ce_zero"] -= lp_zero.gather(1, targets[rows]).sum().item()
+                totals[layer]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
         n_pred += int(keep.sum())
     return {layer: {k: v / n_pred for k, v in t.items()} | {"n_predictions": n_pred} for layer, t in totals.items()}
 

@@ -168,3 +168,24 @@ def test_heldout_texts_are_unseen_by_every_family(tiny_model):
     assert all(ids[0] == start for ids in held_out), "a held-out text does not begin like a chat prompt"
     for family in profile.sae_families:
         assert not held_out & set(map(tuple, sae_corpus(tiny_model.tokenizer, family.sae_train).train_ids)), family.name
+
+
+def test_spliced_cross_entropy_against_a_plain_forward(tiny_model):
+    """Clean CE equals the model's own full-vocabulary CE over the scored tokens; splicing in an exact reconstruction
+    (the identity) changes nothing; zeroing the residual costs nats."""
+    from saif_utils.models import chat_prompt, tokenize
+    from saif_utils.saes import spliced_cross_entropy
+
+    tok = tiny_model.tokenizer
+    ids = tokenize(tok, [chat_prompt(tok, "Name a colour."), chat_prompt(tok, "Bees dance to show where flowers are.")])
+    got = spliced_cross_entropy(tiny_model, {3: torch.nn.Identity()}, ids, batch_size=2, skip_first=1)[3]
+    nll, n = 0.0, 0
+    for row in ids:
+        with torch.inference_mode():
+            lp = tiny_model._module(torch.tensor([row])).logits[0, 1:-1].float().log_softmax(-1)  # predictions after the sink
+        nll -= lp.gather(-1, torch.tensor(row[2:])[:, None]).sum().item()
+        n += len(row) - 2
+    assert got["n_predictions"] == n
+    assert got["ce_clean"] == pytest.approx(nll / n, abs=1e-4)
+    assert got["ce_spliced"] == pytest.approx(got["ce_clean"], abs=1e-5) and abs(got["kl"]) < 1e-5
+    assert got["ce_zero"] > got["ce_clean"] + 1
