@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .interventions import AddVector
+from .likelihood import scored_token_logprob
 from .models import length_buckets
 
 
@@ -95,14 +96,16 @@ def steered_nll(model, layer: int, vector: torch.Tensor, targets: Targets, backw
     for r, i in enumerate(batch.rows):
         predicts[r, width - 1 - len(targets.response_ids[i]):] = True
     next_ids = batch.input_ids[:, 1:][predicts]
-    with torch.enable_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote):
+    with torch.enable_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote) as tracer:
         resid = model.model.layers[layer].output
         resid[:] = resid + AddVector(vector).delta(resid)
-        logits = model.lm_head.output[:, :-1][predicts.to(resid.device)].float()
-        nll = -logits.log_softmax(-1).gather(-1, next_ids[:, None].to(logits.device)).sum()
+        hidden = model.model.norm.output[:, :-1][predicts.to(resid.device)]
+        nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device)).sum()
         if backward:
             nll.backward()
         total = nll.detach().cpu().save()
+        if not remote:
+            tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
     return float(total), int(predicts.sum())
 
 
