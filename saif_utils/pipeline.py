@@ -196,8 +196,9 @@ def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str]
         for i, notebook in enumerate(notebooks, 1):
             start = time.perf_counter()  # includes any wait for this notebook's kernel, so the stages sum to the run
             print(f"[{i}/{len(notebooks)}] {notebook.stem} …", flush=True)
+            km = next(kernels)
             try:
-                executed = run_notebook(notebook, output_dir, parameters, km=next(kernels))
+                executed = run_notebook(notebook, output_dir, parameters, km=km)
             except Exception as err:  # papermill's PapermillExecutionError carries the cell; else a setup error
                 cell = getattr(err, "exec_count", None)
                 where = output_dir / notebook.stem / notebook.name
@@ -206,12 +207,25 @@ def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str]
                       f"  earlier stages' outputs are kept in {output_dir}", file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             seconds = time.perf_counter() - start
-            rows.append({"stage": notebook.stem, "seconds": round(seconds, 1), "executed_notebook": str(executed)})
+            peak_mb = peak_rss_mb(km.provisioner.pid)
+            rows.append({"stage": notebook.stem, "seconds": round(seconds, 1), "peak_rss_mb": peak_mb,
+                         "executed_notebook": str(executed)})
             record_timing(output_dir / "timings.csv", rows[-1])  # after each stage: the report (06) reads it
-            print(f"[{i}/{len(notebooks)}] {notebook.stem} done in {seconds:.1f} s", flush=True)
+            memory = f", peak memory {peak_mb / 1024:.2f} GB" if peak_mb is not None else ""
+            print(f"[{i}/{len(notebooks)}] {notebook.stem} done in {seconds:.1f} s{memory}", flush=True)
     total = time.perf_counter() - start_all
     print(f"all {len(notebooks)} notebooks done in {total:.1f} s → {output_dir}", flush=True)
     return pd.DataFrame(rows)
+
+
+def peak_rss_mb(pid: int | None) -> float | None:
+    """Peak resident memory of a live process in MB (Linux `/proc/<pid>/status` VmHWM); None where it is not reported."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return round(int(hwm.group(1)) / 1024, 1) if hwm else None
 
 
 def record_timing(path: Path, row: dict) -> None:

@@ -81,6 +81,8 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     assert (stage / "sae_quality.png").is_file() and (stage / "sae_learning_curves.png").is_file()
     assert (stage / "saes.json").is_file() and (output_dir / "timings.csv").is_file()
     assert list(timings["stage"]) == [nb.stem for nb in numbered_notebooks()]
+    # each kernel's own peak: torch and the model loaded (≫ 200 MB), far below the machine (≪ 20 GB)
+    assert timings["peak_rss_mb"].between(200, 20_000).all(), timings["peak_rss_mb"]
 
 
 def test_01_saes_reload_from_the_run_manifest(tiny_run, tiny_profile):

@@ -256,11 +256,13 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
             if (run_dir / stage / name).is_file():
                 parts += [f"**{stage}/{name}**", "", f"![{name}]({stage}/{name})", ""]
     timings = run_dir / "timings.csv"
-    parts += ["## Run time per stage — `timings.csv`", ""]
+    parts += ["## Run time and peak memory per stage — `timings.csv`", ""]
     if timings.is_file():
-        table = pd.read_csv(timings)[["stage", "seconds"]]
+        table = pd.read_csv(timings)
+        table = table[[c for c in ("stage", "seconds", "peak_rss_mb") if c in table]]
         parts += [markdown_table(table, ".1f"), "", f"Total of the stages listed: {table['seconds'].sum() / 60:.1f} min "
-                  "(the report's own stage is recorded after it finishes).", ""]
+                  "(the report's own stage is recorded after it finishes). `peak_rss_mb`: the notebook kernel's peak "
+                  "resident memory (Linux `VmHWM`), imports included.", ""]
     else:
         parts += ["*timings.csv is missing (notebooks run by hand rather than through `make reproduce`).*", ""]
     parts += ["## Environment — `06_report/environment.csv`", "", markdown_table(env), ""]
