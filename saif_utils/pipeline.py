@@ -6,7 +6,9 @@ import ast
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,9 +119,17 @@ def start_kernel(preload: Sequence[str], timeout: float = 120):
     for the notebook's own import cell to report."""
     from jupyter_client import KernelManager
 
-    # nbclient drives the kernel with asyncio, so the manager hands it an asynchronous client.
-    km = KernelManager(kernel_name="python3", client_class="jupyter_client.asynchronous.AsyncKernelClient")
-    km.start_kernel(cwd=str(REPO_ROOT))
+    # IPC sockets in a private folder instead of TCP ports: nothing listens on the network, and the kernel has no
+    # reason to warn "Kernel is running over TCP without encryption". nbclient drives the kernel with asyncio, so the
+    # manager hands it an asynchronous client.
+    sockets = Path(tempfile.mkdtemp(prefix="saif-kernel-"))
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(sockets / "kernel"),
+                       client_class="jupyter_client.asynchronous.AsyncKernelClient")
+    try:
+        km.start_kernel(cwd=str(REPO_ROOT))
+    except BaseException:
+        shutil.rmtree(sockets, ignore_errors=True)
+        raise
     kc = km.blocking_client()
     try:
         kc.start_channels()
@@ -127,11 +137,17 @@ def start_kernel(preload: Sequence[str], timeout: float = 120):
         kc.execute_interactive(PRELOAD_CODE.format(names=list(preload)), silent=True, store_history=False,
                                timeout=timeout, output_hook=lambda msg: None)
     except BaseException:
-        km.shutdown_kernel(now=True)
+        stop_kernel(km, now=True)
         raise
     finally:
         kc.stop_channels()
     return km
+
+
+def stop_kernel(km, now: bool = False) -> None:
+    """Shut a `start_kernel` kernel down and remove its socket folder."""
+    km.shutdown_kernel(now=now)
+    shutil.rmtree(Path(km.ip).parent, ignore_errors=True)
 
 
 def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
@@ -150,10 +166,10 @@ def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
                 try:
                     yield km
                 finally:
-                    km.shutdown_kernel()
+                    stop_kernel(km)
         finally:
             if pending is not None and pending.exception() is None:  # a failed start already cleaned up after itself
-                pending.result().shutdown_kernel(now=True)
+                stop_kernel(pending.result(), now=True)
 
 
 SECRET_NAME = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)

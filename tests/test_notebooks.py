@@ -1,6 +1,7 @@
 """Papermill runs of the numbered notebooks on the tiny profile, through the same runner as `make reproduce`."""
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -52,6 +53,7 @@ def test_kernels_ahead_starts_the_next_kernel_early_with_imports_outside_the_nam
         executed = run_notebook(notebooks[0], tmp_path / "out", {}, km=first)
         second = next(kernels)
         assert not first.is_alive(), "a kernel is shut down once the next one is taken"
+        assert first.transport == "ipc" and not Path(first.ip).parent.exists(), "IPC sockets, removed at shutdown"
         assert second.is_alive()
         # The kernel had imported the notebook's modules before its first cell: in sys.modules, not in its namespace.
         assert nbformat.read(executed, as_version=4).cells[0].outputs[0]["text"] == "True False\n"
