@@ -40,15 +40,85 @@ class AddVector:
 
 
 @dataclass(frozen=True, eq=False)
+class SAEWeights:
+    """An sae-lens SAE's inference maths over plain tensors. Edits carry this instead of the module, so that on NDIF
+    the SAE's weights travel with the trace by value and its encoder runs on the server like any tensor code."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    architecture: Literal["standard", "topk", "jumprelu"]
+    k: int | None = None
+    threshold: torch.Tensor | None = None
+    subtract_b_dec: bool = True
+    """sae-lens's `apply_b_dec_to_input`: the decoder bias is subtracted before encoding."""
+    rescale_by_decoder_norm: bool = False
+    """TopK SAEs trained with `rescale_acts_by_decoder_norm`: pre-activations are multiplied by the decoder row
+    norms, and activations divided by them again when decoded."""
+
+    @classmethod
+    def of(cls, sae) -> SAEWeights:
+        """The weights of an sae-lens SAE (float32 copies); fails for architectures or normalisations it cannot mirror."""
+        if isinstance(sae, SAEWeights):
+            return sae
+        arch = sae.cfg.architecture()
+        if arch not in ("standard", "topk", "jumprelu"):
+            raise ValueError(f"SAE architecture {arch!r} is not supported by SAEWeights (standard, topk, jumprelu)")
+        if sae.cfg.normalize_activations not in ("none", "expected_average_only_in") or \
+                getattr(sae.cfg, "reshape_activations", "none") != "none":
+            raise ValueError(f"SAE normalisation {sae.cfg.normalize_activations!r} / reshape "
+                             f"{sae.cfg.reshape_activations!r} is not supported by SAEWeights; fold it into the weights")
+
+        def weight(t):
+            return t.detach().float().clone()
+
+        return cls(weight(sae.W_enc), weight(sae.b_enc), weight(sae.W_dec), weight(sae.b_dec), arch,
+                   k=getattr(sae.cfg, "k", None) if arch == "topk" else None,
+                   threshold=weight(sae.threshold) if arch == "jumprelu" else None,
+                   subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input),
+                   rescale_by_decoder_norm=bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations `[..., d_sae]` of residuals `x` `[..., d_in]` (float32), as sae-lens's `encode`."""
+        x = x.float()
+        pre = (x - self.b_dec.to(x.device) if self.subtract_b_dec else x) @ self.W_enc.to(x.device) + self.b_enc.to(x.device)
+        if self.architecture == "topk":
+            if self.rescale_by_decoder_norm:
+                pre = pre * self.W_dec.to(x.device).norm(dim=-1)
+            top = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        if self.architecture == "jumprelu":
+            return pre.relu() * (pre > self.threshold.to(x.device))
+        return pre.relu()
+
+    def decode_latents(self, acts: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Σ_j acts[..., j] · W_dec[latents[j]] (no decoder bias): what the listed latents add to the reconstruction."""
+        rows = self.W_dec.to(acts.device)[latents.to(acts.device)]
+        if self.rescale_by_decoder_norm:
+            acts = acts / rows.norm(dim=-1)
+        return acts @ rows
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's reconstruction of `x` (sae-lens `forward`, float32)."""
+        acts = self.encode(x)
+        return self.decode_latents(acts, torch.arange(acts.shape[-1])) + self.b_dec.to(acts.device)
+
+
+@dataclass(frozen=True, eq=False)
 class AblateLatents:
     """Subtract the decoded contribution Σ_j a_j(h) · W_dec[j] of `latents` from the residual (causal ablation):
     one latent set for every row, or one set per prompt (an empty set removes nothing), so that the conditions of an
     ablation share generation batches."""
 
-    sae: object
+    sae: SAEWeights
+    """An sae-lens SAE is converted on construction (`SAEWeights.of`)."""
     latents: tuple[int, ...] | tuple[tuple[int, ...], ...]
     sae_key: str
     """Identifies the SAE weights in cache keys (e.g. the hash in its training record)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "sae", SAEWeights.of(self.sae))
 
     @property
     def per_row(self) -> bool:
@@ -62,12 +132,12 @@ class AblateLatents:
         if not union:
             return torch.zeros_like(resid)
         idx = torch.as_tensor(union)
-        acts = self.sae.encode(resid.to(self.sae.W_dec.device, torch.float32))[..., idx]
+        acts = self.sae.encode(resid)[..., idx.to(resid.device)]
         if self.per_row:  # zero the latents a row does not remove: adding exact zeros leaves that row unchanged
             keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype,
                                 device=acts.device)
             acts = acts * keep[:, None, :]
-        return -(acts @ self.sae.W_dec[idx].float()).to(resid.device, resid.dtype)
+        return -self.sae.decode_latents(acts, idx).to(resid.dtype)
 
     def rows(self, rows: Sequence[int]) -> AblateLatents:
         """The edit for a batch holding prompts `rows` (the same edit when the latent set is shared)."""
@@ -102,8 +172,7 @@ def stack_edits(edits: Sequence[Intervention | None]) -> Intervention | None:
     if all(isinstance(e, AddVector) for e in present):
         zeros = torch.zeros_like(present[0].vector.float())
         return AddVector(torch.stack([zeros if e is None else e.vector.float() for e in edits]))
-    sae = getattr(present[0], "sae", None)
-    if all(isinstance(e, AblateLatents) and not e.per_row and e.sae is sae for e in present):
-        return AblateLatents(sae, tuple(() if e is None else tuple(map(int, e.latents)) for e in edits),
-                             present[0].sae_key)
+    key = getattr(present[0], "sae_key", None)
+    if all(isinstance(e, AblateLatents) and not e.per_row and e.sae_key == key for e in present):
+        return AblateLatents(present[0].sae, tuple(() if e is None else tuple(map(int, e.latents)) for e in edits), key)
     raise TypeError("per-prompt edits must all be AddVector, or all AblateLatents of one SAE (None: no edit)")

@@ -4,6 +4,8 @@ import torch
 from saif_utils.generation import generate_steered
 from saif_utils.interventions import AddVector
 from saif_utils.models import chat_prompt, length_buckets, tokenize
+from saif_utils.paths import REPO_ROOT
+from saif_utils.profiles import PROFILES
 from saif_utils.vectors import direction_from_latents, scale_direction
 
 LAYER, N_NEW = 4, 10
@@ -258,3 +260,38 @@ def test_scored_token_logprob_matches_the_models_log_softmax_with_its_logit_soft
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         gemma.config.final_logit_softcapping = None
         assert (scored_token_logprob(gemma, hidden, ids[:, 1:].flatten()) - expected).abs().max() > 0.01, "the cap never bit"
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk-rescaled", "jumprelu", "standard", "shipped"])
+def test_sae_weights_encode_and_reconstruct_as_sae_lens_does(kind):
+    """The plain-tensor SAE that edits carry (to NDIF by value) computes sae-lens's encode and forward exactly."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    from saif_utils.interventions import SAEWeights
+    from saif_utils.saes import load_local_sae
+
+    torch.manual_seed(0)
+    if kind == "shipped":
+        sae = load_local_sae(REPO_ROOT / PROFILES["default"].shipped_sae_dir / "layer_15")
+    else:
+        cfg = dict(d_in=576, d_sae=256)
+        sae = {"topk": lambda: TopKSAE(TopKSAEConfig(k=16, **cfg)),
+               "topk-rescaled": lambda: TopKSAE(TopKSAEConfig(k=16, rescale_acts_by_decoder_norm=True, **cfg)),
+               "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(**cfg)),
+               "standard": lambda: StandardSAE(StandardSAEConfig(**cfg))}[kind]()
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.normal_(0, 0.1)
+            sae.W_dec.mul_(torch.rand(256, 1) * 3)  # decoder rows of unequal norm: the rescaling must matter
+            if kind == "jumprelu":
+                sae.threshold.uniform_(0, 0.2)
+    x = torch.randn(3, 5, 576) * 4
+    weights = SAEWeights.of(sae)
+    with torch.no_grad():
+        expected = sae.encode(x)
+        torch.testing.assert_close(weights.encode(x), expected, atol=1e-5, rtol=1e-5)
+        assert (expected > 0).sum() > 0
+        torch.testing.assert_close(weights.reconstruct(x), sae(x), atol=1e-4, rtol=1e-4)
+        idx = torch.tensor([1, 4, 9])
+        expected_part = sae.decode(expected * torch.isin(torch.arange(expected.shape[-1]), idx)) - sae.b_dec
+        torch.testing.assert_close(weights.decode_latents(expected[..., idx], idx), expected_part, atol=1e-4, rtol=1e-4)

@@ -52,6 +52,8 @@ def test_remote_results_equal_local_ones_and_the_key_stays_secret(local_ndif, tm
     assert all(diff == 0 for diff in report["residual_max_abs_diff"].values()), report["residual_max_abs_diff"]
     assert report["generated_remote"] == report["generated_local"] and report["steering_changed_tokens"]
     assert report["logprob_max_abs_diff"] == 0
+    assert report["ablated_remote"] == report["ablated_local"] and report["ablation_changed_tokens"]
+    assert report["ablated_logprob_max_abs_diff"] == 0
     assert SECRET not in proc.stdout + proc.stderr and not nnsight_config.exists()
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaked, f"the key was written to {leaked}"
