@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .interventions import AddVector
-from .likelihood import scored_token_logprob
+from .logits import scored_token_logprob
 from .models import length_buckets
 
 

@@ -7,31 +7,9 @@ import numpy as np
 import torch
 
 from .interventions import Intervention, per_prompt_edits, stack_edits
+from .logits import scored_token_logprob
 from .io import cached_json_items
 from .models import check_model_layer, common_prefix_length, length_buckets, shared_prefix_batches
-
-
-LOGIT_CHUNK = 256
-"""Positions whose full-vocabulary logits exist at once when scoring tokens: ≈ 50 MB for SmolLM2's 49k vocabulary and
-260 MB for Gemma-2's 256k, however many rows and positions a batch holds."""
-
-
-def vocab_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 next-token log-probabilities [N, vocab] from final-norm hidden states [N, d]: the LM head, then the final
-    logit soft-cap of models that have one (Gemma-2), then log-softmax. Works inside a trace and on a plain HF model;
-    callers pass at most `LOGIT_CHUNK` rows at a time."""
-    logits = model.lm_head(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.log_softmax(-1)
-
-
-def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """log p(target) at each row of the final-norm hidden states `hidden` [N, d], `chunk` positions at a time, so that
-    no [N, vocab] tensor is ever built."""
-    return torch.cat([vocab_logprobs(model, hidden[start:start + chunk]).gather(-1, targets[start:start + chunk, None])[:, 0]
-                      for start in range(0, hidden.shape[0], chunk)])
 
 
 @torch.inference_mode()

@@ -131,11 +131,12 @@ def remote_model(spec: ModelSpec):
     CONFIG.APP.REMOTE_LOGGING = False  # a status spinner per trace would bury the stages' own progress bars
     if os.environ.get("NDIF_HOST"):
         CONFIG.API.HOST = os.environ["NDIF_HOST"]
-    # The edits that travel with a trace (steering vectors, latent ablations) are our classes; NDIF has no saif_utils,
-    # so they are shipped by value (their module imports only torch).
-    from . import interventions
+    # The edits that travel with a trace (steering vectors, latent ablations) and the chunked log-probabilities are our
+    # code; NDIF has no saif_utils, so both modules are shipped by value (they import only torch).
+    from . import interventions, logits
 
     nnsight.register(interventions)
+    nnsight.register(logits)
     checkpoint = remote_checkpoint(spec)
     if spec.gguf_package:
         # nnsight canonicalises a model id through the hub before sending it; a local directory is its own id.

@@ -252,7 +252,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
     """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
     with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
     every real token after the first `skip_first` (the splice and the ablation skip them too)."""
-    from .likelihood import LOGIT_CHUNK, vocab_logprobs
+    from .logits import LOGIT_CHUNK, vocab_logprobs
 
     def final_hidden(inputs, keep, layer=None, splice=None, sae=None):
         """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`

@@ -245,7 +245,7 @@ def test_scored_token_logprob_matches_the_models_log_softmax_with_its_logit_soft
     soft-cap included (a random two-layer Gemma-2 with a cap small enough to bite)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from saif_utils.likelihood import scored_token_logprob
+    from saif_utils.logits import scored_token_logprob
 
     torch.manual_seed(0)
     cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,

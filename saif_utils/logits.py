@@ -1,0 +1,30 @@
+"""Next-token log-probabilities from final hidden states, the LM head run on a bounded number of positions at a time.
+
+This module imports only torch: on NDIF the functions run inside the trace on the server, shipped by value with it
+(`models.remote_model` registers this module), so memory never holds a [batch, seq, vocab] tensor there or here.
+"""
+from __future__ import annotations
+
+import torch
+
+LOGIT_CHUNK = 256
+"""Positions whose full-vocabulary logits exist at once when scoring tokens: ≈ 50 MB for SmolLM2's 49k vocabulary and
+260 MB for Gemma-2's 256k, however many rows and positions a batch holds."""
+
+
+def vocab_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token log-probabilities [N, vocab] from final-norm hidden states [N, d]: the LM head, then the final
+    logit soft-cap of models that have one (Gemma-2), then log-softmax. Works inside a trace and on a plain HF model;
+    callers pass at most `LOGIT_CHUNK` rows at a time."""
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.log_softmax(-1)
+
+
+def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """log p(target) at each row of the final-norm hidden states `hidden` [N, d], `chunk` positions at a time, so that
+    no [N, vocab] tensor is ever built."""
+    return torch.cat([vocab_logprobs(model, hidden[start:start + chunk]).gather(-1, targets[start:start + chunk, None])[:, 0]
+                      for start in range(0, hidden.shape[0], chunk)])
