@@ -5,14 +5,12 @@ per path (Linux VmHWM after the scoring minus before it, weights already paged i
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from common import content_prompts, default_model, median_seconds, report
+from common import content_prompts, default_model, median_seconds, peak_rss_mb, report
 
 N_ROWS, N_CONT, LAYER = 16, 64, 15
 
@@ -46,11 +44,6 @@ def setup():
     return profile, model, prefix, cont, vector
 
 
-def peak_rss_kb() -> int:
-    """This process's peak resident memory so far (Linux VmHWM, kB)."""
-    return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
-
-
 def measure_memory(path: str) -> None:
     """Child process: score once with one path and print its peak extra resident memory in MB (JSON)."""
     from saif_utils.interventions import AddVector
@@ -59,12 +52,12 @@ def measure_memory(path: str) -> None:
     _, model, prefix, cont, vector = setup()
     with torch.inference_mode():  # page the (memory-mapped) weights in first: they are not the scoring's memory
         model._module(torch.tensor([prefix[0][:8]]))
-    before = peak_rss_kb()
+    before = peak_rss_mb()
     if path == "chunked":
         continuation_logprob(model, prefix, cont, LAYER, AddVector(vector), batch_size=N_ROWS)
     else:
         full_vocab_logprob(model, prefix, cont, LAYER, vector)
-    print(json.dumps({"peak_extra_mb": (peak_rss_kb() - before) / 1024}))
+    print(json.dumps({"peak_extra_mb": peak_rss_mb() - before}))
 
 
 def main() -> None:

@@ -26,14 +26,16 @@ TARGET_S = {"cold": 20 * 60, "warm": 2 * 60}
 
 def timed_reproduce(profile: str, output_dir: Path, cache_dir: Path | None) -> tuple[float, dict[str, float]]:
     """Run `make reproduce` into `output_dir` (with SAIF_CACHE_DIR=`cache_dir` when given); return the wall time and
-    the per-notebook seconds the pipeline recorded."""
+    the per-notebook seconds and peak resident memory (MB) the pipeline recorded."""
     env = dict(os.environ) | ({"SAIF_CACHE_DIR": str(cache_dir)} if cache_dir else {})
     start = time.perf_counter()
     subprocess.run(["make", "-s", "reproduce", f"PROFILE={profile}", f"ARGS=--output-dir {output_dir}"],
                    cwd=REPO_ROOT, env=env, check=True, stdout=sys.stderr)
     seconds = time.perf_counter() - start
     with open(output_dir / "timings.csv") as fh:
-        stages = {row["stage"]: float(row["seconds"]) for row in csv.DictReader(fh)}
+        rows = list(csv.DictReader(fh))
+    stages = {f"{row['stage']}_s": float(row["seconds"]) for row in rows}
+    stages |= {f"{row['stage']}_peak_mb": float(row["peak_rss_mb"]) for row in rows if row.get("peak_rss_mb")}
     return seconds, stages
 
 
@@ -52,7 +54,7 @@ def main() -> None:
         for run in runs:
             seconds, stages = timed_reproduce(args.profile, output_dir, cache_dir)
             figures[f"{run}_s"] = round(seconds, 1)
-            figures |= {f"{run}_{stage}_s": s for stage, s in stages.items()}
+            figures |= {f"{run}_{stage}": value for stage, value in stages.items()}
             if args.profile == "default":
                 figures[f"{run}_over_target"] = round(seconds / TARGET_S[run], 3)
     if "cold_s" in figures:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,8 +40,16 @@ def content_prompts(tokenizer, n: int, split: str = "val") -> list[list[int]]:
     return list(evaluation_prompts(tokenizer, passages[passages["split"] == split].head(n))["input_ids"])
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far in MB (Linux VmHWM); None where /proc does not report it."""
+    from saif_utils.pipeline import peak_rss_mb as process_peak_mb
+
+    return process_peak_mb(os.getpid())
+
+
 def report(name: str, figures: dict) -> None:
-    """Print the figures as aligned lines, then one JSON line for machines."""
+    """Print the figures and the benchmark process's own peak resident memory as aligned lines, then one JSON line."""
+    figures = figures | {"process_peak_rss_mb": peak_rss_mb()}
     for key, value in figures.items():
         print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
     print(json.dumps({"benchmark": name, **figures}))
