@@ -53,9 +53,10 @@ class SAEWeights:
     threshold: torch.Tensor | None = None
     subtract_b_dec: bool = True
     """sae-lens's `apply_b_dec_to_input`: the decoder bias is subtracted before encoding."""
-    rescale_by_decoder_norm: bool = False
-    """TopK SAEs trained with `rescale_acts_by_decoder_norm`: pre-activations are multiplied by the decoder row
-    norms, and activations divided by them again when decoded."""
+    decoder_norms: torch.Tensor | None = None
+    """Decoder row norms `[d_sae]` for TopK SAEs trained with `rescale_acts_by_decoder_norm` (pre-activations are
+    multiplied by them, activations divided by them again when decoded); None otherwise. Computed once here rather
+    than at every generation step."""
 
     @classmethod
     def of(cls, sae) -> SAEWeights:
@@ -70,22 +71,24 @@ class SAEWeights:
             raise ValueError(f"SAE normalisation {sae.cfg.normalize_activations!r} / reshape "
                              f"{sae.cfg.reshape_activations!r} is not supported by SAEWeights; fold it into the weights")
 
-        def weight(t):
-            return t.detach().float().clone()
+        def weight(t):  # float32 views of the (frozen) module weights: no copy for an fp32 SAE
+            return t.detach().float()
 
-        return cls(weight(sae.W_enc), weight(sae.b_enc), weight(sae.W_dec), weight(sae.b_dec), arch,
-                   k=getattr(sae.cfg, "k", None) if arch == "topk" else None,
+        W_dec = weight(sae.W_dec)
+        rescale = arch == "topk" and bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
+        return cls(weight(sae.W_enc), weight(sae.b_enc), W_dec, weight(sae.b_dec), arch,
+                   k=sae.cfg.k if arch == "topk" else None,
                    threshold=weight(sae.threshold) if arch == "jumprelu" else None,
                    subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input),
-                   rescale_by_decoder_norm=bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)))
+                   decoder_norms=W_dec.norm(dim=-1) if rescale else None)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations `[..., d_sae]` of residuals `x` `[..., d_in]` (float32), as sae-lens's `encode`."""
         x = x.float()
         pre = (x - self.b_dec.to(x.device) if self.subtract_b_dec else x) @ self.W_enc.to(x.device) + self.b_enc.to(x.device)
         if self.architecture == "topk":
-            if self.rescale_by_decoder_norm:
-                pre = pre * self.W_dec.to(x.device).norm(dim=-1)
+            if self.decoder_norms is not None:
+                pre = pre * self.decoder_norms.to(x.device)
             top = pre.topk(self.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         if self.architecture == "jumprelu":
@@ -94,10 +97,10 @@ class SAEWeights:
 
     def decode_latents(self, acts: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Σ_j acts[..., j] · W_dec[latents[j]] (no decoder bias): what the listed latents add to the reconstruction."""
-        rows = self.W_dec.to(acts.device)[latents.to(acts.device)]
-        if self.rescale_by_decoder_norm:
-            acts = acts / rows.norm(dim=-1)
-        return acts @ rows
+        latents = latents.to(acts.device)
+        if self.decoder_norms is not None:
+            acts = acts / self.decoder_norms.to(acts.device)[latents]
+        return acts @ self.W_dec.to(acts.device)[latents]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The SAE's reconstruction of `x` (sae-lens `forward`, float32)."""
