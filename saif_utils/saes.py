@@ -279,13 +279,15 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
         clean = final_hidden(inputs, keep)
-        for layer, sae in saes.items():
-            spliced = final_hidden(inputs, keep, layer, splice, sae)
-            zeroed = final_hidden(inputs, keep, layer, splice)
-            for start in range(0, len(targets), LOGIT_CHUNK):
-                rows = slice(start, start + LOGIT_CHUNK)
-                lp_clean, lp_spliced, lp_zero = (vocab_logprobs(lm, h[rows]) for h in (clean, spliced, zeroed))
-                totals[layer]["ce_clean"] -= lp_clean.gather(1, targets[rows]).sum().item()
+        edited = {layer: (final_hidden(inputs, keep, layer, splice, sae), final_hidden(inputs, keep, layer, splice))
+                  for layer, sae in saes.items()}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
+        for start in range(0, len(targets), LOGIT_CHUNK):
+            rows = slice(start, start + LOGIT_CHUNK)
+            lp_clean = vocab_logprobs(lm, clean[rows])  # once per chunk, shared by every layer
+            ce_clean = -lp_clean.gather(1, targets[rows]).sum().item()
+            for layer, (spliced, zeroed) in edited.items():
+                lp_spliced, lp_zero = vocab_logprobs(lm, spliced[rows]), vocab_logprobs(lm, zeroed[rows])
+                totals[layer]["ce_clean"] += ce_clean
                 totals[layer]["ce_spliced"] -= lp_spliced.gather(1, targets[rows]).sum().item()
                 totals[layer]["ce_zero"] -= lp_zero.gather(1, targets[rows]).sum().item()
                 totals[layer]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
