@@ -22,7 +22,7 @@ def test_overrides_are_typed_and_validated():
         get_profile("default", batch_size="many")
     with pytest.raises(ValueError, match="unknown override 'sae_widht'"):
         get_profile("default", sae_widht=10)
-    with pytest.raises(ValueError, match=r"SAETrainConfig.k=5000 must lie in 1 … d_sae=2304"):
+    with pytest.raises(ValueError, match=r"SAETrainConfig.k=5000 must lie in 1 … d_sae=4608"):
         get_profile("default", sae_k=5000)
 
 
@@ -91,12 +91,13 @@ def test_stage_config_reads_a_parameters_namespace():
 def test_sae_family_is_one_parameter_or_profile_away():
     from saif_utils.profiles import with_family
 
-    default, wide = get_profile("default"), get_profile("default", sae_family="8x")
-    assert default.sae_family == "4x" and default.sae_train.d_sae == 4 * default.model.d_model
-    assert wide.sae_family == "8x" and wide.sae_train.d_sae == 8 * wide.model.d_model and wide.sae_train.k == 32
-    assert wide.sae_layers == get_profile("default-8x").sae_layers == (10, 15, 20, 25, 29)
-    assert wide.shipped_sae_dir.endswith("/8x") and default.shipped_sae_dir.endswith("/4x")
-    assert get_profile("default", sae_family="8x", sae_layers=[10]).sae_layers == (10,), "overrides apply on top"
+    default, narrow = get_profile("default"), get_profile("default", sae_family="4x")
+    assert default.sae_family == "8x" and default.sae_train.d_sae == 8 * default.model.d_model
+    assert default.sae_train.k == 32 and default.sae_layers == (10, 15, 20, 25, 29)
+    assert narrow.sae_family == "4x" and narrow.sae_train.d_sae == 4 * narrow.model.d_model
+    assert narrow.sae_layers == get_profile("default-4x").sae_layers == (10, 15, 20, 29)
+    assert default.shipped_sae_dir.endswith("/8x") and narrow.shipped_sae_dir.endswith("/4x")
+    assert get_profile("default", sae_family="4x", sae_layers=[10]).sae_layers == (10,), "overrides apply on top"
     with pytest.raises(ValueError, match="no SAE family '16x'.*allowed: \\['4x', '8x'\\]"):
         with_family(default, "16x")
     with pytest.raises(ValueError, match="no SAE family"):

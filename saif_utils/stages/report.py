@@ -116,7 +116,7 @@ def _claim_sae_sizes(family_results: dict[str, pd.DataFrame]) -> tuple[str, str,
     claim = "The method holds across SAE sizes"
     if len(family_results) < 2:
         return claim, NOT_TESTED, ("one SAE family run; run the other family's profile (e.g. `make reproduce "
-                                   "PROFILE=default-8x`) into the same outputs folder")
+                                   "PROFILE=default-4x`) into the same outputs folder")
     tasks = sorted(set.intersection(*(set(r.loc[r["method"] == "saif", "task"]) for r in family_results.values())))
     if not tasks:
         return claim, NOT_TESTED, "the families share no SAIF task"
@@ -323,7 +323,7 @@ def agreement_markdown(path: Path = AGREEMENT_PATH) -> list[str]:
 
 def family_results(profile: Profile, run_root: Path, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """SAE family → test results: this run's, and those of sibling runs (same outputs folder) of the profiles that run
-    the same study on the model's other SAE families (e.g. `default` and `default-8x`)."""
+    the same study on the model's other SAE families (e.g. `default` and `default-4x`)."""
     out = {profile.sae_family: results} if profile.sae_family else {}
     for other in PROFILES.values():
         if (other.sae_family and other.sae_family not in out and other.model == profile.model
