@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .interventions import AddVector
 from .logits import scored_token_logprob
-from .models import length_buckets
+from .models import length_buckets, server_errors
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class CalibrationConfig:
 
 @contextlib.contextmanager
 def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
-    """No gradient for the module's own weights inside the block (only the steering parameters learn)."""
+    """No gradient for the module's own weights inside the block: the graph then keeps only what the steering
+    parameters' gradient needs (locally; a remote model's weights live on the server)."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -83,11 +84,14 @@ def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def steered_nll(model, layer: int, vector: torch.Tensor, targets: Targets, backward: bool = False,
-                remote: bool = False) -> tuple[float, int]:
-    """Summed negative log-likelihood of the responses (teacher-forced) with `vector` added to decoder block `layer`'s
-    output at every position, as steered generation adds it, and the number of response tokens. With `backward`, the
-    gradient of the sum flows into whatever `vector` was computed from."""
+def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
+                backward: bool = False, remote: bool = False) -> tuple[float, int, torch.Tensor | None]:
+    """Summed negative log-likelihood of the responses (teacher-forced) with the vector `params @ basis` (`basis` None:
+    `params` is the vector) added to decoder block `layer`'s output at every position, as steered generation adds it;
+    the number of response tokens; and with `backward` the gradient of the sum with respect to `params`.
+
+    The vector is built and differentiated inside the trace, so on NDIF the server computes the gradient and only it
+    travels back; `autograd.grad` (not `backward`) leaves the model's own weights without a `.grad`."""
     full = [list(p) + list(r) for p, r in zip(targets.prompt_ids, targets.response_ids)]
     batch = next(iter(length_buckets(full, len(full), model.tokenizer.pad_token_id)))
     width = batch.input_ids.shape[1]
@@ -96,26 +100,31 @@ def steered_nll(model, layer: int, vector: torch.Tensor, targets: Targets, backw
     for r, i in enumerate(batch.rows):
         predicts[r, width - 1 - len(targets.response_ids[i]):] = True
     next_ids = batch.input_ids[:, 1:][predicts]
-    with torch.enable_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote) as tracer:
+    grad = None
+    with torch.enable_grad(), server_errors(remote, "calibrating a steering vector"), \
+            model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote) as tracer:
+        leaf = params.detach().clone().requires_grad_(backward)
+        vector = leaf @ basis if basis is not None else leaf
         resid = model.model.layers[layer].output
         resid[:] = resid + AddVector(vector).delta(resid)
         hidden = model.model.norm.output[:, :-1][predicts.to(resid.device)]
         nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device)).sum()
         if backward:
-            nll.backward()
+            grad = torch.autograd.grad(nll, leaf)[0].cpu().save()
         total = nll.detach().cpu().save()
         if not remote:
             tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
-    return float(total), int(predicts.sum())
+    return float(total), int(predicts.sum()), grad
 
 
-def mean_nll(model, layer: int, vector: torch.Tensor, targets: Targets, batch_size: int, remote: bool = False) -> float:
-    """Mean NLL per response token over all targets (no gradient)."""
+def mean_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
+             remote: bool = False) -> float:
+    """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`."""
     total, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(targets), batch_size):
             rows = range(len(targets))[start:start + batch_size]
-            part_total, part_n = steered_nll(model, layer, vector, targets.subset(rows), remote=remote)
+            part_total, part_n, _ = steered_nll(model, layer, params, basis, targets.subset(rows), remote=remote)
             total, n = total + part_total, n + part_n
     return total / n
 
@@ -143,15 +152,10 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
     optimiser = torch.optim.Adam([params], lr=cfg.lr * rms)
     order = torch.Generator().manual_seed(cfg.seed)
 
-    def vector(p: torch.Tensor) -> torch.Tensor:
-        return p @ basis if basis is not None else p
-
     def evaluate() -> dict:
-        with torch.no_grad():
-            v = vector(params)
-            return {"train_nll": mean_nll(model, layer, v, train, cfg.batch_size, remote),
-                    "val_nll": mean_nll(model, layer, v, val, cfg.batch_size, remote),
-                    "n_active": int(active.sum()) if active is not None else params.numel()}
+        return {"train_nll": mean_nll(model, layer, params, basis, train, cfg.batch_size, remote),
+                "val_nll": mean_nll(model, layer, params, basis, val, cfg.batch_size, remote),
+                "n_active": int(active.sum()) if active is not None else params.numel()}
 
     history = [{"round": 0} | evaluate()]
     best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_nll"], active, 0
@@ -160,9 +164,8 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
             permutation = torch.randperm(len(train), generator=order).tolist()
             for start in range(0, len(train), cfg.batch_size):
                 batch = train.subset(permutation[start:start + cfg.batch_size])
-                optimiser.zero_grad()
-                _, n_tokens = steered_nll(model, layer, vector(params), batch, backward=True, remote=remote)
-                params.grad /= n_tokens  # the step follows the batch's mean per-token NLL
+                _, n_tokens, grad = steered_nll(model, layer, params, basis, batch, backward=True, remote=remote)
+                params.grad = grad / n_tokens  # the step follows the batch's mean per-token NLL
                 optimiser.step()
                 if active is not None:
                     with torch.no_grad():

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
-from .models import check_model_layer, length_buckets
+from .models import check_model_layer, length_buckets, server_errors
 
 
 @torch.inference_mode()
@@ -39,7 +39,7 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
         batch_edit = None if edit is None else edit.rows(batch.rows)
         # Only plain tensors and the intervention (shipped by value) enter the block: on NDIF it runs on the server.
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), server_errors(remote, f"generating ({desc})"):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with model.generate(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:

@@ -9,7 +9,7 @@ import torch
 from .interventions import Intervention, per_prompt_edits, stack_edits
 from .logits import scored_token_logprob
 from .io import cached_json_items
-from .models import check_model_layer, common_prefix_length, length_buckets, shared_prefix_batches
+from .models import check_model_layer, common_prefix_length, length_buckets, server_errors, shared_prefix_batches
 
 
 @torch.inference_mode()
@@ -46,7 +46,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         if len(pos_rows) == 0:
             continue
         targets = ids[pos_rows, pos_cols + 1]
-        with model.trace(ids, **inputs, remote=remote) as tracer:
+        with server_errors(remote, "scoring continuations"), model.trace(ids, **inputs, remote=remote) as tracer:
             if edit is not None:
                 resid = model.model.layers[layer].output
                 resid[:] += edit.rows(rows).delta(resid)

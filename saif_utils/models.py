@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -141,7 +142,47 @@ def remote_model(spec: ModelSpec):
     if spec.gguf_package:
         # nnsight canonicalises a model id through the hub before sending it; a local directory is its own id.
         huggingface._ID_CACHE[checkpoint] = checkpoint
-    return TransformersModel(checkpoint, tokenizer=load_tokenizer(checkpoint), task="text-generation")
+    model = TransformersModel(checkpoint, tokenizer=load_tokenizer(checkpoint), task="text-generation")
+    check_deployed(CONFIG.API.HOST, model.to_model_key())
+    return model
+
+
+def check_deployed(host: str, model_key: str, timeout: float = 30.0) -> None:
+    """Fail fast, before any stage work, unless the NDIF server at `host` answers and has `model_key` deployed."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(5.0, read=timeout))
+        response.raise_for_status()
+        deployments = response.json().get("deployments", {})
+    except (httpx.HTTPError, ValueError) as err:
+        raise ConnectionError(
+            f"no NDIF server answers at {host} ({type(err).__name__}: {err}). Start a local one with `make ndif-up` "
+            f"and run this inside its namespace (`bash tools/ndif/ndif.sh exec …`, as `make ndif-up` prints), or "
+            f"point NDIF_HOST at a running server"
+        ) from None
+    if not any(d.get("model_key") == model_key for d in deployments.values()):
+        served = sorted({d.get("repo_id", name) for name, d in deployments.items()}) or ["nothing"]
+        raise LookupError(
+            f"the NDIF server at {host} has not deployed model key {model_key}; it serves {served}. For a local server "
+            f"deploy it with `make ndif-up PROFILE=<profile>` (or `bash tools/ndif/ndif.sh deploy <model dir>`); "
+            f"on the public NDIF pick a profile whose model `nnsight.status()` lists"
+        )
+
+
+@contextmanager
+def server_errors(remote: bool, what: str) -> Iterator[None]:
+    """Around a trace: a job that fails on NDIF is re-raised naming what ran and where, with the server's message."""
+    if not remote:
+        yield
+        return
+    from nnsight import CONFIG
+    from nnsight.intervention.backends.remote import RemoteError
+
+    try:
+        yield
+    except RemoteError as err:
+        raise RuntimeError(f"NDIF at {CONFIG.API.HOST} failed while {what}: {err}") from err
 
 
 def chat_prompt(tokenizer, user_text: str, assistant_text: str | None = None) -> str:
@@ -211,7 +252,7 @@ def residual_batches(
     pad_id = model.tokenizer.pad_token_id
     batches = list(length_buckets(token_ids, batch_size, pad_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
-        with torch.inference_mode(), model.trace(
+        with torch.inference_mode(), server_errors(remote, f"reading residuals ({desc})"), model.trace(
             {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote
         ) as tracer:
             # Built and saved inside the block: on NDIF the block runs on the server, and only saved names come back

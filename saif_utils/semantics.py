@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .io import cached_json, content_hash
-from .models import chat_prompt, read_residual, tokenize
+from .models import chat_prompt, read_residual, server_errors, tokenize
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -27,15 +27,22 @@ def is_french_related(token: str) -> bool:
 
 
 @torch.inference_mode()
-def logit_lens(hf_model, tokenizer, directions: torch.Tensor, top_n: int = 20) -> list[dict]:
-    """Top and bottom `top_n` tokens of each direction `[k, d_model]` read through the final norm and unembedding."""
-    norm = hf_model.model.norm
-    logits = hf_model.lm_head(norm(directions.to(hf_model.lm_head.weight)[:, None, :]))[:, 0]
-    top = torch.topk(logits, top_n, dim=-1).indices
-    bottom = torch.topk(-logits, top_n, dim=-1).indices
+def logit_lens(model, directions: torch.Tensor, top_n: int = 20, remote: bool = False) -> list[dict]:
+    """Top and bottom `top_n` tokens of each direction `[k, d_model]` read through the final norm and unembedding.
+
+    Runs as an nnsight trace (on NDIF with `remote`, where the weights are): the two modules are applied ad hoc to the
+    directions and only the token ids come back. The traced one-token input is never read."""
+    with server_errors(remote, "reading latents through the logit lens"), \
+            model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
+        unembed = model.lm_head.weight
+        logits = model.lm_head(model.model.norm(directions.to(unembed)[:, None, :]))[:, 0]
+        top = torch.topk(logits, top_n, dim=-1).indices.cpu().save()
+        bottom = torch.topk(-logits, top_n, dim=-1).indices.cpu().save()
+        if not remote:
+            tracer.stop()
     # Decode each distinct token once (thousands of directions share most of their top tokens).
     distinct = torch.unique(torch.cat([top, bottom])).tolist()
-    text = dict(zip(distinct, tokenizer.batch_decode([[t] for t in distinct])))
+    text = dict(zip(distinct, model.tokenizer.batch_decode([[t] for t in distinct])))
     return [{"top_tokens": [text[t] for t in t_row], "bottom_tokens": [text[t] for t in b_row]}
             for t_row, b_row in zip(top.tolist(), bottom.tolist())]
 

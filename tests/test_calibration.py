@@ -43,7 +43,7 @@ def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
     per_row = continuation_logprob(tiny_model, train.prompt_ids, train.response_ids, LAYER, AddVector(vector))
     n_tokens = np.array([len(r) for r in train.response_ids])
     expected = -(per_row * n_tokens).sum() / n_tokens.sum()
-    assert mean_nll(tiny_model, LAYER, vector, train, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    assert mean_nll(tiny_model, LAYER, vector, None, train, batch_size=4) == pytest.approx(expected, rel=1e-5)
 
 
 def test_initial_weights_reproduce_the_saif_vector(basis):
@@ -64,7 +64,7 @@ def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model
     best = history[history["best"]].iloc[0]
     assert best["val_nll"] == history["val_nll"].min() <= history["val_nll"].iloc[0]
     # the returned weights are the best round's: their val NLL is the one recorded for it
-    assert mean_nll(tiny_model, LAYER, result.params @ basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
+    assert mean_nll(tiny_model, LAYER, result.params, basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
     assert (result.params[~result.active] == 0).all()
     assert all(p.grad is None for p in tiny_model._module.parameters()), "the model's weights must not learn"
     again = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)

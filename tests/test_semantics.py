@@ -1,4 +1,5 @@
 import pandas as pd
+import torch
 
 from saif_utils.semantics import is_french_related, logit_lens
 from saif_utils.stages.proximity import overlap_matrix, random_control
@@ -14,8 +15,13 @@ def test_logit_lens_reads_an_unembedding_row_back(tiny_model):
     tok = tiny_model.tokenizer
     token_id = tok(" French", add_special_tokens=False)["input_ids"][0]
     direction = hf.lm_head.weight[token_id] / hf.model.norm.weight  # undo the final norm's gain
-    (lens,) = logit_lens(hf, tok, direction[None, :], top_n=5)
+    (lens,) = logit_lens(tiny_model, direction[None, :], top_n=5)
     assert lens["top_tokens"][0] == " French" and len(lens["bottom_tokens"]) == 5
+    # Inside the trace it is the plain final norm + unembedding, token for token.
+    dirs = torch.randn(6, hf.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
+    direct = hf.lm_head(hf.model.norm(dirs[:, None, :]))[:, 0]
+    expected = [tok.batch_decode([[t] for t in row]) for row in direct.topk(7).indices.tolist()]
+    assert [x["top_tokens"] for x in logit_lens(tiny_model, dirs, top_n=7)] == expected
 
 
 def test_overlap_and_random_control():

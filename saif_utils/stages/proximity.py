@@ -80,12 +80,11 @@ def proximity_table(ctx: RunContext, selected: pd.DataFrame, inst_dirs: dict[int
     model, saes, top_n, neuronpedia = ctx.model, ctx.saes, cfg.top_n, neuronpedia_ids(ctx.profile)
     control = random_control(selected, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, cfg.seed)
     both = pd.concat([selected.assign(control=False), control.assign(control=True)], ignore_index=True)
-    hf_model = model._module  # the wrapped transformers model: final norm and unembedding are applied directly
     parts = []
     for layer, group in both.groupby("layer"):
         W_dec = saes[layer].W_dec.detach()
         dirs = W_dec[group["latent"].to_numpy()]
-        lens = logit_lens(hf_model, model.tokenizer, dirs, top_n)
+        lens = logit_lens(model, dirs, top_n, ctx.remote)
         base_task = group["task"].str.split(":").str[0]
         cos = [cosine(dirs[i:i + 1], inst_dirs[layer][t])[0] if t in inst_dirs[layer] else np.nan
                for i, t in enumerate(group["task"])]
