@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .interventions import AddVector
 from .logits import scored_token_logprob
 from .models import length_buckets, server_errors
+from .progress import tqdm
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
 from .models import check_model_layer, length_buckets, server_errors
+from .progress import tqdm
 
 
 @torch.inference_mode()

@@ -12,10 +12,10 @@ from typing import Literal
 
 import nnsight
 import torch
-from tqdm.auto import tqdm
 
 from .io import atomic_dir, cache_root, sha256_file, sha256_file_memo
 from .profiles import ModelSpec, Profile
+from .progress import tqdm
 
 CACHE_MANIFEST = "saif_cache.json"
 

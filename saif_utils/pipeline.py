@@ -21,6 +21,7 @@ from .context import RunDir
 from .io import cache_root, remove_stale_temporaries, write_table
 from .paths import NOTEBOOK_DIR, REPO_ROOT
 from .profiles import PROFILES, get_profile
+from .progress import TEXT_PROGRESS, LiveStatus, clock, failed_line, live_engine
 
 
 def numbered_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -29,12 +30,13 @@ def numbered_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 def jupyter_env(state: Path) -> dict[str, str]:
-    """Environment for kernels: IPython/Jupyter state under `state` (never the user's home), no wandb."""
+    """Environment for kernels: IPython/Jupyter state under `state` (never the user's home), no wandb, loop progress
+    bars as text (which the runner shows live)."""
     for sub in ("ipython", "config", "data", "runtime"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     return {"IPYTHONDIR": str(state / "ipython"), "JUPYTER_CONFIG_DIR": str(state / "config"),
             "JUPYTER_DATA_DIR": str(state / "data"), "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
-            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", TEXT_PROGRESS: "1"}
 
 
 @contextmanager
@@ -59,20 +61,35 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output: bool = False, km=None) -> Path:
+def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output: bool = False, km=None,
+                 status: LiveStatus | None = None) -> Path:
     """Execute one notebook into `output_dir/<stage>/<stage>.ipynb`; papermill raises on the first failing cell.
 
-    `km` is an already started kernel (`kernels_ahead`); without it papermill starts a fresh one."""
+    `km` is an already started kernel (`kernels_ahead`); without it papermill starts a fresh one. `status` receives
+    each cell's start and the kernel's progress bars."""
     import papermill
+    from papermill.engines import papermill_engines
 
     stage_dir = output_dir / notebook.stem
     stage_dir.mkdir(parents=True, exist_ok=True)
     executed = stage_dir / notebook.name
-    papermill.execute_notebook(
-        str(notebook), str(executed), parameters=parameters, kernel_name="python3",
-        cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output, km=km,
-    )
+    engine = None
+    if status is not None:
+        engine = f"saif-live-{id(status)}"
+        papermill_engines.register(engine, live_engine(status))
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=parameters, kernel_name="python3", engine_name=engine,
+            cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output, km=km,
+        )
+    finally:
+        papermill_engines._engines.pop(engine, None)
     return executed
+
+
+def code_cells(notebook: Path) -> int:
+    """How many code cells a notebook has (papermill adds one for the injected parameters)."""
+    return sum(cell["cell_type"] == "code" for cell in json.loads(notebook.read_text())["cells"]) + 1
 
 
 # Libraries saif_utils imports inside its functions (so `import saif_utils` stays light); a notebook's own import
@@ -207,20 +224,20 @@ def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str]
         raise ValueError(f"no notebook matches only={only}; available: {[nb.stem for nb in numbered_notebooks()]}")
     parameters = {"profile": profile, "output_dir": str(output_dir), "remote": remote} | (extra or {})
     rows = []
+    last_seconds = last_timings(output_dir / "timings.csv")
     start_all = time.perf_counter()
     with closing(kernels_ahead(notebooks)) as kernels:
         for i, notebook in enumerate(notebooks, 1):
             start = time.perf_counter()  # includes any wait for this notebook's kernel, so the stages sum to the run
-            print(f"[{i}/{len(notebooks)}] {notebook.stem} …", flush=True)
+            last = last_seconds.get(notebook.stem)
+            print(f"[{i}/{len(notebooks)}] {notebook.stem} …" + (f" (last run {clock(last)})" if last else ""),
+                  flush=True)
             km = next(kernels)
             try:
-                executed = run_notebook(notebook, output_dir, parameters, km=km)
+                with LiveStatus(notebook.stem, code_cells(notebook), last) as status:
+                    executed = run_notebook(notebook, output_dir, parameters, km=km, status=status)
             except Exception as err:  # papermill's PapermillExecutionError carries the cell; else a setup error
-                cell = getattr(err, "exec_count", None)
-                where = output_dir / notebook.stem / notebook.name
-                print(f"FAILED {notebook.stem} at cell {cell}: {getattr(err, 'ename', type(err).__name__)}: "
-                      f"{getattr(err, 'evalue', err)}\n  partially executed notebook: {where}\n"
-                      f"  earlier stages' outputs are kept in {output_dir}", file=sys.stderr, flush=True)
+                report_failure(err, notebook, output_dir)
                 raise SystemExit(1) from None
             seconds = time.perf_counter() - start
             peak_mb = peak_rss_mb(km.provisioner.pid)
@@ -232,6 +249,26 @@ def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str]
     total = time.perf_counter() - start_all
     print(f"all {len(notebooks)} notebooks done in {total:.1f} s → {output_dir}", flush=True)
     return pd.DataFrame(rows)
+
+
+def last_timings(path: Path) -> dict[str, float]:
+    """Stage → seconds from an earlier run's timings.csv (empty when there is none): the live status's estimate."""
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path)
+    return dict(zip(table["stage"], table["seconds"].astype(float)))
+
+
+def report_failure(err: Exception, notebook: Path, output_dir: Path) -> None:
+    """Print which cell of which notebook failed, the error, the source line it stopped at, and where things are."""
+    cell = getattr(err, "exec_count", None)
+    where = output_dir / notebook.stem / notebook.name
+    line = failed_line(json.loads(where.read_text())["cells"], getattr(err, "traceback", None)) \
+        if where.is_file() else None
+    print(f"FAILED {notebook.stem} at cell {cell}: {getattr(err, 'ename', type(err).__name__)}: "
+          f"{getattr(err, 'evalue', err)}" + (f"\n  in: {line}" if line else "") +
+          f"\n  partially executed notebook: {where}\n  earlier stages' outputs are kept in {output_dir}",
+          file=sys.stderr, flush=True)
 
 
 def peak_rss_mb(pid: int | None) -> float | None:

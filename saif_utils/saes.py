@@ -8,15 +8,16 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import nnsight
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
-from .models import length_buckets, model_fingerprint, read_residual_tokens
+from .models import length_buckets, model_fingerprint, read_residual_tokens, server_errors
 from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
+from .progress import tqdm
 
 TRAINING_RECORD = "training.json"
 CURVE_TOKENS = 8192
@@ -252,12 +253,17 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
     """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
     with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
     every real token after the first `skip_first` (the splice and the ablation skip them too)."""
+    from .interventions import SAEWeights
     from .logits import LOGIT_CHUNK, vocab_logprobs
+
+    # On NDIF the splice runs on the server, which has no sae-lens: the SAE's maths travels as plain tensors.
+    reconstruct = {layer: SAEWeights.of(sae).reconstruct if remote else sae for layer, sae in saes.items()}
 
     def final_hidden(inputs, keep, layer=None, splice=None, sae=None):
         """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`
         positions replaced by `sae`'s reconstruction, or by zeros without an `sae`."""
-        with model.trace(inputs, remote=remote) as tracer:
+        with server_errors(remote, f"splicing SAEs ({'layer ' + str(layer) if layer is not None else 'clean'})"), \
+                model.trace(inputs, remote=remote) as tracer:
             if layer is not None:
                 resid = model.model.layers[layer].output
                 replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
@@ -268,9 +274,31 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                 tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
         return saved
 
+    def add_scores(totals, clean, edited, targets):
+        """`totals` plus this batch's cross-entropy sums and KL, the LM head run in chunks where the weights are (an
+        nnsight trace: the module calls are ad hoc, the traced one-token input is never read)."""
+        with server_errors(remote, "scoring SAE splices"), \
+                model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
+            device = model.lm_head.weight.device
+            running = nnsight.save({layer: dict(t) for layer, t in totals.items()})
+            for start in range(0, len(targets), LOGIT_CHUNK):
+                rows = slice(start, start + LOGIT_CHUNK)
+                chunk_targets = targets[rows].to(device)
+                lp_clean = vocab_logprobs(model, clean[rows].to(device))  # once per chunk, shared by every layer
+                ce_clean = -lp_clean.gather(1, chunk_targets).sum().item()
+                for layer, (spliced, zeroed) in edited.items():
+                    lp_spliced = vocab_logprobs(model, spliced[rows].to(device))
+                    lp_zero = vocab_logprobs(model, zeroed[rows].to(device))
+                    running[layer]["ce_clean"] += ce_clean
+                    running[layer]["ce_spliced"] -= lp_spliced.gather(1, chunk_targets).sum().item()
+                    running[layer]["ce_zero"] -= lp_zero.gather(1, chunk_targets).sum().item()
+                    running[layer]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
+            if not remote:
+                tracer.stop()
+        return running
+
     totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for layer in saes}
     n_pred = 0
-    lm = model._module  # the HF model: the chunked LM head runs outside the trace, on the saved hidden states
     for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         width = batch.input_ids.shape[1]
@@ -279,18 +307,10 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
         clean = final_hidden(inputs, keep)
-        edited = {layer: (final_hidden(inputs, keep, layer, splice, sae), final_hidden(inputs, keep, layer, splice))
-                  for layer, sae in saes.items()}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
-        for start in range(0, len(targets), LOGIT_CHUNK):
-            rows = slice(start, start + LOGIT_CHUNK)
-            lp_clean = vocab_logprobs(lm, clean[rows])  # once per chunk, shared by every layer
-            ce_clean = -lp_clean.gather(1, targets[rows]).sum().item()
-            for layer, (spliced, zeroed) in edited.items():
-                lp_spliced, lp_zero = vocab_logprobs(lm, spliced[rows]), vocab_logprobs(lm, zeroed[rows])
-                totals[layer]["ce_clean"] += ce_clean
-                totals[layer]["ce_spliced"] -= lp_spliced.gather(1, targets[rows]).sum().item()
-                totals[layer]["ce_zero"] -= lp_zero.gather(1, targets[rows]).sum().item()
-                totals[layer]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
+        edited = {layer: (final_hidden(inputs, keep, layer, splice, reconstruct[layer]),
+                          final_hidden(inputs, keep, layer, splice))
+                  for layer in saes}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
+        totals = add_scores(totals, clean, edited, targets)
         n_pred += int(keep.sum())
     return {layer: {k: v / n_pred for k, v in t.items()} | {"n_predictions": n_pred} for layer, t in totals.items()}
 

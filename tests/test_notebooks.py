@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from saif_utils.pipeline import numbered_notebooks
 
@@ -218,3 +219,33 @@ def test_07_playground_runs_headless_with_its_default_widgets(tiny_run):
     nb = nbformat.read(stage / "07_playground.ipynb", as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), "widgets built"
+
+
+def test_a_run_shows_the_running_cell_its_loop_bar_and_the_line_that_failed(tmp_path, monkeypatch):
+    """The runner's live status names the cell running, the innermost loop's text bar from the kernel and the time
+    against the last run's; a failed cell is traced to its source line."""
+    import io
+
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+
+    from saif_utils.pipeline import run_notebook
+    from saif_utils.progress import LiveStatus, failed_line
+
+    monkeypatch.setenv("SAIF_TEXT_PROGRESS", "1")  # as the runner sets it for its kernels
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import time\nfrom saif_utils.progress import tqdm"),
+                nbformat.v4.new_code_cell("# a loop the status line follows\nfor i in tqdm(range(5), desc='toy loop', "
+                                          "mininterval=0):\n    time.sleep(0.5)"),
+                nbformat.v4.new_code_cell("x = 1\nraise ValueError('broken on purpose')")]
+    nbformat.write(nb, tmp_path / "00_toy.ipynb")
+    out = io.StringIO()  # not a terminal: the status is printed as lines
+    with pytest.raises(PapermillExecutionError) as failure, LiveStatus("00_toy", 3, 100.0, out, log_every=0.3) as status:
+        run_notebook(tmp_path / "00_toy.ipynb", tmp_path / "out", {}, status=status)
+    lines = out.getvalue().splitlines()
+    loop_lines = [line for line in lines if "· cell 2/3 · for i in tqdm(range(5), desc='toy loop'" in line]
+    assert loop_lines and all("(last run 1:40, ≈ 1:" in line for line in loop_lines), lines
+    assert any(re.search(r"· toy loop: +[2-8]0%\|.*\| [1-4]/5 \[", line) for line in loop_lines), loop_lines
+    assert any("· cell 3/3 · x = 1" in line for line in lines)
+    executed = nbformat.read(tmp_path / "out" / "00_toy" / "00_toy.ipynb", as_version=4)
+    assert failed_line(executed.cells, failure.value.traceback) == "raise ValueError('broken on purpose')"

@@ -30,15 +30,21 @@ def test_every_profile_can_go_remote():
     assert all(get_profile(name, remote=True).remote for name in ("tiny", "default", "llama-3.1-8b"))
 
 
-def test_a_remote_handle_keeps_the_key_in_memory_only(tmp_path, monkeypatch):
-    """nnsight's `CONFIG.set_default_api_key` writes the key to its user config file; the handle must not."""
+def test_a_remote_handle_keeps_the_key_in_memory_only_and_fails_fast_without_a_server(tmp_path, monkeypatch):
+    """nnsight's `CONFIG.set_default_api_key` writes the key to its user config file; the handle must not. With no
+    server at NDIF_HOST the handle fails at once, naming the host and how to start one."""
+    import socket
+
     from nnsight import CONFIG
 
-    from saif_utils.models import remote_checkpoint, remote_model
+    from saif_utils.models import remote_model
 
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{probe.getsockname()[1]}"
     secret, config_file = "ndif-dummy-key-7c1d0e", tmp_path / "nnsight" / "config.yaml"
     monkeypatch.setenv("NNSIGHT_CONFIG", str(config_file))
-    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:8001")
+    monkeypatch.setenv("NDIF_HOST", host)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     spec = get_profile("tiny").model
     with pytest.raises(OSError, match="needs the NDIF_API_KEY environment variable"):
@@ -46,9 +52,9 @@ def test_a_remote_handle_keeps_the_key_in_memory_only(tmp_path, monkeypatch):
     monkeypatch.setenv("NDIF_API_KEY", secret)
     monkeypatch.setattr(CONFIG.API, "APIKEY", CONFIG.API.APIKEY)  # restored after the test
     monkeypatch.setattr(CONFIG.API, "HOST", CONFIG.API.HOST)
-    handle = remote_model(spec)
-    assert CONFIG.API.APIKEY == secret and CONFIG.API.HOST == "http://127.0.0.1:8001"
-    assert handle.to_model_key().endswith(f'"repo_id": "{remote_checkpoint(spec)}", "revision": null, "task": "text-generation"}}')
+    with pytest.raises(ConnectionError, match=f"no NDIF server answers at {host} .*`make ndif-up`"):
+        remote_model(spec)
+    assert CONFIG.API.APIKEY == secret and CONFIG.API.HOST == host
     assert not config_file.exists(), "the key was persisted to nnsight's config file"
 
 

@@ -3,6 +3,7 @@ finished work, failure reports, and secrets that never reach a file or a log."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -94,6 +95,7 @@ def test_a_failing_notebook_reports_where_and_keeps_earlier_stages(tiny_run, tmp
     err = capsys.readouterr().err
     partial = output_dir / "02_feature_discovery" / "02_feature_discovery.ipynb"
     assert "FAILED 02_feature_discovery at cell" in err and "n_passages='many'" in err and "expected int" in err
+    assert re.search(r"\n  in: \S.*stage_config|\n  in: \S.*config", err), f"the failing source line is missing: {err}"
     assert f"partially executed notebook: {partial}" in err and partial.is_file()
     assert sorted(p.name for p in (output_dir / "01_sae_loading").iterdir()) == kept
 

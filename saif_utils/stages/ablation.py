@@ -8,7 +8,6 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..activations import activation_mass
 from ..context import RunContext
@@ -16,6 +15,7 @@ from ..data import check_position, evaluation_prompts, prompting_instructions, s
 from ..evaluation import judge
 from ..interventions import AblateLatents
 from ..io import write_table
+from ..progress import tqdm
 from ..selection import check_selection, top_selected
 from ..stats import accuracy_table, bootstrap_ci
 from ..vectors import mass_matched_latents

@@ -13,7 +13,6 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import latent_stats
 from ..activations import READ_POSITIONS, encode, read_prompt_residuals
@@ -21,6 +20,7 @@ from ..context import RunContext
 from ..data import POSITIONS, build_prompts, check_position, sample_passages
 from ..io import cached_frames, content_hash, sha256_file, write_table
 from ..latent_stats import breakdown, build_pairs, jaccard, robustness, score_table
+from ..progress import tqdm
 from ..selection import DirectionKey, diff_in_means, save_directions
 
 NAME = "02_feature_discovery"
