@@ -177,7 +177,7 @@ def breakdown(pairs: PairSet, latents: Sequence[int], cfg: ScoreSettings) -> pd.
     rows = []
     latents = list(map(int, latents))
     for (language, kind), group in pairs.meta.groupby(["language", "kind"]):
-        idx = group.index.to_numpy()
+        idx = group.index.to_numpy(copy=True)  # writable: torch warns on indexing with a read-only array
         stats = latent_stats(pairs.pos[idx][:, latents], pairs.neg[idx][:, latents], cfg.fire_threshold,
                              cfg.negative_ratio)
         for j, latent in enumerate(latents):

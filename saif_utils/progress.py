@@ -25,6 +25,7 @@ def tqdm(*args, **kwargs):
     runner (`SAIF_TEXT_PROGRESS=1`)."""
     if os.environ.get(TEXT_PROGRESS) == "1":
         kwargs.setdefault("mininterval", TEXT_MININTERVAL)
+        kwargs.setdefault("miniters", 1)  # tqdm's adaptive miniters would skip slow iterations after a fast first one
         kwargs.setdefault("file", sys.stderr)
         return _text_tqdm(*args, **kwargs)
     return _auto_tqdm(*args, **kwargs)

@@ -125,6 +125,15 @@ def test_03_writes_proximity_with_a_random_control(tiny_run):
     overlap = pd.read_csv(stage / "task_overlap.csv")
     diag = overlap[overlap["task_a"] == overlap["task_b"]]["jaccard"].dropna()
     assert (diag == 1).all()
+    # one dashboard page per task, a card per selected latent (content contrast) at every layer, contexts included
+    selected = pd.read_csv(tiny_run[0] / "02_feature_discovery" / "selected_latents.csv")
+    selected = selected[(selected["contrast"] == "content") & (selected["rank"] <= 15)]
+    for task, group in selected.groupby("task"):
+        page = (stage / "dashboards" / f"{task.replace(':', '_')}.html").read_text()
+        cards = set(re.findall(r'id="L(\d+)-(\d+)"', page))
+        assert cards == {(str(layer), str(latent)) for layer, latent in zip(group["layer"], group["latent"])}, task
+        assert page.count('class="ctx"') > 0 and "<svg" in page, "contexts and histograms missing"
+    assert (stage / "dashboards" / "index.html").is_file()
 
 
 def test_04_writes_ablation_against_mass_matched_random_latents(tiny_run, tiny_profile):
@@ -203,6 +212,11 @@ def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
                   "05_steering_sweeps"):
         assert f"| {stage} |" in report, f"run time of {stage} missing from the report"
     assert "![results.png](05_steering_sweeps/results.png)" in report
+    links = re.findall(r"\]\((03_semantic_proximity/dashboards/[^)#]+)(#layer-\d+)?\)", report)
+    pages = {f"03_semantic_proximity/dashboards/{p.name}" for p in (run / "03_semantic_proximity" / "dashboards")
+             .glob("*.html") if p.name != "index.html"}
+    assert pages and {path for path, _ in links} == pages, "the report links every dashboard page"
+    assert any(anchor for _, anchor in links), "no link points at the layer the steering chose"
 
 
 def test_07_playground_runs_headless_with_its_default_widgets(tiny_run):

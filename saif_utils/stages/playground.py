@@ -47,7 +47,7 @@ def latent_tokens(setup: SteeringSetup, task: str, layer: int, position: str, k:
     top = setup.source.latents(task, layer, position, k)
     if top.empty:
         return top
-    directions = setup.source.saes[layer].W_dec.detach()[top["latent"].to_numpy()]
+    directions = setup.source.saes[layer].W_dec.detach()[top["latent"].to_numpy(copy=True)]
     lens = logit_lens(setup.ctx.model, directions, top_n, setup.ctx.remote)
     return top[["rank", "latent", "weight"]].assign(top_tokens=[" | ".join(x["top_tokens"]) for x in lens])
 

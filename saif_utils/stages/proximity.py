@@ -4,6 +4,7 @@ random-latent control of the same size; the task × task overlap of the selectio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import torch
 
 from ..context import RunContext
+from ..dashboards import write_dashboards
 from ..io import write_table
 from ..latent_stats import jaccard
 from ..saes import neuronpedia_ids
@@ -32,19 +34,23 @@ class ProximityConfig:
     """Train passages whose content-only residual is subtracted from the instruction's."""
     seed: int = 0
     """Seed of the random-latent control."""
+    dashboard_k: int = 15
+    """Latents per task and layer on the dashboards (the steering uses up to 15)."""
 
     def __post_init__(self) -> None:
-        for name in ("top_n", "overlap_k", "n_contents"):
+        for name in ("top_n", "overlap_k", "n_contents", "dashboard_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
 
 
 @dataclass(frozen=True)
 class ProximityResult:
-    """One row per selected and per control latent (`proximity`), and the task × task overlap (`overlap`)."""
+    """One row per selected and per control latent (`proximity`), the task × task overlap (`overlap`) and the
+    latent dashboard page of each task (`dashboards`)."""
 
     proximity: pd.DataFrame
     overlap: pd.DataFrame
+    dashboards: dict[str, Path]
 
 
 def run(ctx: RunContext, cfg: ProximityConfig) -> ProximityResult:
@@ -55,11 +61,13 @@ def run(ctx: RunContext, cfg: ProximityConfig) -> ProximityResult:
     contents = passages[passages["split"] == "train"]["text"].head(cfg.n_contents).tolist()
     instructions = {t: g["text"].tolist() for t, g in variants[variants["task"].isin(selected["task"])].groupby("task")}
     inst_dirs = instruction_directions(ctx, instructions, contents)
-    result = ProximityResult(proximity_table(ctx, selected, inst_dirs, cfg), overlap_matrix(selected, cfg.overlap_k))
+    proximity = proximity_table(ctx, selected, inst_dirs, cfg)
     out = ctx.run.stage(NAME)
-    write_table(result.proximity, out / "proximity.parquet")
-    write_table(result.overlap, out / "task_overlap.csv")
-    return result
+    write_table(proximity, out / "proximity.parquet")
+    write_table(overlap := overlap_matrix(selected, cfg.overlap_k), out / "task_overlap.csv")
+    pages = write_dashboards(ctx, selected, proximity, ctx.run.table("02_feature_discovery", "breakdown_by_variant.csv"),
+                             out, cfg.dashboard_k)
+    return ProximityResult(proximity, overlap, pages)
 
 
 def random_control(selected: pd.DataFrame, d_sae: dict[int, int], seed: int = 0) -> pd.DataFrame:
@@ -83,7 +91,7 @@ def proximity_table(ctx: RunContext, selected: pd.DataFrame, inst_dirs: dict[int
     parts = []
     for layer, group in both.groupby("layer"):
         W_dec = saes[layer].W_dec.detach()
-        dirs = W_dec[group["latent"].to_numpy()]
+        dirs = W_dec[group["latent"].to_numpy(copy=True)]  # writable: torch warns on a read-only index
         lens = logit_lens(model, dirs, top_n, ctx.remote)
         base_task = group["task"].str.split(":").str[0]
         cos = [cosine(dirs[i:i + 1], inst_dirs[layer][t])[0] if t in inst_dirs[layer] else np.nan

@@ -250,7 +250,7 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
              "(a loop, a token flood, gibberish — `saif_utils/degeneracy.py`) fails whatever its checker says, and the "
              "checker's raw verdict is kept as a secondary column.", "",
              "## The paper's claims, measured here — `06_report/claims.csv`", "", markdown_table(claims), "",
-             *tables_markdown(run_dir), *agreement_markdown(), "## Figures", ""]
+             *tables_markdown(run_dir), *dashboards_markdown(run_dir), *agreement_markdown(), "## Figures", ""]
     for stage, names in FIGURES.items():
         for name in names:
             if (run_dir / stage / name).is_file():
@@ -267,6 +267,26 @@ def report_markdown(run_dir: Path, profile: Profile, claims: pd.DataFrame, env: 
         parts += ["*timings.csv is missing (notebooks run by hand rather than through `make reproduce`).*", ""]
     parts += ["## Environment — `06_report/environment.csv`", "", markdown_table(env), ""]
     return "\n".join(parts)
+
+
+def dashboards_markdown(run_dir: Path) -> list[str]:
+    """Links to notebook 03's latent dashboards, each at the layer the steering stage chose for SAIF on that task."""
+    folder = Path(run_dir) / "03_semantic_proximity" / "dashboards"
+    title = "## Latent dashboards — `03_semantic_proximity/dashboards/`"
+    pages = sorted(p for p in folder.glob("*.html") if p.name != "index.html")
+    if not pages:
+        return [title, "", "*No dashboards: run notebook 03 for this output folder.*", ""]
+    results = Path(run_dir) / "05_steering_sweeps" / "results.csv"
+    chosen = {}
+    if results.is_file():
+        table = pd.read_csv(results)
+        chosen = dict(zip(table.loc[table["method"] == "saif", "task"].str.replace(":", "_"),
+                          table.loc[table["method"] == "saif", "layer"].astype(int)))
+    links = [f"- [{p.stem}](03_semantic_proximity/dashboards/{p.name}"
+             + (f"#layer-{chosen[p.stem]}) — at layer {chosen[p.stem]}, where the steering stage chose SAIF's vector"
+                if p.stem in chosen else ")") for p in pages]
+    return [title, "", "Per selected latent: top-activating held-out contexts, activation histogram, logit-lens tokens "
+            "and consistency by variant language and kind.", "", *links, ""]
 
 
 def sae_quality_table(metrics: pd.DataFrame) -> str:

@@ -1,0 +1,54 @@
+"""Latent dashboards: the cards hold the right contexts and histogram, the pages are safe self-contained HTML, the tiny
+run writes one per task and the report links them; Neuronpedia URLs come from sae-lens's registry (offline)."""
+import re
+
+import numpy as np
+import pytest
+
+from saif_utils.dashboards import DashboardConfig, held_out_budget, latent_cards, render_page
+from saif_utils.profiles import PROFILES
+from saif_utils.saes import neuronpedia_ids
+
+
+def test_cards_pick_each_texts_peak_and_count_what_fired():
+    token_ids = [[0, 1, 2, 3, 4, 5], [0, 6, 7, 8], [0, 9, 10]]  # first token skipped → 5 + 3 + 2 rows
+    acts = np.zeros((10, 2), dtype=np.float32)
+    acts[[1, 3], 0] = [2.0, 5.0]   # text 0: peak at row 3 (token 4)
+    acts[6, 0] = 7.0               # text 1: row 6 (token 7) — the strongest text comes first
+    acts[9, 1] = 1.5               # latent 1 fires once, in text 2
+    text = {t: f"<t{t}>" for t in range(11)}
+    cards = latent_cards(acts, token_ids, 1, [11, 22], text, DashboardConfig(n_contexts=5, radius=2, n_bins=4))
+    first = cards[11]
+    assert [c["max"] for c in first["contexts"]] == [7.0, 5.0], "one context per text, strongest first, none silent"
+    peak = [t for t in first["contexts"][1]["tokens"] if t["peak"]]
+    assert peak == [{"text": "<t4>", "act": 5.0, "peak": True}]
+    assert [t["text"] for t in first["contexts"][1]["tokens"]] == ["<t2>", "<t3>", "<t4>", "<t5>"], "2 before, 1 after"
+    assert sum(first["hist_counts"]) == 3 and first["freq"] == pytest.approx(0.3)
+    assert cards[22]["freq"] == pytest.approx(0.1) and len(cards[22]["contexts"]) == 1
+
+
+def test_a_page_escapes_tokens_and_needs_no_network():
+    card = {"rank": 1, "latent": 7, "positions": "post", "weight": 0.5, "consistency": 0.9, "freq": 0.01, "scale": 2.0,
+            "top_tokens": "Fr | <script>", "bottom_tokens": "x", "url": "https://www.neuronpedia.org/g/6-x/7",
+            "hist_counts": [3, 1], "hist_edges": [0.0, 1.0, 2.0], "breakdown": [
+                {"language": "fr", "kind": "paraphrase", "n_pairs": 12, "consistency": 0.75, "freq_pos": 0.8}],
+            "contexts": [{"max": 2.0, "tokens": [{"text": "<img src=x>", "act": 2.0, "peak": True}]}]}
+    page = render_page("Latent dashboards — t", "intro", [{"layer": 6, "cards": [card]}], 1000)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;img src=x&gt;" in page
+    assert not re.search(r"<(script|link|img)\b", page), "self-contained: no script, stylesheet or image fetch"
+    assert 'id="layer-6"' in page and 'href="https://www.neuronpedia.org/g/6-x/7"' in page
+    assert "rgba(224,123,0,1.00)" in page and page.count("<rect") == 2
+
+
+def test_held_out_budget_keeps_whole_texts():
+    assert held_out_budget([[1] * 5, [2] * 5, [3] * 5], 11) == [[1] * 5, [2] * 5]
+    assert held_out_budget([[1] * 50], 11) == [[1] * 50], "at least one text"
+
+
+def test_neuronpedia_ids_come_from_the_sae_lens_registry_for_released_saes():
+    expected = {"gemma-2-2b": "gemma-2-2b/{layer}-gemmascope-res-16k", "gemma-2-9b": "gemma-2-9b/{layer}-gemmascope-res-16k",
+                "llama-3.1-8b": "llama3.1-8b/{layer}-llamascope-res-32k"}
+    for name, template in expected.items():
+        profile = PROFILES[name]
+        assert neuronpedia_ids(profile) == {layer: template.format(layer=layer) for layer in profile.sae_layers}
+    assert neuronpedia_ids(PROFILES["default"]) == {}, "our own SAEs have no Neuronpedia pages"
