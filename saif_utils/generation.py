@@ -35,7 +35,8 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     stop_ids = {model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
     out: list[list[int] | None] = [None] * len(token_ids)
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
-    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 3):
+    # Even one batch gets a bar: it names the phase that is running (a sweep's layer, a split) in the live status.
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not batches):
         batch_edit = None if edit is None else edit.rows(batch.rows)
         # Only plain tensors and the intervention (shipped by value) enter the block: on NDIF it runs on the server.
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}

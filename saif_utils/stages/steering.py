@@ -18,6 +18,7 @@ import torch
 from ..activations import mean_residual_norm
 from ..calibration import CalibrationConfig, Targets, calibrate, initial_weights
 from ..context import RunContext
+from ..progress import tqdm
 from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
 from ..evaluation import judge
 from ..interventions import AddVector
@@ -267,7 +268,8 @@ def tune(setup: SteeringSetup, searches: list[Search]) -> tuple[dict[Search, Con
     summaries: dict[Search, list[dict]] = {search: [] for search in searches}
     best: dict[Search, Condition] = {}
     judged = []
-    for stage_index in range(max(len(stages) for stages in plans.values())):
+    n_stages = max(len(stages) for stages in plans.values())
+    for stage_index in tqdm(range(n_stages), desc="val search stages", leave=False):
         active = [search for search, stages in plans.items() if stage_index < len(stages)]
         todo: list[Condition] = []
         for task, method in active:
