@@ -83,7 +83,8 @@ def run_notebook(notebook: Path, output_dir: Path, parameters: dict, log_output:
             cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output, km=km,
         )
     finally:
-        papermill_engines._engines.pop(engine, None)
+        if engine is not None:  # papermill's default engine is registered under None: never drop it
+            papermill_engines._engines.pop(engine)
     return executed
 
 
