@@ -60,6 +60,7 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
         for r, i in enumerate(batch.rows):
             new = result[r, width:].tolist()
             out[i] = new[: next((j for j, t in enumerate(new) if t in stop_ids), len(new))]
+        del result  # not shipped again with the next batch's remote trace (see models.residual_batches)
     return out
 
 

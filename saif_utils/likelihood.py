@@ -59,6 +59,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         for r, i in enumerate(rows):
             if len(cont_ids[i]):
                 out[i] = float(token_lp[offsets[r]:offsets[r + 1]].mean())
+        del token_lp  # not shipped again with the next batch's remote trace (see models.residual_batches)
     return out
 
 

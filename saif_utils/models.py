@@ -161,13 +161,19 @@ def check_deployed(host: str, model_key: str, timeout: float = 30.0) -> None:
             f"and run this inside its namespace (`bash tools/ndif/ndif.sh exec …`, as `make ndif-up` prints), or "
             f"point NDIF_HOST at a running server"
         ) from None
-    if not any(d.get("model_key") == model_key for d in deployments.values()):
-        served = sorted({d.get("repo_id", name) for name, d in deployments.items()}) or ["nothing"]
+    if model_key not in deployed_keys(deployments):
+        served = sorted(deployed_keys(deployments)) or ["nothing"]
         raise LookupError(
             f"the NDIF server at {host} has not deployed model key {model_key}; it serves {served}. For a local server "
             f"deploy it with `make ndif-up PROFILE=<profile>` (or `bash tools/ndif/ndif.sh deploy <model dir>`); "
             f"on the public NDIF pick a profile whose model `nnsight.status()` lists"
         )
+
+
+def deployed_keys(deployments: dict) -> set[str]:
+    """Model keys in an NDIF `/status` "deployments" map: an entry's `model_key` field where the server gives one
+    (the public NDIF), else the key its name ends with (ndif's own `<replica>:ModelActor:<model key>`)."""
+    return {d.get("model_key") or name.split(":ModelActor:", 1)[-1] for name, d in deployments.items()}
 
 
 @contextmanager
@@ -182,7 +188,10 @@ def server_errors(remote: bool, what: str) -> Iterator[None]:
     try:
         yield
     except RemoteError as err:
-        raise RuntimeError(f"NDIF at {CONFIG.API.HOST} failed while {what}: {err}") from err
+        hint = (" — the request was likely over the server's body-size limit (a local ndif 0.1.2 API takes about "
+                "1 MiB; latent ablation ships the SAE's weights with every trace)"
+                if "error parsing the body" in str(err) else "")
+        raise RuntimeError(f"NDIF at {CONFIG.API.HOST} failed while {what}: {err}{hint}") from err
 
 
 def chat_prompt(tokenizer, user_text: str, assistant_text: str | None = None) -> str:
@@ -263,7 +272,11 @@ def residual_batches(
                 saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu()
             if not remote and deepest < n_layers - 1:
                 tracer.stop()
-        yield batch, dict(saved)
+        found = dict(saved)
+        # A remote trace ships the values its names hold in this frame: the previous batch's residuals would ride
+        # along with the next request (≈ 1 MB each, past the server's body limit).
+        del saved
+        yield batch, found
 
 
 Positions = Literal["last"] | Sequence[int]

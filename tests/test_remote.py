@@ -22,10 +22,14 @@ CAN_RUN = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsente
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason="the local NDIF runs in its own network namespace: needs root and "
                                                     "unshare (CI has both)")
 SECRET = "ndif-dummy-key-51e0a9c4"
-# The headline tables of notebooks 02–05: what the remote run must reproduce exactly.
+# The headline tables of notebooks 02, 03 and 05, which the remote run must reproduce: the same tokens, selections
+# and accuracies; activations and log-probabilities to float rounding, because a local run shares prompt prefixes
+# through a KV cache (a different summation order) and a remote one does not. Notebook 04 is left out: latent
+# ablation ships the SAE's weights with every trace (2.6 MB for the tiny SAEs), past the ≈ 1 MiB request bodies the
+# local ndif 0.1.2 API accepts; remote ablation itself is checked by the probe with a small SAE.
 HEADLINE_TABLES = ("02_feature_discovery/selected_latents.csv", "02_feature_discovery/robustness.csv",
-                   "03_semantic_proximity/proximity.parquet", "04_causal_ablation/ablation.csv",
-                   "05_steering_sweeps/sweep.parquet", "05_steering_sweeps/results.csv")
+                   "03_semantic_proximity/proximity.parquet", "05_steering_sweeps/sweep.parquet",
+                   "05_steering_sweeps/results.csv", "05_steering_sweeps/generations.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_the_server_is_reachable_only_from_its_namespace(local_ndif):
     assert "already running" in again.stdout, again.stdout + again.stderr
 
 
-def test_notebooks_02_to_05_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_run, session_models, tmp_path):
+def test_notebooks_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_run, session_models, tmp_path):
     """The `make reproduce REMOTE=1` runner on the tiny profile (from the local run's SAEs), every trace on the server,
     with HOME, nnsight's config and the cache in temporary folders: the headline tables equal the local run's, and the
     key is in no file the run could write (those folders, the run folder with its executed notebooks) nor its log."""
@@ -104,14 +108,17 @@ def test_notebooks_02_to_05_remote_equal_the_local_run_and_write_no_key(local_nd
     run_env = env | {"HOME": str(home), "NNSIGHT_CONFIG": str(tmp_path / "nnsight" / "config.yaml"),
                      "SAIF_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
     proc = subprocess.run(["bash", str(SCRIPT), "exec", sys.executable, "-m", "saif_utils.pipeline", "--profile", "tiny",
-                           "--remote", "--output-dir", str(run_dir), "--only", "02", "03", "04", "05"],
+                           "--remote", "--output-dir", str(run_dir), "--only", "02", "03", "05"],
                           env=run_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in HEADLINE_TABLES:
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
-        pd.testing.assert_frame_equal(read(run_dir / name), read(local_dir / name), check_exact=True, obj=name)
+        remote, local = read(run_dir / name), read(local_dir / name)
+        pd.testing.assert_frame_equal(remote, local, check_exact=False, rtol=1e-4, atol=1e-6, obj=name)
+        exact = [c for c in local if local[c].dtype.kind != "f" or c.endswith(("_acc", "_ci_low", "_ci_high"))]
+        pd.testing.assert_frame_equal(remote[exact], local[exact], check_exact=True, obj=f"{name} (exact columns)")
     executed = sorted(run_dir.glob("0[2-5]_*/*.ipynb"))
-    assert len(executed) == 4 and all('"remote": true' in p.read_text() or "remote = True" in p.read_text()
+    assert len(executed) == 3 and all('"remote": true' in p.read_text() or "remote = True" in p.read_text()
                                       for p in executed), "the notebooks did not run with remote=True"
     assert SECRET not in proc.stdout + proc.stderr
     leaked = [p for root in (home, cache, tmp_path / "nnsight", run_dir) for p in root.rglob("*")
