@@ -60,11 +60,16 @@ def read_prompt_residuals(ctx: RunContext, prompts: pd.DataFrame, read_at: str) 
 
 
 @torch.inference_mode()
-def encode(sae, resid: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """SAE latent activations `[n, d_sae]` for residuals `[n, d_model]`."""
+def encode(sae, resid: torch.Tensor, batch_size: int = 4096, latents: Sequence[int] | None = None) -> torch.Tensor:
+    """SAE latent activations `[n, d_sae]` for residuals `[n, d_model]`; with `latents`, only their columns `[n, k]`
+    (the full code then exists for one batch at a time, never for all rows)."""
     device = sae.W_dec.device
-    return torch.cat([sae.encode(resid[i:i + batch_size].to(device, torch.float32)).cpu()
-                      for i in range(0, len(resid), batch_size)])
+    cols = None if latents is None else torch.as_tensor(list(latents), dtype=torch.long, device=device)
+    parts = []
+    for i in range(0, len(resid), batch_size):
+        acts = sae.encode(resid[i:i + batch_size].to(device, torch.float32))
+        parts.append((acts if cols is None else acts[:, cols]).cpu())
+    return torch.cat(parts)
 
 
 def mean_residual_norm(model, token_ids: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 16,

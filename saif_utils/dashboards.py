@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from jinja2 import Environment, select_autoescape
 
 from .corpus import CORPUS_SKIP_FIRST
 from .io import atomic_path, cached_json, content_hash
-from .models import read_residual_tokens
+from .activations import encode
+from .models import read_residual_tokens, token_texts
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,6 @@ def held_out_budget(token_ids: Sequence[Sequence[int]], max_tokens: int) -> list
         kept.append(list(ids))
         total += len(ids)
     return kept
-
-
-@torch.inference_mode()
-def latent_columns(sae, resid: torch.Tensor, latents: Sequence[int], batch_size: int = 4096) -> np.ndarray:
-    """Activations `[n_tokens, len(latents)]` of the listed latents (the full `[n, d_sae]` code never exists)."""
-    cols = torch.as_tensor(list(latents), dtype=torch.long)
-    return torch.cat([sae.encode(resid[i:i + batch_size].to(sae.W_dec.device, torch.float32))[:, cols.to(sae.W_dec.device)]
-                      .cpu() for i in range(0, len(resid), batch_size)]).numpy()
 
 
 def latent_cards(acts: np.ndarray, token_ids: Sequence[Sequence[int]], skip_first: int, latents: Sequence[int],
@@ -88,10 +80,9 @@ def all_layer_cards(ctx, latents: dict[int, list[int]], token_ids: list[list[int
     def compute() -> dict:
         resid = read_residual_tokens(ctx.model, token_ids, layers, skip_first=skip_first, batch_size=ctx.batch_size,
                                      remote=ctx.remote, desc="dashboard contexts")
-        distinct = sorted({t for ids in token_ids for t in ids})
-        token_text = dict(zip(distinct, ctx.tokenizer.batch_decode([[t] for t in distinct])))
+        token_text = token_texts(ctx.tokenizer, (t for ids in token_ids for t in ids))
         return {str(layer): {str(k): v for k, v in latent_cards(
-            latent_columns(ctx.saes[layer], resid.pop(layer), latents[layer]), token_ids, skip_first,
+            encode(ctx.saes[layer], resid.pop(layer), latents=latents[layer]).numpy(), token_ids, skip_first,
             latents[layer], token_text, cfg).items()} for layer in layers}
 
     key = {"model": ctx.model_key, "saes": {str(layer): ctx.sae_keys[layer] for layer in layers},

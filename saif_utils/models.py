@@ -161,8 +161,9 @@ def check_deployed(host: str, model_key: str, timeout: float = 30.0) -> None:
             f"and run this inside its namespace (`bash tools/ndif/ndif.sh exec …`, as `make ndif-up` prints), or "
             f"point NDIF_HOST at a running server"
         ) from None
-    if model_key not in deployed_keys(deployments):
-        served = sorted(deployed_keys(deployments)) or ["nothing"]
+    served = deployed_keys(deployments)
+    if model_key not in served:
+        served = sorted(served) or ["nothing"]
         raise LookupError(
             f"the NDIF server at {host} has not deployed model key {model_key}; it serves {served}. For a local server "
             f"deploy it with `make ndif-up PROFILE=<profile>` (or `bash tools/ndif/ndif.sh deploy <model dir>`); "
@@ -208,6 +209,12 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> 
     """Token ids of already-formatted texts: special tokens come from the chat template, never added twice."""
     return tokenizer(list(texts), add_special_tokens=False, truncation=max_length is not None,
                      max_length=max_length)["input_ids"]
+
+
+def token_texts(tokenizer, token_ids) -> dict[int, str]:
+    """Each distinct token id → its text, decoded once (pages and lenses repeat the same tokens thousands of times)."""
+    distinct = sorted(set(token_ids))
+    return dict(zip(distinct, tokenizer.batch_decode([[t] for t in distinct])))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .io import cached_json, content_hash
-from .models import chat_prompt, read_residual, server_errors, tokenize
+from .models import chat_prompt, read_residual, server_errors, token_texts, tokenize
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -40,9 +40,7 @@ def logit_lens(model, directions: torch.Tensor, top_n: int = 20, remote: bool = 
         bottom = torch.topk(-logits, top_n, dim=-1).indices.cpu().save()
         if not remote:
             tracer.stop()
-    # Decode each distinct token once (thousands of directions share most of their top tokens).
-    distinct = torch.unique(torch.cat([top, bottom])).tolist()
-    text = dict(zip(distinct, model.tokenizer.batch_decode([[t] for t in distinct])))
+    text = token_texts(model.tokenizer, torch.cat([top, bottom]).flatten().tolist())
     return [{"top_tokens": [text[t] for t in t_row], "bottom_tokens": [text[t] for t in b_row]}
             for t_row, b_row in zip(top.tolist(), bottom.tolist())]
 
