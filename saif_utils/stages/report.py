@@ -303,19 +303,14 @@ def tables_markdown(run_dir: Path) -> list[str]:
         ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv", steering_table),
         ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
          "04_causal_ablation/ablation.csv", ablation_table),
-        ("SAE quality, every SAE family on the same held-out text — `01_sae_loading/sae_families.csv`",
-         "01_sae_loading/sae_families.csv", sae_quality_table),
-        ("SAE quality — `01_sae_loading/sae_metrics.csv`", "01_sae_loading/sae_metrics.csv", sae_quality_table),
+        ("SAE quality, every SAE family on the same held-out text — `01_sae_loading/sae_metrics.csv`",
+         "01_sae_loading/sae_metrics.csv", sae_quality_table),
         ("Feature discovery, post position, content contrast — `02_feature_discovery/summary.csv`",
          "02_feature_discovery/summary.csv",
          lambda df: markdown_table(df[(df["position"] == "post") & (df["contrast"] == "content")][
              ["task", "layer", "n_pairs", "n_consistent", "max_consistency", "bootstrap_jaccard", "bootstrap_ci_low",
               "bootstrap_ci_high", "n_bootstrap", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"]])),
     ]
-    if (Path(run_dir) / "01_sae_loading/sae_families.csv").is_file():  # the same rows and more: show one of the two
-        sections = [s for s in sections if s[1] != "01_sae_loading/sae_metrics.csv"]
-    else:
-        sections = [s for s in sections if s[1] != "01_sae_loading/sae_families.csv"]
     parts = []
     for title, name, render in sections:
         parts += [f"## {title}", ""]

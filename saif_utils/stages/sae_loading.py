@@ -34,13 +34,13 @@ class SAELoadingConfig:
 
 @dataclass(frozen=True)
 class SAELoadingResult:
-    """Each layer's SAE entry (`sae`, `path`, `source`, `record`), its quality metrics and per-latent firing rates,
-    and the same metrics for every SAE family of the profile on the same held-out tokens (empty with one family)."""
+    """Each layer's SAE entry (`sae`, `path`, `source`, `record`), per-latent firing rates of the family in use, and
+    quality metrics with a row per (family, layer): every SAE family of the profile on the same held-out tokens,
+    the family in use first."""
 
     saes: dict[int, dict]
     metrics: pd.DataFrame
     firing: pd.DataFrame
-    family_metrics: pd.DataFrame
 
 
 def run(profile: Profile, run_dir: RunDir, cfg: SAELoadingConfig) -> SAELoadingResult:
@@ -57,14 +57,12 @@ def run(profile: Profile, run_dir: RunDir, cfg: SAELoadingConfig) -> SAELoadingR
             other_metrics, _ = sae_metrics_table(model, other, profile_saes(model, other), eval_ids,
                                                  n_ce_tokens=cfg.n_ce_tokens)
             per_family.append(other_metrics.assign(family=family.name))
-    family_metrics = pd.concat(per_family, ignore_index=True) if len(per_family) > 1 else metrics.iloc[:0]
+    metrics = pd.concat(per_family, ignore_index=True)
     out = run_dir.stage(NAME)
     write_table(metrics, out / "sae_metrics.csv")
     write_table(firing, out / "latent_firing.parquet")
-    if len(family_metrics):
-        write_table(family_metrics, out / "sae_families.csv")
     write_json({str(layer): _manifest_entry(entry) for layer, entry in saes.items()}, out / "saes.json")
-    return SAELoadingResult(saes, metrics, firing, family_metrics)
+    return SAELoadingResult(saes, metrics, firing)
 
 
 def _manifest_entry(entry: dict) -> dict:
