@@ -66,29 +66,31 @@ def latent_firing(firing: pd.DataFrame, model_name: str):
 
 
 def sae_quality(metrics: pd.DataFrame, targets: dict):
-    """Explained variance, spliced cross-entropy increase and CE loss recovered per layer, one bar per SAE family
-    (`family` column; a single family is one colour), dashed lines at the targets."""
+    """Explained variance, spliced cross-entropy increase and CE loss recovered per layer with their 95 % CIs (texts
+    resampled), one colour per SAE family (`family` column; a single family is one colour), dashed lines at the targets."""
     import matplotlib.pyplot as plt
 
-    hue = "family" if metrics.get("family", pd.Series(dtype=str)).ne("").any() else None
-    plot_df = metrics.assign(family=metrics["family"] + " (" + metrics["d_sae"].map("{:,}".format) + " latents, k "
-                             + metrics["k"].astype(str) + ")") if hue else metrics
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    panels = (("explained_variance", "explained variance", targets["explained_variance"]),
-              ("ce_increase", "CE increase, SAE spliced in (nats)", targets["ce_increase"]),
-              ("ce_recovered", "CE loss recovered (vs zero-ablation)", None))
+    family = metrics.get("family", pd.Series("", index=metrics.index)).fillna("").astype(str)  # "" read back is NaN
+    has_family = family.ne("").any()
+    names = (family + " (" if has_family else "") + metrics["d_sae"].map("{:,}".format) + " latents, k " \
+        + metrics["k"].astype(str) + (")" if has_family else "")
+    plot_df = metrics.assign(sae=names, layer_label="layer " + metrics["layer"].astype(str)).sort_values("layer")
+    n_rows = plot_df["layer"].nunique() * plot_df["sae"].nunique()
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.5, 0.35 * n_rows + 2.2)), sharey=True)
+    panels = (("explained_variance", f"explained variance (n = {int(metrics['n_texts'].iloc[0])} texts, "
+               f"{int(metrics['n_tokens'].iloc[0]):,} tokens)", targets["explained_variance"]),
+              ("ce_increase", f"CE increase, SAE spliced in, nats (n = {int(metrics['n_ce_texts'].iloc[0])} texts, "
+               f"{int(metrics['n_ce_predictions'].iloc[0]):,} predictions)", targets["ce_increase"]),
+              ("ce_recovered", "CE loss recovered (vs zero-ablating the layer)", None))
     for ax, (column, title, target) in zip(axes, panels):
-        sns.barplot(data=plot_df, x="layer", y=column, hue=hue, ax=ax, palette="Set2" if hue else None)
+        ci_dotplot(ax, plot_df, column, "layer_label", "sae", palette="Set2")
         if target is not None:
-            ax.axhline(target, ls="--", c="k", lw=1)
-        ax.set(title=title, ylabel="")
-        if ax is not axes[0] and ax.get_legend():
-            ax.get_legend().remove()
-    axes[0].set_ylim(0, 1)
-    axes[2].set_ylim(min(0.0, float(metrics["ce_recovered"].min())), 1)
-    fig.suptitle(f"SAE quality on the same held-out text (n = {int(metrics['n_tokens'].iloc[0]):,} tokens, "
-                 f"{int(metrics['n_ce_predictions'].iloc[0]):,} CE predictions; dashed: targets)")
-    fig.tight_layout()
+            ax.axvline(target, ls="--", c="k", lw=1)
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle("SAE quality on the same held-out text, 95 % bootstrap CIs over texts (dashed: targets)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 

@@ -5,6 +5,7 @@ import difflib
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -227,24 +228,35 @@ def _inference_sae(training_sae):
 
 # ---------------------------------------------------------------- evaluation
 @torch.inference_mode()
-def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096) -> dict:
-    """Explained variance (1 − FVU over the whole set), mean L0, dead fraction and per-latent firing frequency."""
-    sq_err = 0.0
+def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096, lengths: Sequence[int] | None = None) -> dict:
+    """Explained variance (1 − FVU over the whole set), mean L0, dead fraction and per-latent firing frequency; with
+    `lengths` (tokens per text, `acts` their concatenation), also each text's sums (`per_text`: squared error,
+    squared deviation from the set's mean, tokens), the units a confidence interval resamples."""
+    x_all = torch.from_numpy(np.array(acts, dtype=np.float32))  # a writable copy: `acts` may be a read-only memmap
+    mean = x_all.mean(0)
+    sq_err, deviation = torch.empty(len(x_all), dtype=torch.float64), torch.empty(len(x_all), dtype=torch.float64)
     l0_sum = 0.0
     fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    x_all = torch.from_numpy(np.ascontiguousarray(acts)).float()
-    total_var = ((x_all - x_all.mean(0)) ** 2).sum().item()
     for start in range(0, x_all.shape[0], batch_size):
         x = x_all[start:start + batch_size].to(sae.W_dec.device)
         feats = sae.encode(x)
         recon = sae.decode(feats)
-        sq_err += ((x - recon) ** 2).sum().item()
+        sq_err[start:start + len(x)] = ((x - recon) ** 2).sum(-1).double().cpu()
+        deviation[start:start + len(x)] = ((x - mean.to(x.device)) ** 2).sum(-1).double().cpu()
         active = feats > 0
         l0_sum += active.sum().item()
         fire_counts += active.sum(0).cpu()
     n = x_all.shape[0]
-    return {"n_tokens": n, "explained_variance": 1 - sq_err / total_var, "l0": l0_sum / n,
-            "dead_frac": (fire_counts == 0).float().mean().item(), "firing_freq": (fire_counts / n).numpy()}
+    metrics = {"n_tokens": n, "explained_variance": 1 - sq_err.sum().item() / deviation.sum().item(), "l0": l0_sum / n,
+               "dead_frac": (fire_counts == 0).float().mean().item(), "firing_freq": (fire_counts / n).numpy()}
+    if lengths is not None:
+        if sum(lengths) != n:
+            raise ValueError(f"lengths sum to {sum(lengths)} tokens but acts has {n} rows")
+        text = np.repeat(np.arange(len(lengths)), lengths)
+        metrics["per_text"] = {"sq_err": np.bincount(text, sq_err.numpy(), len(lengths)),
+                               "deviation": np.bincount(text, deviation.numpy(), len(lengths)),
+                               "n": np.asarray(lengths)}
+    return metrics
 
 
 @torch.inference_mode()
@@ -252,7 +264,8 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                           skip_first: int = 1, remote: bool = False) -> dict[int, dict]:
     """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
     with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
-    every real token after the first `skip_first` (the splice and the ablation skip them too)."""
+    every real token after the first `skip_first` (the splice and the ablation skip them too). `per_text` holds each
+    text's sums of the same quantities and its number of predictions, the units a confidence interval resamples."""
     from .interventions import SAEWeights
     from .logits import LOGIT_CHUNK, vocab_logprobs
 
@@ -274,32 +287,34 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                 tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
         return saved
 
-    def add_scores(totals, clean, edited, targets):
-        """`totals` plus this batch's cross-entropy sums and KL, the LM head run in chunks where the weights are (an
-        nnsight trace: the module calls are ad hoc, the traced one-token input is never read)."""
+    def scores(clean, edited, targets):
+        """Per prediction [n]: clean, spliced and zero-ablated cross-entropy and KL(clean ‖ spliced) for every layer,
+        the LM head run in chunks where the weights are (an nnsight trace: the module calls are ad hoc, the traced
+        one-token input is never read)."""
         with server_errors(remote, "scoring SAE splices"), \
                 model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
             device = model.lm_head.weight.device
-            running = nnsight.save({layer: dict(t) for layer, t in totals.items()})
+            parts = {"ce_clean": [], **{(layer, name): [] for layer in edited for name in ("ce_spliced", "ce_zero", "kl")}}
             for start in range(0, len(targets), LOGIT_CHUNK):
                 rows = slice(start, start + LOGIT_CHUNK)
                 chunk_targets = targets[rows].to(device)
                 lp_clean = vocab_logprobs(model, clean[rows].to(device))  # once per chunk, shared by every layer
-                ce_clean = -lp_clean.gather(1, chunk_targets).sum().item()
+                parts["ce_clean"].append(-lp_clean.gather(1, chunk_targets)[:, 0].cpu())
                 for layer, (spliced, zeroed) in edited.items():
                     lp_spliced = vocab_logprobs(model, spliced[rows].to(device))
                     lp_zero = vocab_logprobs(model, zeroed[rows].to(device))
-                    running[layer]["ce_clean"] += ce_clean
-                    running[layer]["ce_spliced"] -= lp_spliced.gather(1, chunk_targets).sum().item()
-                    running[layer]["ce_zero"] -= lp_zero.gather(1, chunk_targets).sum().item()
-                    running[layer]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
+                    parts[layer, "ce_spliced"].append(-lp_spliced.gather(1, chunk_targets)[:, 0].cpu())
+                    parts[layer, "ce_zero"].append(-lp_zero.gather(1, chunk_targets)[:, 0].cpu())
+                    parts[layer, "kl"].append((lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).cpu())
+            per_prediction = nnsight.save({name: torch.cat(values) for name, values in parts.items()})
             if not remote:
                 tracer.stop()
-        return running
+        return per_prediction
 
-    totals = {layer: {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for layer in saes}
-    n_pred = 0
-    for batch in length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id):
+    names = ("ce_clean", "ce_spliced", "ce_zero", "kl")
+    per_text = {layer: {name: np.zeros(len(token_ids)) for name in (*names, "n")} for layer in saes}
+    batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
+    for batch in tqdm(batches, desc=f"spliced CE ({len(saes)} SAEs)", leave=False, disable=len(batches) < 4):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         width = batch.input_ids.shape[1]
         starts = torch.tensor([width - len(token_ids[i]) for i in batch.rows])
@@ -310,9 +325,19 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         edited = {layer: (final_hidden(inputs, keep, layer, splice, reconstruct[layer]),
                           final_hidden(inputs, keep, layer, splice))
                   for layer in saes}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
-        totals = add_scores(totals, clean, edited, targets)
-        n_pred += int(keep.sum())
-    return {layer: {k: v / n_pred for k, v in t.items()} | {"n_predictions": n_pred} for layer, t in totals.items()}
+        scored = scores(clean, edited, targets)
+        text = np.repeat(np.asarray(batch.rows), keep.sum(1).numpy())  # the text each prediction belongs to
+        for layer, sums in per_text.items():
+            for name in names:
+                values = scored[name] if name == "ce_clean" else scored[layer, name]
+                sums[name] += np.bincount(text, values.double().numpy(), len(token_ids))
+            sums["n"] += np.bincount(text, minlength=len(token_ids))
+    out = {}
+    for layer, sums in per_text.items():
+        n_pred = int(sums["n"].sum())
+        out[layer] = {name: float(sums[name].sum()) / n_pred for name in names} | {"n_predictions": n_pred,
+                                                                                    "per_text": sums}
+    return out
 
 
 # ---------------------------------------------------------------- a profile's SAEs
@@ -466,27 +491,41 @@ def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[
     ce = spliced_cross_entropy(model, {layer: e["sae"] for layer, e in saes.items()}, ce_ids,
                                batch_size=profile.batch_size, skip_first=skip_first, remote=profile.remote)
     rows, firing = [], []
+    eval_lengths = [len(ids) - skip_first for ids in eval_ids]
     for layer, entry in saes.items():
         sae = entry["sae"]
-        rec = reconstruction_metrics(sae, eval_acts[layer].numpy())
+        rec = reconstruction_metrics(sae, eval_acts[layer].numpy(), lengths=eval_lengths)
         rows.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
-                     "n_tokens": rec["n_tokens"], "explained_variance": rec["explained_variance"], "l0": rec["l0"],
+                     "n_tokens": rec["n_tokens"], "n_texts": len(eval_ids), "l0": rec["l0"],
                      "dead_frac": rec["dead_frac"], "ce_clean": ce[layer]["ce_clean"],
                      "ce_spliced": ce[layer]["ce_spliced"], "ce_zero_ablated": ce[layer]["ce_zero"],
-                     "kl": ce[layer]["kl"],
-                     "n_ce_predictions": ce[layer]["n_predictions"], "source": entry["source"]})
+                     "kl": ce[layer]["kl"], "n_ce_predictions": ce[layer]["n_predictions"],
+                     "n_ce_texts": len(ce_ids), "source": entry["source"]}
+                    | _metric_cis(rec["per_text"], ce[layer]["per_text"]))
         firing.append(pd.DataFrame({"layer": layer, "latent": range(sae.cfg.d_sae), "firing_freq": rec["firing_freq"]}))
+    columns = ["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_spliced",
+               "ce_zero_ablated", "kl", "n_ce_predictions", "source", "ce_increase", "ce_recovered"]
     metrics = pd.DataFrame(rows)
-    metrics["ce_increase"] = metrics["ce_spliced"] - metrics["ce_clean"]
-    # "CE loss recovered": 1 when the splice costs nothing, 0 when it is as bad as deleting the layer's residual.
-    metrics["ce_recovered"] = ((metrics["ce_zero_ablated"] - metrics["ce_spliced"])
-                               / (metrics["ce_zero_ablated"] - metrics["ce_clean"]))
+    metrics = metrics[columns + [c for c in metrics if c not in columns]]
     ce_ok = ((metrics["ce_increase"] <= METRIC_TARGETS["ce_increase"])
              | (metrics["layer"] > METRIC_TARGETS["ce_layers_upto"]))
     metrics["meets_targets"] = ((metrics["explained_variance"] >= METRIC_TARGETS["explained_variance"])
                                 & (metrics["l0"] <= METRIC_TARGETS["l0"])
                                 & (metrics["dead_frac"] <= METRIC_TARGETS["dead_frac"]) & ce_ok)
     return metrics, pd.concat(firing, ignore_index=True)
+
+
+def _metric_cis(reconstruction: dict, ce: dict) -> dict:
+    """Explained variance, CE increase and CE loss recovered with 95 % CIs, texts resampled (ratios of per-text sums)."""
+    from .stats import ratio_ci
+
+    unexplained, low, high = ratio_ci(reconstruction["sq_err"], reconstruction["deviation"])
+    row = {"explained_variance": 1 - unexplained, "explained_variance_ci_low": 1 - high,
+           "explained_variance_ci_high": 1 - low}
+    for name, numer, denom in (("ce_increase", ce["ce_spliced"] - ce["ce_clean"], ce["n"]),
+                               ("ce_recovered", ce["ce_zero"] - ce["ce_spliced"], ce["ce_zero"] - ce["ce_clean"])):
+        row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = ratio_ci(numer, denom)
+    return row
 
 
 def load_recorded_sae(entry: dict, device: str = "cpu"):

@@ -1,4 +1,4 @@
-"""Accuracy tables with 95 % bootstrap CIs, and the objective that chooses a steering configuration."""
+"""Accuracy tables and ratios of sums with 95 % bootstrap CIs, and the objective that chooses a steering configuration."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,6 +19,24 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000
     res = bootstrap((arr,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
                     random_state=np.random.default_rng(seed))
     return float(arr.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def ratio_ci(numer: Sequence[float], denom: Sequence[float], seed: int = 0, n_resamples: int = 2000
+             ) -> tuple[float, float, float]:
+    """(Σ numer / Σ denom, 95 % CI low, high): a ratio of sums over units (e.g. texts) resampled in pairs by scipy's
+    percentile bootstrap, so that tokens of one text, which are not independent, stay together."""
+    from scipy.stats import bootstrap
+
+    numer, denom = np.asarray(numer, dtype=float), np.asarray(denom, dtype=float)
+    if numer.size == 0 or numer.shape != denom.shape:
+        raise ValueError(f"ratio_ci: need two equal-length non-empty samples, got {numer.shape} and {denom.shape}")
+    value = float(numer.sum() / denom.sum())
+    if numer.size == 1:
+        return value, value, value
+    res = bootstrap((numer, denom), lambda a, b, axis: a.sum(axis) / b.sum(axis), paired=True, vectorized=True,
+                    n_resamples=n_resamples, confidence_level=0.95, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return value, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:

@@ -80,6 +80,9 @@ def test_01_writes_sae_metrics_for_every_layer(tiny_run, tiny_profile):
     assert (metrics["ce_zero_ablated"] > metrics["ce_spliced"]).all()
     assert metrics["ce_recovered"].between(0, 1, inclusive="neither").all()
     assert all(math.isfinite(v) for v in metrics[["ce_clean", "ce_spliced", "kl"]].to_numpy().ravel())
+    for name in ("explained_variance", "ce_increase", "ce_recovered"):  # 95 % CIs over texts bracket each value
+        assert (metrics[f"{name}_ci_low"] < metrics[name]).all() and (metrics[name] < metrics[f"{name}_ci_high"]).all()
+    assert (metrics["n_texts"] >= metrics["n_ce_texts"]).all() and (metrics["n_ce_texts"] > 1).all()
     assert (stage / "01_sae_loading.ipynb").is_file() and (stage / "latent_firing.png").is_file()
     assert (stage / "sae_quality.png").is_file() and (stage / "sae_learning_curves.png").is_file()
     assert (stage / "saes.json").is_file() and (output_dir / "timings.csv").is_file()

@@ -98,6 +98,13 @@ def test_explained_variance_on_known_reconstructions(decoder_scale, offset, expe
     assert m["n_tokens"] == 8
     if offset == 0:  # each row has one non-zero coordinate, so exactly one of the 8 latents fires on it
         assert m["l0"] == 1.0 and m["dead_frac"] == 0.0 and m["firing_freq"].tolist() == [0.125] * 8
+    # Split into texts of 3, 1 and 4 tokens, the per-text sums add up to the set's and give the same ratio.
+    per_text = reconstruction_metrics(_signed_identity_sae(decoder_scale), acts, batch_size=3, lengths=[3, 1, 4])["per_text"]
+    assert per_text["n"].tolist() == [3, 1, 4]
+    assert per_text["deviation"].tolist() == pytest.approx([3, 1, 4])  # every row lies at distance 1 from the mean
+    assert 1 - per_text["sq_err"].sum() / per_text["deviation"].sum() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="lengths sum to 7 tokens but acts has 8 rows"):
+        reconstruction_metrics(_signed_identity_sae(decoder_scale), acts, lengths=[3, 4])
 
 
 @pytest.mark.parametrize("family", [f.name for f in PROFILES["default"].sae_families])
@@ -186,6 +193,13 @@ def test_spliced_cross_entropy_against_a_plain_forward(tiny_model):
         nll -= lp.gather(-1, torch.tensor(row[2:])[:, None]).sum().item()
         n += len(row) - 2
     assert got["n_predictions"] == n
+    # Per-text sums: each text's own predictions, in the order the texts were given (batches sort them by length).
+    assert got["per_text"]["n"].tolist() == [len(row) - 2 for row in ids]
+    for i, row in enumerate(ids):
+        with torch.inference_mode():
+            lp = tiny_model._module(torch.tensor([row])).logits[0, 1:-1].float().log_softmax(-1)
+        assert got["per_text"]["ce_clean"][i] == pytest.approx(-lp.gather(-1, torch.tensor(row[2:])[:, None]).sum().item(),
+                                                               rel=1e-4)
     assert got["ce_clean"] == pytest.approx(nll / n, abs=1e-4)
     assert got["ce_spliced"] == pytest.approx(got["ce_clean"], abs=1e-5) and abs(got["kl"]) < 1e-5
     assert got["ce_zero"] > got["ce_clean"] + 1

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saif_utils.stats import accuracy_table, bootstrap_ci, selection_objective
+from saif_utils.stats import accuracy_table, bootstrap_ci, ratio_ci, selection_objective
 
 
 def test_bootstrap_ci_brackets_the_mean():
@@ -28,3 +28,16 @@ def test_selection_objective_counts_degenerate_responses_as_failures():
     table = pd.DataFrame({"checker_strict_acc": [1.0, 0.4], "checker_loose_acc": [1.0, 0.6], "strict_acc": [0.1, 0.4],
                           "loose_acc": [0.2, 0.6]})
     assert selection_objective(table).tolist() == pytest.approx([0.3, 1.0])
+
+
+def test_ratio_ci_resamples_units_in_pairs():
+    # Texts with very different lengths: the ratio of sums weights by length (≠ the mean of per-text ratios, 0.5).
+    numer, denom = [1.0, 9.0, 2.0, 8.0], [10.0, 10.0, 1.0, 1.0]
+    value, low, high = ratio_ci(numer, denom)
+    assert value == pytest.approx(20 / 22)
+    assert low < value < high and 0 <= low and high <= 10
+    # Resampled in pairs: when numer is always half of denom, every resample gives exactly 0.5.
+    assert ratio_ci([1.0, 3.0, 5.0], [2.0, 6.0, 10.0]) == pytest.approx((0.5, 0.5, 0.5))
+    assert ratio_ci([2.0], [4.0]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="equal-length non-empty"):
+        ratio_ci([1.0, 2.0], [1.0])

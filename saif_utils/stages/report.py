@@ -290,9 +290,16 @@ def dashboards_markdown(run_dir: Path) -> list[str]:
 
 
 def sae_quality_table(metrics: pd.DataFrame) -> str:
-    """Markdown: one row per SAE (family, layer) with its held-out reconstruction and spliced cross-entropy numbers."""
-    columns = ["family", "layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean",
-               "ce_spliced", "ce_increase", "ce_recovered", "kl", "n_ce_predictions", "meets_targets", "source"]
+    """Markdown: one row per SAE (family, layer) with its held-out reconstruction and spliced cross-entropy numbers,
+    explained variance, CE increase and CE recovered with 95 % CIs over texts (n texts in the headers)."""
+    metrics = metrics.copy()
+    for name in ("explained_variance", "ce_increase", "ce_recovered"):
+        if f"{name}_ci_low" in metrics:  # tables written before the CIs existed show the value alone
+            metrics[name] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
+                             zip(metrics[name], metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"])]
+    columns = ["family", "layer", "d_sae", "k", "n_texts", "n_tokens", "explained_variance", "l0", "dead_frac",
+               "n_ce_texts", "n_ce_predictions", "ce_clean", "ce_spliced", "ce_increase", "ce_recovered", "kl",
+               "meets_targets", "source"]
     return markdown_table(metrics[[c for c in columns if c in metrics]])
 
 
