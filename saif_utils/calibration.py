@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from .interventions import AddVector
 from .logits import scored_token_logprob
 from .models import length_buckets, server_errors
 from .progress import tqdm
+from .stats import ratio_ci
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,24 @@ def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+class SteeredNLL(NamedTuple):
+    """What `steered_nll` measured on a batch of targets."""
+
+    total: float
+    """Summed NLL of every response token."""
+    n_tokens: int
+    grad: torch.Tensor | None
+    """d total / d params (with `backward`)."""
+    row_nll: np.ndarray
+    """Each target's summed NLL, in the order given (the units a confidence interval resamples)."""
+    row_tokens: np.ndarray
+
+
 def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
-                backward: bool = False, remote: bool = False) -> tuple[float, int, torch.Tensor | None]:
+                backward: bool = False, remote: bool = False) -> SteeredNLL:
     """Summed negative log-likelihood of the responses (teacher-forced) with the vector `params @ basis` (`basis` None:
     `params` is the vector) added to decoder block `layer`'s output at every position, as steered generation adds it;
-    the number of response tokens; and with `backward` the gradient of the sum with respect to `params`.
+    the number of response tokens; with `backward` the gradient of the sum with respect to `params`; and per target.
 
     The vector is built and differentiated inside the trace, so on NDIF the server computes the gradient and only it
     travels back; `autograd.grad` (not `backward`) leaves the model's own weights without a `.grad`."""
@@ -108,25 +123,41 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         resid = model.model.layers[layer].output
         resid[:] = resid + AddVector(vector).delta(resid)
         hidden = model.model.norm.output[:, :-1][predicts.to(resid.device)]
-        nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device)).sum()
+        token_nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
+        nll = token_nll.sum()  # bit-identical to summing first and negating after: negation is exact
         if backward:
             grad = torch.autograd.grad(nll, leaf)[0].cpu().save()
         total = nll.detach().cpu().save()
+        per_token = token_nll.detach().cpu().save()
         if not remote:
             tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
-    return float(total), int(predicts.sum()), grad
+    # `predicts` is row-major: each batch row's predictions are contiguous; batch row r holds target batch.rows[r].
+    row_tokens = np.zeros(len(full), dtype=np.int64)
+    row_tokens[batch.rows] = predicts.sum(1).numpy()
+    row_nll = np.zeros(len(full))
+    row_nll[batch.rows] = [part.double().sum().item() for part in per_token.split(predicts.sum(1).tolist())]
+    return SteeredNLL(float(total), int(predicts.sum()), grad, row_nll, row_tokens)
+
+
+def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
+               remote: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`, and each target's
+    summed NLL and response length (for a confidence interval over targets)."""
+    total, n, row_nll, row_tokens = 0.0, 0, [], []
+    with torch.no_grad():
+        for start in range(0, len(targets), batch_size):
+            rows = range(len(targets))[start:start + batch_size]
+            part = steered_nll(model, layer, params, basis, targets.subset(rows), remote=remote)
+            total, n = total + part.total, n + part.n_tokens
+            row_nll.append(part.row_nll)
+            row_tokens.append(part.row_tokens)
+    return total / n, np.concatenate(row_nll), np.concatenate(row_tokens)
 
 
 def mean_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
              remote: bool = False) -> float:
     """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(targets), batch_size):
-            rows = range(len(targets))[start:start + batch_size]
-            part_total, part_n, _ = steered_nll(model, layer, params, basis, targets.subset(rows), remote=remote)
-            total, n = total + part_total, n + part_n
-    return total / n
+    return target_nll(model, layer, params, basis, targets, batch_size, remote)[0]
 
 
 @dataclass(frozen=True)
@@ -135,7 +166,8 @@ class Calibration:
 
     params: torch.Tensor
     history: pd.DataFrame
-    """One row per round (0 = the initial vector): train_nll, val_nll, n_active, best."""
+    """One row per round (0 = the initial vector): train_nll, val_nll (each with a 95 % CI over targets), n_active,
+    best."""
     active: torch.Tensor
 
 
@@ -153,9 +185,12 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
     order = torch.Generator().manual_seed(cfg.seed)
 
     def evaluate() -> dict:
-        return {"train_nll": mean_nll(model, layer, params, basis, train, cfg.batch_size, remote),
-                "val_nll": mean_nll(model, layer, params, basis, val, cfg.batch_size, remote),
-                "n_active": int(active.sum()) if active is not None else params.numel()}
+        row = {"n_active": int(active.sum()) if active is not None else params.numel()}
+        for split, targets in (("train", train), ("val", val)):
+            mean, row_nll, row_tokens = target_nll(model, layer, params, basis, targets, cfg.batch_size, remote)
+            _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)
+            row |= {f"{split}_nll": mean, f"{split}_nll_ci_low": low, f"{split}_nll_ci_high": high}
+        return row
 
     history = [{"round": 0} | evaluate()]
     best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_nll"], active, 0
@@ -164,8 +199,8 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
             permutation = torch.randperm(len(train), generator=order).tolist()
             for start in range(0, len(train), cfg.batch_size):
                 batch = train.subset(permutation[start:start + cfg.batch_size])
-                _, n_tokens, grad = steered_nll(model, layer, params, basis, batch, backward=True, remote=remote)
-                params.grad = grad / n_tokens  # the step follows the batch's mean per-token NLL
+                step = steered_nll(model, layer, params, basis, batch, backward=True, remote=remote)
+                params.grad = step.grad / step.n_tokens  # the step follows the batch's mean per-token NLL
                 optimiser.step()
                 if active is not None:
                     with torch.no_grad():

@@ -189,9 +189,10 @@ def server_errors(remote: bool, what: str) -> Iterator[None]:
     try:
         yield
     except RemoteError as err:
-        hint = (" — the request was likely over the server's body-size limit (a local ndif 0.1.2 API takes about "
-                "1 MiB; latent ablation ships the SAE's weights with every trace)"
-                if "error parsing the body" in str(err) else "")
+        hint = (" — the request was likely over 1 MiB (latent ablation ships the SAE's weights with every trace), "
+                "which an ndif 0.1.2 API refuses unless its processes import anyio before nnsight, as "
+                "tools/ndif/plugin/sitecustomize.py makes the local server do" if "error parsing the body" in str(err)
+                else "")
         raise RuntimeError(f"NDIF at {CONFIG.API.HOST} failed while {what}: {err}{hint}") from err
 
 
@@ -281,7 +282,7 @@ def residual_batches(
                 tracer.stop()
         found = dict(saved)
         # A remote trace ships the values its names hold in this frame: the previous batch's residuals would ride
-        # along with the next request (≈ 1 MB each, past the server's body limit).
+        # along with the next request (≈ 1 MB each).
         del saved
         yield batch, found
 

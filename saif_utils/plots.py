@@ -286,8 +286,9 @@ def _with_n(rows: pd.DataFrame, column: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- calibration
 def calibration_rounds(history: pd.DataFrame):
-    """Validation (solid) and train (dashed) NLL of the target responses per calibration round, one panel per
-    calibrating method, one colour per task; round 0 is SAIF's vector, the ringed dot the round kept."""
+    """Validation (solid, shaded: 95 % CI over targets) and train (dashed) NLL of the target responses per calibration
+    round, one panel per calibrating method, one colour per task; round 0 is SAIF's vector, the ringed dot the round
+    kept."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -304,6 +305,8 @@ def calibration_rounds(history: pd.DataFrame):
             n_train, n_val = int(rows["n_train_targets"].iloc[0]), int(rows["n_val_targets"].iloc[0])
             ax.plot(rows["round"], rows["val_nll"], "o-", ms=3, color=colours[task],
                     label=f"{task} (n = {n_train} train / {n_val} val)")
+            ax.fill_between(rows["round"], rows["val_nll_ci_low"], rows["val_nll_ci_high"], color=colours[task],
+                            alpha=0.12, lw=0)
             ax.plot(rows["round"], rows["train_nll"], "--", color=colours[task], alpha=0.6)
             kept = rows[rows["best"]]
             ax.scatter(kept["round"], kept["val_nll"], s=80, facecolors="none", edgecolors=colours[task])

@@ -80,8 +80,8 @@ def main(profile_name: str, out_path: str) -> None:
     report |= {"lens_local": logit_lens(local, directions, 5), "lens_remote": logit_lens(remote, directions, 5, True)}
     # Calibration: the gradient of the steered NLL with respect to latent weights, computed on the server.
     targets, weights = Targets(prefix, gen_local), torch.tensor([2.0, -1.0, 0.5, 1.5])
-    nll_local, _, grad_local = steered_nll(local, layers[0], weights, directions[:4], targets, backward=True)
-    nll_remote, _, grad_remote = steered_nll(remote, layers[0], weights, directions[:4], targets, backward=True,
+    nll_local, _, grad_local, *_ = steered_nll(local, layers[0], weights, directions[:4], targets, backward=True)
+    nll_remote, _, grad_remote, *_ = steered_nll(remote, layers[0], weights, directions[:4], targets, backward=True,
                                              remote=True)
     report |= {"calibration_nll_abs_diff": abs(nll_local - nll_remote),
                "calibration_grad_max_abs_diff": float((grad_local - grad_remote).abs().max()),

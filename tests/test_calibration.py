@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saif_utils.calibration import CalibrationConfig, Targets, calibrate, initial_weights, mean_nll
+from saif_utils.calibration import CalibrationConfig, Targets, calibrate, initial_weights, mean_nll, target_nll
 from saif_utils.interventions import AddVector
 from saif_utils.likelihood import continuation_logprob
 from saif_utils.models import chat_prompt
@@ -44,6 +44,11 @@ def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
     n_tokens = np.array([len(r) for r in train.response_ids])
     expected = -(per_row * n_tokens).sum() / n_tokens.sum()
     assert mean_nll(tiny_model, LAYER, vector, None, train, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    # Per target, in the order given (a batch sorts its rows by length): the same log-probs, summed per response.
+    mean, row_nll, row_tokens = target_nll(tiny_model, LAYER, vector, None, train, batch_size=4)
+    assert row_tokens.tolist() == n_tokens.tolist()
+    assert row_nll == pytest.approx(-per_row * n_tokens, rel=1e-5)
+    assert mean == pytest.approx(row_nll.sum() / row_tokens.sum(), rel=1e-6)
 
 
 def test_initial_weights_reproduce_the_saif_vector(basis):
@@ -63,6 +68,9 @@ def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model
     assert history["train_nll"].iloc[1] < history["train_nll"].iloc[0], "the first round did not lower the train NLL"
     best = history[history["best"]].iloc[0]
     assert best["val_nll"] == history["val_nll"].min() <= history["val_nll"].iloc[0]
+    for split in ("train", "val"):  # 95 % CIs over targets bracket every round's NLL
+        assert (history[f"{split}_nll_ci_low"] < history[f"{split}_nll"]).all()
+        assert (history[f"{split}_nll"] < history[f"{split}_nll_ci_high"]).all()
     # the returned weights are the best round's: their val NLL is the one recorded for it
     assert mean_nll(tiny_model, LAYER, result.params, basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
     assert (result.params[~result.active] == 0).all()

@@ -22,13 +22,14 @@ CAN_RUN = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsente
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason="the local NDIF runs in its own network namespace: needs root and "
                                                     "unshare (CI has both)")
 SECRET = "ndif-dummy-key-51e0a9c4"
-# The headline tables of notebooks 02, 03 and 05, which the remote run must reproduce: the same tokens, selections
-# and accuracies; activations and log-probabilities to float rounding, because a local run shares prompt prefixes
-# through a KV cache (a different summation order) and a remote one does not. Notebook 04 is left out: latent
-# ablation ships the SAE's weights with every trace (2.6 MB for the tiny SAEs), past the ≈ 1 MiB request bodies the
-# local ndif 0.1.2 API accepts; remote ablation itself is checked by the probe with a small SAE.
+# The headline tables of notebooks 02–05, which the remote run must reproduce: the same tokens, selections and
+# accuracies; activations and log-probabilities to float rounding, because a local run shares prompt prefixes through
+# a KV cache (a different summation order) and a remote one does not. Notebook 04's latent ablation ships the tiny
+# SAE's weights (2.6 MB) with every trace: requests over 1 MiB, which the server takes only with the anyio import
+# order tools/ndif/plugin/sitecustomize.py sets up.
 HEADLINE_TABLES = ("02_feature_discovery/selected_latents.csv", "02_feature_discovery/robustness.csv",
-                   "03_semantic_proximity/proximity.parquet", "05_steering_sweeps/sweep.parquet",
+                   "03_semantic_proximity/proximity.parquet", "04_causal_ablation/ablation.csv",
+                   "04_causal_ablation/generations.parquet", "05_steering_sweeps/sweep.parquet",
                    "05_steering_sweeps/results.csv", "05_steering_sweeps/generations.parquet")
 
 
@@ -108,7 +109,7 @@ def test_notebooks_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_
     run_env = env | {"HOME": str(home), "NNSIGHT_CONFIG": str(tmp_path / "nnsight" / "config.yaml"),
                      "SAIF_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
     proc = subprocess.run(["bash", str(SCRIPT), "exec", sys.executable, "-m", "saif_utils.pipeline", "--profile", "tiny",
-                           "--remote", "--output-dir", str(run_dir), "--only", "02", "03", "05"],
+                           "--remote", "--output-dir", str(run_dir), "--only", "02", "03", "04", "05"],
                           env=run_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in HEADLINE_TABLES:
@@ -118,7 +119,7 @@ def test_notebooks_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_
         exact = [c for c in local if local[c].dtype.kind != "f" or c.endswith(("_acc", "_ci_low", "_ci_high"))]
         pd.testing.assert_frame_equal(remote[exact], local[exact], check_exact=True, obj=f"{name} (exact columns)")
     executed = sorted(run_dir.glob("0[2-5]_*/*.ipynb"))
-    assert len(executed) == 3 and all('"remote": true' in p.read_text() or "remote = True" in p.read_text()
+    assert len(executed) == 4 and all('"remote": true' in p.read_text() or "remote = True" in p.read_text()
                                       for p in executed), "the notebooks did not run with remote=True"
     assert SECRET not in proc.stdout + proc.stderr
     leaked = [p for root in (home, cache, tmp_path / "nnsight", run_dir) for p in root.rglob("*")

@@ -1,0 +1,75 @@
+"""The cost of one calibration (`saif_calibrated`: k = 15 latent weights refined for the default's 8 rounds) as a ratio
+to one sweep stage (the staged search's first stage for one task and method: 5 layers × 3 α = 15 conditions on 16 val
+prompts, greedy generation of up to 48 tokens), both at the default profile's sizes on its model, side by side.
+
+Calibration targets are no-instruction prompts of train passages teacher-forced on 40-token responses taken from the
+passages' own text (the study uses the model's accepted prompted answers, of similar length: the same compute, other
+tokens), 24 train and 11 val as the default study had for summarize. All 8 rounds run (no early stop): the upper bound.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import content_prompts, default_model, report
+
+LAYERS, ALPHAS, N_VAL, MAX_NEW = (10, 15, 20, 25, 29), (0.3, 0.5, 0.7), 16, 48
+K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER = 15, 24, 11, 40, 15
+
+
+def calibration_targets(tokenizer, n: int, split: str):
+    """`n` calibration targets: content-only prompts of `split` passages, each with a `RESPONSE_TOKENS`-token response."""
+    from saif_utils.calibration import Targets
+    from saif_utils.data import load_passages
+
+    passages = load_passages()
+    texts = passages[passages["split"] == split]["text"].head(n).tolist()
+    responses = [tokenizer(text, add_special_tokens=False)["input_ids"][:RESPONSE_TOKENS] for text in texts]
+    return Targets(content_prompts(tokenizer, n, split), responses)
+
+
+def one_calibration(model, basis: torch.Tensor, weights: torch.Tensor, train, val) -> float:
+    """Seconds for one `calibrate` of `weights` over `basis` with every round run."""
+    from saif_utils.calibration import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(patience=CalibrationConfig().max_rounds)  # never stop early: the full 8 rounds
+    start = time.perf_counter()
+    calibrate(model, LAYER, weights, basis, train, val, cfg, desc="bench calibration")
+    return time.perf_counter() - start
+
+
+def one_sweep_stage(model, vectors: torch.Tensor, prompts: list[list[int]]) -> float:
+    """Seconds for the steered generations of one staged-search stage: every (layer, α) vector on every val prompt,
+    the conditions of a layer sharing batches as the steering stage shares them."""
+    from saif_utils.generation import generate_steered
+    from saif_utils.interventions import AddVector
+
+    start = time.perf_counter()
+    for layer in LAYERS:
+        rows = [prompt for _ in ALPHAS for prompt in prompts]
+        per_row = torch.stack([vectors[layer] * alpha for alpha in ALPHAS for _ in prompts])
+        generate_steered(model, rows, layer, AddVector(per_row), MAX_NEW, batch_size=256, desc="bench sweep stage")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    _, model = default_model()
+    d_model, tok = model._module.config.hidden_size, model.tokenizer
+    # Random unit directions stand in for decoder rows and SAIF vectors: the compute does not depend on their values.
+    basis = torch.nn.functional.normalize(torch.randn(K, d_model), dim=-1)
+    weights = torch.rand(K) + 0.5
+    vectors = {layer: torch.nn.functional.normalize(torch.randn(d_model), dim=0) * 30 for layer in LAYERS}
+    train, val = calibration_targets(tok, N_TRAIN_TARGETS, "train"), calibration_targets(tok, N_VAL_TARGETS, "val")
+    prompts = content_prompts(tok, N_VAL)
+    stage_s = one_sweep_stage(model, vectors, prompts)
+    calibration_s = one_calibration(model, basis, weights, train, val)
+    report("calibration", {"calibration_s": calibration_s, "sweep_stage_s": stage_s,
+                           "calibration_over_sweep_stage": calibration_s / stage_s,
+                           "n_rounds": 8, "n_train_targets": len(train), "n_val_targets": len(val),
+                           "n_stage_generations": len(LAYERS) * len(ALPHAS) * len(prompts)})
+
+
+if __name__ == "__main__":
+    main()
