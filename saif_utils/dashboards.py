@@ -3,7 +3,8 @@ its activation histogram, the tokens its decoder direction promotes, and its con
 — one self-contained HTML page per task (Jinja2; no script, no network), as Neuronpedia shows released SAEs."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from jinja2 import Environment, select_autoescape
 from .corpus import CORPUS_SKIP_FIRST
 from .io import atomic_path, cached_json, content_hash
 from .activations import encode
-from .models import read_residual_tokens, token_texts
+from .models import read_residual_tokens, span_token_texts
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,10 @@ def held_out_budget(token_ids: Sequence[Sequence[int]], max_tokens: int) -> list
 
 
 def latent_cards(acts: np.ndarray, token_ids: Sequence[Sequence[int]], skip_first: int, latents: Sequence[int],
-                 token_text: dict[int, str], cfg: DashboardConfig) -> dict[int, dict]:
+                 span_text: Callable[[Sequence[int]], list[str]], cfg: DashboardConfig) -> dict[int, dict]:
     """Per latent: top contexts (tokens with their activations, peak marked), histogram of non-zero activations and
-    firing frequency, from `acts` `[n_tokens, k]` whose rows are the texts' tokens after their first `skip_first`."""
+    firing frequency, from `acts` `[n_tokens, k]` whose rows are the texts' tokens after their first `skip_first`;
+    `span_text` gives the text each token of a context adds (`models.span_token_texts`)."""
     lengths = [len(ids) - skip_first for ids in token_ids]
     doc_of = np.repeat(np.arange(len(token_ids)), lengths)
     pos_of = np.concatenate([np.arange(skip_first, len(ids)) for ids in token_ids])
@@ -60,9 +62,10 @@ def latent_cards(acts: np.ndarray, token_ids: Sequence[Sequence[int]], skip_firs
             rows = np.flatnonzero(doc_of == doc)
             peak = rows[np.argmax(col[rows])]
             lo, hi = max(rows[0], peak - cfg.radius), min(rows[-1], peak + cfg.radius // 2)
+            texts = span_text(token_ids[doc][pos_of[lo]:pos_of[hi] + 1])
             contexts.append({"max": float(col[peak]), "tokens": [
-                {"text": token_text[token_ids[doc][pos_of[r]]], "act": float(col[r]), "peak": bool(r == peak)}
-                for r in range(lo, hi + 1)]})
+                {"text": text, "act": float(col[r]), "peak": bool(r == peak)}
+                for r, text in zip(range(lo, hi + 1), texts)]})
         fired = col[col > 0]
         counts, edges = np.histogram(fired, bins=cfg.n_bins) if len(fired) else (np.zeros(0), np.zeros(0))
         cards[int(latent)] = {"contexts": contexts, "freq": float(len(fired) / max(len(col), 1)),
@@ -80,12 +83,14 @@ def all_layer_cards(ctx, latents: dict[int, list[int]], token_ids: list[list[int
     def compute() -> dict:
         resid = read_residual_tokens(ctx.model, token_ids, layers, skip_first=skip_first, batch_size=ctx.batch_size,
                                      remote=ctx.remote, desc="dashboard contexts")
-        token_text = token_texts(ctx.tokenizer, (t for ids in token_ids for t in ids))
+        span_text = functools.partial(span_token_texts, ctx.tokenizer)
         return {str(layer): {str(k): v for k, v in latent_cards(
             encode(ctx.saes[layer], resid.pop(layer), latents=latents[layer]).numpy(), token_ids, skip_first,
-            latents[layer], token_text, cfg).items()} for layer in layers}
+            latents[layer], span_text, cfg).items()} for layer in layers}
 
-    key = {"model": ctx.model_key, "saes": {str(layer): ctx.sae_keys[layer] for layer in layers},
+    # "text": how context tokens are decoded (streamed, so split multi-byte characters show whole) — in the key so
+    # that pages cached under the earlier token-by-token decoding are not reused.
+    key = {"model": ctx.model_key, "saes": {str(layer): ctx.sae_keys[layer] for layer in layers}, "text": "streamed",
            "latents": {str(layer): list(map(int, latents[layer])) for layer in layers},
            "ids": content_hash(token_ids), "skip_first": skip_first, "config": cfg.__dict__}
     entry = cached_json("dashboards", key, compute)

@@ -218,6 +218,21 @@ def token_texts(tokenizer, token_ids) -> dict[int, str]:
     return dict(zip(distinct, tokenizer.batch_decode([[t] for t in distinct])))
 
 
+def span_token_texts(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """The text each token of a span adds, decoded as a stream: a token that ends inside a multi-byte character (one
+    emoji or accented letter split over byte-level tokens) adds "" and the token that completes it adds the character,
+    where decoding tokens one by one would show "�" for each part."""
+    texts, emitted = [], ""
+    for end in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end], clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):
+            texts.append("")
+            continue
+        texts.append(text[len(os.path.commonprefix([emitted, text])):])
+        emitted = text
+    return texts
+
+
 @dataclass(frozen=True)
 class Batch:
     """A left-padded batch of token ids and the positions of its rows in the caller's list."""
@@ -264,8 +279,6 @@ def residual_batches(
     """
     for layer in layers:
         check_model_layer(model, layer)
-    n_layers = len(model.model.layers)
-    deepest = max(layers)
     pad_id = model.tokenizer.pad_token_id
     batches = list(length_buckets(token_ids, batch_size, pad_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
@@ -278,8 +291,8 @@ def residual_batches(
             for layer in sorted(layers):
                 out = model.model.layers[layer].output
                 saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu()
-            if not remote and deepest < n_layers - 1:
-                tracer.stop()
+            if not remote:
+                tracer.stop()  # even after the last block: the final norm and LM head would build [B, S, vocab] logits
         found = dict(saved)
         # A remote trace ships the values its names hold in this frame: the previous batch's residuals would ride
         # along with the next request (≈ 1 MB each).
@@ -395,7 +408,6 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
         raise ValueError(f"read_residual: {len(groups)} group keys for {len(token_ids)} sequences; pass one per sequence")
     for layer in layers:
         check_model_layer(model, layer)
-    stop_early = max(layers) < len(model.model.layers) - 1
     members: dict[Hashable, list[int]] = {}
     for i, key in enumerate(groups):
         members.setdefault(key, []).append(i)
@@ -410,8 +422,7 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
                 for layer in sorted(layers):
                     resid = model.model.layers[layer].output
                     saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().cpu().save()
-                if stop_early:
-                    tracer.stop()
+                tracer.stop()  # nothing after the deepest layer is read (not even the LM head's logits)
             seqs = [rows[c] for c in chunk]
             columns = torch.tensor([index[i] - n_prefix for i in seqs])
             for layer, acts in saved.items():

@@ -314,6 +314,9 @@ def calibration_rounds(history: pd.DataFrame):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle("Calibration objective per round: val NLL (solid; shaded: 95 % bootstrap CI over targets), "
+                 "train NLL (dashed)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

@@ -16,8 +16,10 @@ def test_cards_pick_each_texts_peak_and_count_what_fired():
     acts[[1, 3], 0] = [2.0, 5.0]   # text 0: peak at row 3 (token 4)
     acts[6, 0] = 7.0               # text 1: row 6 (token 7) — the strongest text comes first
     acts[9, 1] = 1.5               # latent 1 fires once, in text 2
-    text = {t: f"<t{t}>" for t in range(11)}
-    cards = latent_cards(acts, token_ids, 1, [11, 22], text, DashboardConfig(n_contexts=5, radius=2, n_bins=4))
+    def span_text(ids):
+        return [f"<t{t}>" for t in ids]
+
+    cards = latent_cards(acts, token_ids, 1, [11, 22], span_text, DashboardConfig(n_contexts=5, radius=2, n_bins=4))
     first = cards[11]
     assert [c["max"] for c in first["contexts"]] == [7.0, 5.0], "one context per text, strongest first, none silent"
     peak = [t for t in first["contexts"][1]["tokens"] if t["peak"]]
@@ -52,3 +54,16 @@ def test_neuronpedia_ids_come_from_the_sae_lens_registry_for_released_saes():
         profile = PROFILES[name]
         assert neuronpedia_ids(profile) == {layer: template.format(layer=layer) for layer in profile.sae_layers}
     assert neuronpedia_ids(PROFILES["default"]) == {}, "our own SAEs have no Neuronpedia pages"
+
+
+def test_split_characters_show_whole(tiny_model):
+    """Byte-level tokens that each hold part of a character: decoded one by one they read "�"; as a stream, the token
+    that completes the character carries it and the text joins back to the original."""
+    from saif_utils.models import span_token_texts, token_texts
+
+    tok = tiny_model.tokenizer
+    text = "Café 🐝 naïve — 東京"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(token_texts(tok, ids).values()), "the case this guards against: split characters"
+    texts = span_token_texts(tok, ids)
+    assert len(texts) == len(ids) and "".join(texts) == text and "\ufffd" not in "".join(texts)
