@@ -15,7 +15,7 @@ import torch
 
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
-from .models import length_buckets, model_fingerprint, read_residual_tokens, server_errors
+from .models import length_buckets, model_fingerprint, read_residual_tokens, residual_batches, server_errors
 from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 from .progress import tqdm
@@ -227,36 +227,58 @@ def _inference_sae(training_sae):
 
 
 # ---------------------------------------------------------------- evaluation
-@torch.inference_mode()
+class ReconstructionSums:
+    """Running sums of an SAE's reconstruction of residuals fed in pieces, per text: squared error, squared norm,
+    the residuals' sum (for the set's mean, known only at the end) and token count; per latent: firing counts.
+    Nothing holds the residuals themselves, so memory does not grow with the number of tokens."""
+
+    def __init__(self, sae, n_texts: int, batch_size: int = 4096):
+        self.sae, self.batch_size = sae, batch_size
+        d_in, d_sae = sae.W_dec.shape[1], sae.W_dec.shape[0]
+        self.sq_err, self.sq_norm = np.zeros(n_texts), np.zeros(n_texts)
+        self.n = np.zeros(n_texts, dtype=np.int64)
+        self.x_sum = torch.zeros(n_texts, d_in, dtype=torch.float64)
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
+        self.active = 0
+
+    @torch.inference_mode()
+    def add(self, x: torch.Tensor, text: np.ndarray) -> None:
+        """Residuals `x` `[n, d]` (float32), row i belonging to text `text[i]`."""
+        for start in range(0, len(x), self.batch_size):
+            part, where = x[start:start + self.batch_size].float(), text[start:start + self.batch_size]
+            feats = self.sae.encode(part.to(self.sae.W_dec.device))
+            recon = self.sae.decode(feats).cpu()
+            n_texts = len(self.n)
+            self.sq_err += np.bincount(where, ((part - recon) ** 2).sum(-1).double().numpy(), n_texts)
+            self.sq_norm += np.bincount(where, (part.double() ** 2).sum(-1).numpy(), n_texts)
+            self.n += np.bincount(where, minlength=n_texts)
+            self.x_sum.index_add_(0, torch.from_numpy(where), part.double())
+            active = feats > 0
+            self.active += active.sum().item()
+            self.fire_counts += active.sum(0).cpu()
+
+    def metrics(self) -> dict:
+        """Explained variance (1 − FVU over the whole set), mean L0, dead fraction, per-latent firing frequency, and
+        each text's sums (`per_text`: squared error, squared deviation from the set's mean, tokens)."""
+        n = int(self.n.sum())
+        mean = self.x_sum.sum(0) / n
+        # Σ_i |x_i − m|² over a text = Σ|x_i|² − 2 m·Σx_i + n_t |m|²
+        deviation = self.sq_norm - 2 * (self.x_sum @ mean).numpy() + self.n * float(mean @ mean)
+        return {"n_tokens": n, "explained_variance": 1 - self.sq_err.sum() / deviation.sum(), "l0": self.active / n,
+                "dead_frac": (self.fire_counts == 0).float().mean().item(),
+                "firing_freq": (self.fire_counts / n).numpy(),
+                "per_text": {"sq_err": self.sq_err, "deviation": deviation, "n": self.n}}
+
+
 def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096, lengths: Sequence[int] | None = None) -> dict:
-    """Explained variance (1 − FVU over the whole set), mean L0, dead fraction and per-latent firing frequency; with
-    `lengths` (tokens per text, `acts` their concatenation), also each text's sums (`per_text`: squared error,
-    squared deviation from the set's mean, tokens), the units a confidence interval resamples."""
-    x_all = torch.from_numpy(np.array(acts, dtype=np.float32))  # a writable copy: `acts` may be a read-only memmap
-    mean = x_all.mean(0)
-    sq_err, deviation = torch.empty(len(x_all), dtype=torch.float64), torch.empty(len(x_all), dtype=torch.float64)
-    l0_sum = 0.0
-    fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start:start + batch_size].to(sae.W_dec.device)
-        feats = sae.encode(x)
-        recon = sae.decode(feats)
-        sq_err[start:start + len(x)] = ((x - recon) ** 2).sum(-1).double().cpu()
-        deviation[start:start + len(x)] = ((x - mean.to(x.device)) ** 2).sum(-1).double().cpu()
-        active = feats > 0
-        l0_sum += active.sum().item()
-        fire_counts += active.sum(0).cpu()
-    n = x_all.shape[0]
-    metrics = {"n_tokens": n, "explained_variance": 1 - sq_err.sum().item() / deviation.sum().item(), "l0": l0_sum / n,
-               "dead_frac": (fire_counts == 0).float().mean().item(), "firing_freq": (fire_counts / n).numpy()}
-    if lengths is not None:
-        if sum(lengths) != n:
-            raise ValueError(f"lengths sum to {sum(lengths)} tokens but acts has {n} rows")
-        text = np.repeat(np.arange(len(lengths)), lengths)
-        metrics["per_text"] = {"sq_err": np.bincount(text, sq_err.numpy(), len(lengths)),
-                               "deviation": np.bincount(text, deviation.numpy(), len(lengths)),
-                               "n": np.asarray(lengths)}
-    return metrics
+    """`ReconstructionSums.metrics` of residuals `acts` `[n_tokens, d]` held in memory: the concatenation of texts of
+    `lengths` tokens (default: one text)."""
+    lengths = [len(acts)] if lengths is None else list(lengths)
+    if sum(lengths) != len(acts):
+        raise ValueError(f"lengths sum to {sum(lengths)} tokens but acts has {len(acts)} rows")
+    sums = ReconstructionSums(sae, len(lengths), batch_size)
+    sums.add(torch.from_numpy(np.array(acts, dtype=np.float32)), np.repeat(np.arange(len(lengths)), lengths))
+    return sums.metrics()
 
 
 @torch.inference_mode()
@@ -480,8 +502,17 @@ def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[
     import pandas as pd
 
     skip_first = SKIP_FIRST  # as in training: the attention sink is neither encoded nor spliced
-    eval_acts = read_residual_tokens(model, eval_ids, list(saes), skip_first=skip_first, batch_size=profile.batch_size,
-                                     remote=profile.remote, desc="held-out activations")
+    # Reconstruction sums per batch of residuals, every layer's SAE in one read: no [n_tokens, d] array per layer.
+    sums = {layer: ReconstructionSums(entry["sae"], len(eval_ids)) for layer, entry in saes.items()}
+    for batch, resid in residual_batches(model, eval_ids, list(saes), profile.batch_size, profile.remote,
+                                         "held-out activations"):
+        width = batch.input_ids.shape[1]
+        real = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for r, i in enumerate(batch.rows):
+            real[r, width - len(eval_ids[i]) + skip_first:] = True
+        text = np.repeat(np.asarray(batch.rows), real.sum(1).numpy())  # row-major, as the mask flattens
+        for layer, acts in resid.items():
+            sums[layer].add(acts[real], text)
     ce_ids, n_tok = [], 0
     for ids in eval_ids:
         if n_tok >= n_ce_tokens:
@@ -491,10 +522,9 @@ def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[
     ce = spliced_cross_entropy(model, {layer: e["sae"] for layer, e in saes.items()}, ce_ids,
                                batch_size=profile.batch_size, skip_first=skip_first, remote=profile.remote)
     rows, firing = [], []
-    eval_lengths = [len(ids) - skip_first for ids in eval_ids]
     for layer, entry in saes.items():
         sae = entry["sae"]
-        rec = reconstruction_metrics(sae, eval_acts[layer].numpy(), lengths=eval_lengths)
+        rec = sums[layer].metrics()
         rows.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
                      "n_tokens": rec["n_tokens"], "n_texts": len(eval_ids), "l0": rec["l0"],
                      "dead_frac": rec["dead_frac"], "ce_clean": ce[layer]["ce_clean"],
