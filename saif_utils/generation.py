@@ -8,7 +8,7 @@ import torch
 
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
-from .models import check_model_layer, length_buckets, server_errors
+from .models import check_model_layer, length_buckets, server_errors, trim_heap
 from .progress import tqdm
 
 
@@ -61,6 +61,7 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
             new = result[r, width:].tolist()
             out[i] = new[: next((j for j, t in enumerate(new) if t in stop_ids), len(new))]
         del result  # not shipped again with the next batch's remote trace (see models.residual_batches)
+        trim_heap()  # the batch's KV cache is freed: give its pages back before the next, longer batch
     return out
 
 

@@ -9,7 +9,8 @@ import torch
 from .interventions import Intervention, per_prompt_edits, stack_edits
 from .logits import scored_token_logprob
 from .io import cached_json_items
-from .models import check_model_layer, common_prefix_length, length_buckets, server_errors, shared_prefix_batches
+from .models import (check_model_layer, common_prefix_length, length_buckets, server_errors, shared_prefix_batches,
+                     trim_heap)
 
 
 @torch.inference_mode()
@@ -60,6 +61,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
             if len(cont_ids[i]):
                 out[i] = float(token_lp[offsets[r]:offsets[r + 1]].mean())
         del token_lp  # not shipped again with the next batch's remote trace (see models.residual_batches)
+        trim_heap()
     return out
 
 

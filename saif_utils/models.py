@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import functools
 import os
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,6 +219,28 @@ def token_texts(tokenizer, token_ids) -> dict[int, str]:
     return dict(zip(distinct, tokenizer.batch_decode([[t] for t in distinct])))
 
 
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's freed pages back to the OS (glibc `malloc_trim`; a no-op elsewhere). Batches grow as their
+    sequences lengthen, and glibc serves each larger tensor from fresh heap rather than the freed smaller ones: without
+    this, a notebook's resident memory climbs batch after batch (notebook 01 on the default profile: 3.0 → 1.9 GB
+    after reading 17 batches of held-out residuals)."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def span_token_texts(tokenizer, token_ids: Sequence[int]) -> list[str]:
     """The text each token of a span adds, decoded as a stream: a token that ends inside a multi-byte character (one
     emoji or accented letter split over byte-level tokens) adds "" and the token that completes it adds the character,
@@ -298,6 +321,8 @@ def residual_batches(
         # along with the next request (≈ 1 MB each).
         del saved
         yield batch, found
+        del found
+        trim_heap()
 
 
 Positions = Literal["last"] | Sequence[int]

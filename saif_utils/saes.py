@@ -15,7 +15,8 @@ import torch
 
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
-from .models import length_buckets, model_fingerprint, read_residual_tokens, residual_batches, server_errors
+from .models import (length_buckets, model_fingerprint, read_residual_tokens, residual_batches, server_errors,
+                     trim_heap)
 from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 from .progress import tqdm
@@ -354,6 +355,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                 values = scored[name] if name == "ce_clean" else scored[layer, name]
                 sums[name] += np.bincount(text, values.double().numpy(), len(token_ids))
             sums["n"] += np.bincount(text, minlength=len(token_ids))
+        trim_heap()
     out = {}
     for layer, sums in per_text.items():
         n_pred = int(sums["n"].sum())
