@@ -22,7 +22,10 @@ TEXT_MININTERVAL = 2.0
 
 def tqdm(*args, **kwargs):
     """A progress bar: tqdm's notebook widget or console bar as `tqdm.auto` chooses, or a text bar on stderr under the
-    runner (`SAIF_TEXT_PROGRESS=1`)."""
+    runner (`SAIF_TEXT_PROGRESS=1`); none under tqdm's own `TQDM_DISABLE=1` (benchmarks), which an explicit
+    `disable=False` from a caller would otherwise override."""
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true"):
+        kwargs["disable"] = True
     if os.environ.get(TEXT_PROGRESS) == "1":
         kwargs.setdefault("mininterval", TEXT_MININTERVAL)
         kwargs.setdefault("miniters", 1)  # tqdm's adaptive miniters would skip slow iterations after a fast first one

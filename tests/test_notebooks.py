@@ -266,3 +266,16 @@ def test_a_run_shows_the_running_cell_its_loop_bar_and_the_line_that_failed(tmp_
     assert any("· cell 3/3 · x = 1" in line for line in lines)
     executed = nbformat.read(tmp_path / "out" / "00_toy" / "00_toy.ipynb", as_version=4)
     assert failed_line(executed.cells, failure.value.traceback) == "raise ValueError('broken on purpose')"
+
+
+def test_library_bars_obey_tqdm_disable(monkeypatch, capsys):
+    """`TQDM_DISABLE=1` (how `make bench` runs) silences the library's bars, even those it creates with
+    `disable=False` so that a single batch still names its phase."""
+    from saif_utils.progress import tqdm
+
+    monkeypatch.setenv("SAIF_TEXT_PROGRESS", "1")
+    list(tqdm(range(3), desc="shown", disable=False))
+    assert "shown" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    list(tqdm(range(3), desc="hidden", disable=False))
+    assert "hidden" not in capsys.readouterr().err
