@@ -265,6 +265,13 @@ class Batch:
     attention_mask: torch.Tensor  # [B, S]
 
 
+def real_token_mask(batch: Batch, token_ids: Sequence[Sequence[int]], skip_first: int = 0) -> torch.Tensor:
+    """`[B, S]` True at each row's real tokens after its first `skip_first` (rows are left-padded)."""
+    width = batch.input_ids.shape[1]
+    starts = torch.tensor([width - len(token_ids[i]) for i in batch.rows])
+    return torch.arange(width)[None, :] >= (starts[:, None] + skip_first)
+
+
 def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Left-padded batches of similar-length sequences (sorted by length) so little compute goes to padding.
 

@@ -15,8 +15,8 @@ import torch
 
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
-from .models import (length_buckets, model_fingerprint, read_residual_tokens, residual_batches, server_errors,
-                     trim_heap)
+from .models import (length_buckets, model_fingerprint, read_residual_tokens, real_token_mask, residual_batches,
+                     server_errors, trim_heap)
 from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 from .progress import tqdm
@@ -339,9 +339,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
     for batch in tqdm(batches, desc=f"spliced CE ({len(saes)} SAEs)", leave=False, disable=len(batches) < 4):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        width = batch.input_ids.shape[1]
-        starts = torch.tensor([width - len(token_ids[i]) for i in batch.rows])
-        splice = (torch.arange(width)[None, :] >= (starts[:, None] + skip_first))[..., None]  # [B, S, 1]
+        splice = real_token_mask(batch, token_ids, skip_first)[..., None]  # [B, S, 1]
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
         clean = final_hidden(inputs, keep)
@@ -508,10 +506,7 @@ def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[
     sums = {layer: ReconstructionSums(entry["sae"], len(eval_ids)) for layer, entry in saes.items()}
     for batch, resid in residual_batches(model, eval_ids, list(saes), profile.batch_size, profile.remote,
                                          "held-out activations"):
-        width = batch.input_ids.shape[1]
-        real = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-        for r, i in enumerate(batch.rows):
-            real[r, width - len(eval_ids[i]) + skip_first:] = True
+        real = real_token_mask(batch, eval_ids, skip_first)
         text = np.repeat(np.asarray(batch.rows), real.sum(1).numpy())  # row-major, as the mask flattens
         for layer, acts in resid.items():
             sums[layer].add(acts[real], text)
