@@ -62,8 +62,8 @@ def main() -> None:
 
     running = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode == 0
     subprocess.run(["bash", str(SCRIPT), "install"], check=True)
-    subprocess.run(["bash", str(SCRIPT), "up", remote_checkpoint(get_profile("default").model)], check=True,
-                   env=os.environ | {"OMP_NUM_THREADS": "2"})
+    # Server and client both compute on ndif.sh's default thread count (every core), as `make ndif-up` users get.
+    subprocess.run(["bash", str(SCRIPT), "up", remote_checkpoint(get_profile("default").model)], check=True)
     try:
         env = os.environ | {INSIDE: "1", "NDIF_HOST": "http://127.0.0.1:8001",
                             "NDIF_API_KEY": os.environ.get("NDIF_API_KEY", "local")}

@@ -129,8 +129,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
             grad = torch.autograd.grad(nll, leaf)[0].cpu().save()
         total = nll.detach().cpu().save()
         per_token = token_nll.detach().cpu().save()
-        if not remote:
-            tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
+        tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
     # `predicts` is row-major: each batch row's predictions are contiguous; batch row r holds target batch.rows[r].
     row_tokens = np.zeros(len(full), dtype=np.int64)
     row_tokens[batch.rows] = predicts.sum(1).numpy()

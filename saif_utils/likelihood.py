@@ -54,8 +54,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
             hidden = model.model.norm.output
             token_lp = scored_token_logprob(model, hidden[pos_rows.to(hidden.device), pos_cols.to(hidden.device)],
                                             targets.to(hidden.device)).cpu().save()
-            if not remote:
-                tracer.stop()  # the model's own LM head would compute [batch, seq, vocab] logits nobody reads
+            tracer.stop()  # the model's own LM head would compute [batch, seq, vocab] logits nobody reads
         offsets = np.cumsum([0] + lengths)
         for r, i in enumerate(rows):
             if len(cont_ids[i]):

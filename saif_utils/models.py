@@ -321,8 +321,7 @@ def residual_batches(
             for layer in sorted(layers):
                 out = model.model.layers[layer].output
                 saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu()
-            if not remote:
-                tracer.stop()  # even after the last block: the final norm and LM head would build [B, S, vocab] logits
+            tracer.stop()  # even after the last block: the final norm and LM head would build [B, S, vocab] logits
         found = dict(saved)
         # A remote trace ships the values its names hold in this frame: the previous batch's residuals would ride
         # along with the next request (≈ 1 MB each).

@@ -306,8 +306,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                 resid[:] = torch.where(splice.to(resid.device), replacement, resid)
             hidden = model.model.norm.output
             saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
-            if not remote:
-                tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
+            tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
         return saved
 
     def scores(clean, edited, targets):
@@ -330,8 +329,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
                     parts[layer, "ce_zero"].append(-lp_zero.gather(1, chunk_targets)[:, 0].cpu())
                     parts[layer, "kl"].append((lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).cpu())
             per_prediction = nnsight.save({name: torch.cat(values) for name, values in parts.items()})
-            if not remote:
-                tracer.stop()
+            tracer.stop()
         return per_prediction
 
     names = ("ce_clean", "ce_spliced", "ce_zero", "kl")

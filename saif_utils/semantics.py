@@ -38,8 +38,7 @@ def logit_lens(model, directions: torch.Tensor, top_n: int = 20, remote: bool = 
         logits = model.lm_head(model.model.norm(directions.to(unembed)[:, None, :]))[:, 0]
         top = torch.topk(logits, top_n, dim=-1).indices.cpu().save()
         bottom = torch.topk(-logits, top_n, dim=-1).indices.cpu().save()
-        if not remote:
-            tracer.stop()
+        tracer.stop()
     text = token_texts(model.tokenizer, torch.cat([top, bottom]).flatten().tolist())
     return [{"top_tokens": [text[t] for t in t_row], "bottom_tokens": [text[t] for t in b_row]}
             for t_row, b_row in zip(top.tolist(), bottom.tolist())]

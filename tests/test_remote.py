@@ -39,15 +39,16 @@ def local_ndif(tmp_path_factory, session_models):
     state = Path(tempfile.mkdtemp(prefix="ndif-", dir="/tmp"))  # short: Ray's socket paths live under it
     # The session's dequantised model: the server deploys the very directory the local tiny run loads.
     cache = _cache_with_models(tmp_path_factory.mktemp("ndif-client-cache"), session_models)
-    env = os.environ | {"NDIF_STATE": str(state), "SAIF_CACHE_DIR": str(cache)}
+    # Two torch threads on both sides: the server computes while the client waits, and equal thread counts give
+    # bit-identical results (a matmul's summation order depends on them: 1 vs 2 threads differ by ~1e-4).
+    env = os.environ | {"NDIF_STATE": str(state), "SAIF_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "2",
+                        "MKL_NUM_THREADS": "2"}
     subprocess.run(["bash", str(SCRIPT), "install"], check=True, env=env, timeout=900)
     model_dir = subprocess.run([sys.executable, "-c", "from saif_utils.models import remote_checkpoint; from "
                                 "saif_utils.profiles import get_profile; print(remote_checkpoint(get_profile('tiny')"
                                 ".model))"], check=True, env=env, capture_output=True, text=True).stdout.strip()
     try:
-        # Two threads for the server: the client waits while it computes (results are thread-count independent).
-        subprocess.run(["bash", str(SCRIPT), "up", model_dir], check=True, env=env | {"OMP_NUM_THREADS": "2"},
-                       timeout=400)
+        subprocess.run(["bash", str(SCRIPT), "up", model_dir], check=True, env=env, timeout=400)
         yield env | {"NDIF_HOST": "http://127.0.0.1:8001", "NDIF_API_KEY": SECRET}, model_dir
     finally:
         subprocess.run(["bash", str(SCRIPT), "down"], env=env, timeout=120)

@@ -10,8 +10,9 @@
 #   ndif.sh status           exit 0 when the API answers
 #
 # Settings: NDIF_VENV (default REPO/.venv-ndif), NDIF_STATE (default ${TMPDIR:-/tmp}/saif-ndif; pid files and logs),
-# NDIF_UP_TIMEOUT (seconds, default 240). Ray's gRPC servers bind every interface whatever --node-ip-address says, so
-# the stack always runs in `unshare -n` (needs root): reachable from this machine's namespace only through `exec`.
+# NDIF_UP_TIMEOUT (seconds, default 240), OMP_NUM_THREADS (torch threads of the model actor and of `exec` clients,
+# default nproc). Ray's gRPC servers bind every interface whatever --node-ip-address says, so the stack always runs in
+# `unshare -n` (needs root): reachable from this machine's namespace only through `exec`.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -33,7 +34,9 @@ export NDIF_HOME="$STATE/home"
 export GRPC_ENABLE_FORK_SUPPORT=0 RAY_USAGE_STATS_ENABLED=0
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0  # `ray start --block` otherwise drains 30 s on SIGTERM
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+# Clients (`exec`) and the model actor compute on the same thread count: remote results equal local ones bit for bit.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"; export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
+export NDIF_ACTOR_THREADS="$OMP_NUM_THREADS"  # the model actor's torch threads (tools/ndif/plugin/ndif_cpu_actor.py)
 export PYTHONPATH="$HERE/plugin${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$VENV/bin:$PATH"
 
@@ -86,7 +89,10 @@ cmd_up() {
   local model_dir="${1:?usage: ndif.sh up MODEL_DIR}"
   model_dir="$(cd "$model_dir" && pwd)"
   [ -x "$VENV/bin/ndif" ] || die "no server venv at $VENV: run 'ndif.sh install' (make ndif-up does)"
-  if holder_pid >/dev/null && api_up; then log "already running (state $STATE); deploying $model_dir"; cmd_deploy "$model_dir"; return; fi
+  if holder_pid >/dev/null && api_up; then
+    if is_deployed "$model_dir"; then log "already running (state $STATE) and serving $model_dir"; return; fi
+    log "already running (state $STATE); deploying $model_dir"; cmd_deploy "$model_dir"; return
+  fi
   # Ray's socket paths (STATE/ray/session_<date>/sockets/…) must fit AF_UNIX's 107 bytes.
   [ "${#STATE}" -le 40 ] || die "NDIF_STATE=$STATE is too long for Ray's socket paths: use a short one (≤ 40 chars)"
   if [ -z "${_NDIF_IN_NETNS:-}" ]; then
@@ -104,8 +110,10 @@ cmd_up() {
   wait_for "redis" 30 port_open 6379; wait_for "the S3 store" 60 port_open 9000
   # The controller places models only on nodes with a "GPU" resource: one is declared, the CPU actor never uses it.
   local cpu_mem; cpu_mem=$(python -c 'import psutil; print(psutil.virtual_memory().total)')
+  # Logical CPUs: the controller's one, and room for two model replicas (a redeploy starts its new one first).
   spawn ray ray start --head --block --disable-usage-stats --node-ip-address=127.0.0.1 --port=6385 \
-      --ray-client-server-port=10001 --num-cpus=4 --num-gpus=1 --object-store-memory=200000000 \
+      --ray-client-server-port=10001 --num-cpus=$((2 * NDIF_ACTOR_THREADS + 2)) --num-gpus=1 \
+      --object-store-memory=200000000 \
       --resources="{\"head\": 10, \"cuda_memory_bytes\": 8000000000, \"cpu_memory_bytes\": $cpu_mem}" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=8265 --temp-dir="$STATE/ray"
   wait_for "the Ray head" 120 port_open 6385; wait_for "the Ray client server" 120 port_open 10001
@@ -120,6 +128,16 @@ cmd_up() {
   log "ready after $((SECONDS - t0)) s"
 }
 
+model_key() {  # the key nnsight's client computes for a local model directory
+  echo "nnsight.modeling.transformers.TransformersModel:{\"repo_id\": \"$1\", \"revision\": null, \"task\": \"text-generation\"}"
+}
+
+is_deployed() {  # exit 0 when the running server lists a replica of MODEL_DIR (ndif names them <replica>:ModelActor:<key>)
+  in_ns curl -fsS --max-time 30 http://127.0.0.1:8001/status | python -c 'import json, sys
+names = json.load(sys.stdin).get("deployments", {})
+sys.exit(0 if any(name.endswith(":ModelActor:" + sys.argv[1]) for name in names) else 1)' "$(model_key "$1")"
+}
+
 cmd_deploy() {  # deploy a local model directory (pinned) under the key nnsight's client computes for it
   local model_dir; model_dir="$(cd "${1:?usage: ndif.sh deploy MODEL_DIR}" && pwd)"
   local holder; holder=$(holder_pid) || die "not running"
@@ -132,13 +150,15 @@ cmd_deploy() {  # deploy a local model directory (pinned) under the key nnsight'
   cat >"$spec" <<YAML
 models:
   - checkpoint: $model_dir
-    model_key: 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "$model_dir", "revision": null, "task": "text-generation"}'
+    model_key: '$(model_key "$model_dir")'
     pinned: true
     dtype: float32
     size_bytes: $size
     padding_bias: 0
 YAML
-  ndif deploy -f "$spec" --ray-address "$NDIF_RAY_ADDRESS" >>"$STATE/deploy.log" 2>&1 || die "deploy failed (see $STATE/deploy.log)"
+  # A replica Ray cannot place waits for ever: bounded, so a failure says so.
+  timeout "$TIMEOUT" ndif deploy -f "$spec" --ray-address "$NDIF_RAY_ADDRESS" >>"$STATE/deploy.log" 2>&1 \
+      || die "deploy failed or timed out after ${TIMEOUT}s (see $STATE/deploy.log)"
   log "deployed $model_dir"
 }
 
