@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from saif_utils.calibration import CalibrationConfig, Targets, calibrate, initial_weights, mean_nll, target_nll
+from saif_utils.calibration import (CalibrationConfig, Targets, calibrate, initial_weights, mean_nll, steered_nll,
+                                    summed_gradient, target_nll)
 from saif_utils.interventions import AddVector
 from saif_utils.likelihood import continuation_logprob
 from saif_utils.models import chat_prompt
@@ -51,6 +52,17 @@ def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
     assert mean == pytest.approx(row_nll.sum() / row_tokens.sum(), rel=1e-6)
 
 
+def test_a_gradient_in_chunks_equals_the_whole_batch_gradient(tiny_model, targets, basis):
+    """Backpropagating a few targets at a time (to bound memory) sums to the gradient of one pass over all of them."""
+    train, _ = targets
+    weights = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    whole = steered_nll(tiny_model, LAYER, weights, basis, train, backward=True)
+    for rows_per_pass in (1, 4, len(train)):  # 4 leaves a last chunk of 2
+        grad, n_tokens = summed_gradient(tiny_model, LAYER, weights, basis, train, rows_per_pass)
+        assert n_tokens == whole.n_tokens
+        assert torch.allclose(grad, whole.grad, rtol=1e-5, atol=1e-6 * float(whole.grad.abs().max()))
+
+
 def test_initial_weights_reproduce_the_saif_vector(basis):
     weights = initial_weights(basis[[0, 2, 4]], [3.0, 2.0, 1.0], target_norm=7.0)
     vector = weights @ basis[[0, 2, 4]]
@@ -95,3 +107,5 @@ def test_bad_input_fails_fast(tiny_model, targets, basis):
         Targets([[1, 2]], [[]])
     with pytest.raises(ValueError, match="must be ≥ 1"):
         CalibrationConfig(max_rounds=0)
+    with pytest.raises(ValueError, match="grad_rows must be ≥ 1"):
+        CalibrationConfig(grad_rows=0)

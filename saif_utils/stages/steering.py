@@ -60,9 +60,10 @@ class SweepConfig:
     """Test passages the chosen configurations are reported on."""
     max_new_tokens: int = 48
     """Greedy generation length limit (generation also stops at end-of-turn)."""
-    gen_batch_size: int = 256
+    gen_batch_size: int = 128
     """Prompts generated (and fluency-scored) together, left-padded and length-bucketed: a decode step's fixed cost
-    is shared by more rows in a larger batch (see benchmarks/README.md)."""
+    is shared by more rows in a larger batch, and the fp32 KV cache grows with it (256 rows of the default profile:
+    ≈ 2.3 GB; see benchmarks/README.md)."""
     n_random_draws: int = 3
     """Independent random-latent sets, assigned to test prompts round-robin."""
     prompt_variant: str = "en-00"
