@@ -30,9 +30,10 @@ ARCHITECTURES = {
 }
 
 
-def random_model(profile_name: str, source_dir: str, device: str):
-    """The profile's architecture with random weights on `device`, wrapped like `load_model`, and the default tokenizer
-    (its token ids are valid in every vocabulary here)."""
+def random_model(profile_name: str, source_dir: str, device: str, n_layers: int | None = None):
+    """The profile's architecture with random weights on `device` (`n_layers` decoder blocks instead of the published
+    number, when given), wrapped like `load_model`, and the default tokenizer (its ids are valid in every vocabulary
+    here)."""
     from nnsight import TransformersModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +48,10 @@ def random_model(profile_name: str, source_dir: str, device: str):
     if (config.num_hidden_layers, config.hidden_size) != (spec.n_layers, spec.d_model):
         raise ValueError(f"{profile_name}: architecture has {config.num_hidden_layers} layers × {config.hidden_size}, "
                          f"the profile says {spec.n_layers} × {spec.d_model}")
+    if n_layers is not None:  # the first blocks of the published stack (Gemma-2 alternates its attention types)
+        config.num_hidden_layers = n_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:n_layers]
     torch.manual_seed(0)
     with torch.device(device):
         hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype)).eval()
