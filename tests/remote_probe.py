@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+import nnsight
 import torch
 
 from saif_utils.calibration import Targets, steered_nll
@@ -48,6 +49,11 @@ def main(profile_name: str, out_path: str) -> None:
     torch.manual_seed(0)
     steer = AddVector(torch.randn(local.config.hidden_size) * 4.0)  # travels with the trace
     report: dict = {"checkpoint": remote_checkpoint(remote_profile.model), "model_key": remote.to_model_key()}
+    # The torch threads a request runs on (Ray pins an actor's to 1; the project's CPU actor sets them) and ours.
+    with remote.trace({"input_ids": torch.tensor([ids[0]])}, remote=True) as tracer:
+        server_threads = nnsight.save(torch.get_num_threads())
+        tracer.stop()
+    report |= {"server_threads": int(server_threads), "client_threads": torch.get_num_threads()}
 
     res_local = read_residual_tokens(local, ids, layers, batch_size=2)
     res_remote = read_residual_tokens(remote, ids, layers, batch_size=2, remote=True)

@@ -64,6 +64,7 @@ def test_remote_results_equal_local_ones_and_the_key_stays_secret(local_ndif, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["checkpoint"] == model_dir and model_dir in report["model_key"]
+    assert report["server_threads"] == report["client_threads"] == 2, "the fixture gives both sides 2 threads"
     assert all(diff == 0 for diff in report["residual_max_abs_diff"].values()), report["residual_max_abs_diff"]
     assert report["generated_remote"] == report["generated_local"] and report["steering_changed_tokens"]
     assert report["logprob_max_abs_diff"] == 0
