@@ -22,21 +22,15 @@ import subprocess
 import sys
 
 import torch
-from common import content_prompts
+from common import content_prompts, peak_rss_mb
 from device_shapes import ARCHITECTURES, random_model
 
 PHASES = ("generate_05", "generate_04", "logprob_05", "calibration_chunk")
 SHALLOW = (4, 8)  # decoder blocks of the two CPU measurements a depth is extrapolated from
 
 
-def rss_peak_mb() -> float:
-    """This process's peak resident memory since the last `reset_rss_peak` (Linux VmHWM)."""
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
-
-
 def reset_rss_peak() -> None:
-    """Return freed heap pages and restart VmHWM at the current resident size."""
+    """Return freed heap pages and restart VmHWM (`common.peak_rss_mb`) at the current resident size."""
     from saif_utils.models import trim_heap
 
     trim_heap()
@@ -80,7 +74,7 @@ def measure(profile: str, phase: str, depth: int | None, device: str, tokenizer_
         torch.cuda.reset_peak_memory_stats()
     reset_rss_peak()
     run_phase(model, phase, ids, spec.d_model)
-    figures = {"profile": profile, "phase": phase, "blocks": depth or spec.n_layers, "rss_peak_mb": rss_peak_mb()}
+    figures = {"profile": profile, "phase": phase, "blocks": depth or spec.n_layers, "rss_peak_mb": peak_rss_mb()}
     if device.startswith("cuda"):
         figures["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return figures
