@@ -119,7 +119,10 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         predicts[r, width - 1 - len(targets.response_ids[i]):] = True
     next_ids = batch.input_ids[:, 1:][predicts]
     grad = None
-    with torch.enable_grad(), server_errors(remote, "calibrating a steering vector"), \
+    # Without `backward` no graph at all: the model's weights require grad outside `frozen_weights` (the round-0
+    # evaluation), and the graph of a 16-target batch through every block held ≈ 2 GB of activations.
+    grad_mode = torch.enable_grad() if backward else torch.no_grad()
+    with grad_mode, server_errors(remote, "calibrating a steering vector"), \
             model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote) as tracer:
         leaf = params.detach().clone().requires_grad_(backward)
         vector = leaf @ basis if basis is not None else leaf

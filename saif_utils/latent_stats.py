@@ -176,6 +176,8 @@ def breakdown(pairs: PairSet, latents: Sequence[int], cfg: ScoreSettings) -> pd.
     """Consistency and firing frequency of `latents`, split by variant language and kind (one row per group × latent)."""
     rows = []
     latents = list(map(int, latents))
+    if not latents:  # nothing selected (a tiny profile's task/layer): no statistics over zero columns, no warning
+        return pd.DataFrame(rows)
     for (language, kind), group in pairs.meta.groupby(["language", "kind"]):
         idx = group.index.to_numpy(copy=True)  # writable: torch warns on indexing with a read-only array
         stats = latent_stats(pairs.pos[idx][:, latents], pairs.neg[idx][:, latents], cfg.fire_threshold,

@@ -63,6 +63,23 @@ def test_a_gradient_in_chunks_equals_the_whole_batch_gradient(tiny_model, target
         assert torch.allclose(grad, whole.grad, rtol=1e-5, atol=1e-6 * float(whole.grad.abs().max()))
 
 
+def test_an_evaluation_records_no_autograd_graph_even_with_trainable_weights(tiny_model, targets, basis):
+    """Outside `frozen_weights` the model's weights require grad (the round-0 evaluation runs there): an evaluation
+    must still save no activations for a backward pass (on the default profile that graph held ≈ 2 GB)."""
+    train, _ = targets
+    weights = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    assert any(p.requires_grad for p in tiny_model._module.parameters())
+
+    def saved_tensors(backward: bool) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            steered_nll(tiny_model, LAYER, weights, basis, train, backward=backward)
+        return len(saved)
+
+    assert saved_tensors(backward=False) == 0
+    assert saved_tensors(backward=True) > 0  # the hook does see this path's graph when there is one
+
+
 def test_initial_weights_reproduce_the_saif_vector(basis):
     weights = initial_weights(basis[[0, 2, 4]], [3.0, 2.0, 1.0], target_norm=7.0)
     vector = weights @ basis[[0, 2, 4]]
