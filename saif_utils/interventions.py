@@ -82,18 +82,36 @@ class SAEWeights:
                    subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input),
                    decoder_norms=W_dec.norm(dim=-1) if rescale else None)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent activations `[..., d_sae]` of residuals `x` `[..., d_in]` (float32), as sae-lens's `encode`."""
+    def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations `[..., d_sae]` (float32; top-k SAEs' decoder-norm rescaling included)."""
         x = x.float()
         pre = (x - self.b_dec.to(x.device) if self.subtract_b_dec else x) @ self.W_enc.to(x.device) + self.b_enc.to(x.device)
+        if self.architecture == "topk" and self.decoder_norms is not None:
+            pre = pre * self.decoder_norms.to(x.device)
+        return pre
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations `[..., d_sae]` of residuals `x` `[..., d_in]` (float32), as sae-lens's `encode`."""
+        pre = self._pre_activations(x)
         if self.architecture == "topk":
-            if self.decoder_norms is not None:
-                pre = pre * self.decoder_norms.to(x.device)
             top = pre.topk(self.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         if self.architecture == "jumprelu":
             return pre.relu() * (pre > self.threshold.to(x.device))
         return pre.relu()
+
+    def encode_columns(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """`encode(x)[..., latents]` `[..., len(latents)]`, equal value for value, without building the full code: an
+        ablation batch of 135 prompts × 100 tokens at 4,608 latents spent 250 MB on a code it read 15 columns of."""
+        pre = self._pre_activations(x)
+        cols = latents.to(pre.device)
+        picked = pre[..., cols]
+        if self.architecture == "topk":
+            top = pre.topk(self.k, dim=-1, sorted=False).indices
+            return torch.where((top[..., None, :] == cols[:, None]).any(-1), picked.relu(), 0.0)
+        if self.architecture == "jumprelu":
+            return picked.relu() * (picked > self.threshold.to(x.device)[cols])
+        return picked.relu()
 
     def decode_latents(self, acts: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Σ_j acts[..., j] · W_dec[latents[j]] (no decoder bias): what the listed latents add to the reconstruction."""
@@ -135,7 +153,7 @@ class AblateLatents:
         if not union:
             return torch.zeros_like(resid)
         idx = torch.as_tensor(union)
-        acts = self.sae.encode(resid)[..., idx.to(resid.device)]
+        acts = self.sae.encode_columns(resid, idx)
         if self.per_row:  # zero the latents a row does not remove: adding exact zeros leaves that row unchanged
             keep = torch.tensor([[j in row for j in union] for row in map(set, self.latents)], dtype=acts.dtype,
                                 device=acts.device)

@@ -295,3 +295,7 @@ def test_sae_weights_encode_and_reconstruct_as_sae_lens_does(kind):
         idx = torch.tensor([1, 4, 9])
         expected_part = sae.decode(expected * torch.isin(torch.arange(expected.shape[-1]), idx)) - sae.b_dec
         torch.testing.assert_close(weights.decode_latents(expected[..., idx], idx), expected_part, atol=1e-4, rtol=1e-4)
+        # Columns only (what an ablation reads): bit-identical to the full code's columns, zeros included.
+        full = weights.encode(x)
+        cols = torch.cat([torch.nonzero(full[0, 0] > 0)[:3, 0], torch.tensor([0, 7, 255])])  # active and (mostly) not
+        assert torch.equal(weights.encode_columns(x, cols), full[..., cols])
