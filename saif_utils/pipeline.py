@@ -190,6 +190,25 @@ def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
                 stop_kernel(pending.result(), now=True)
 
 
+DETERMINISTIC_FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
+                       "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet",
+                       "05_steering_sweeps/results.csv")
+"""The headline artifacts two runs with the same parameters must write byte for byte (`make check-determinism`)."""
+
+
+def differing_cache_entries(first: Path, second: Path) -> list[str]:
+    """Cache entries (relative paths) two runs both wrote under the same content key with different bytes: where a
+    difference between the runs started. Model weights, Jupyter state and remembered file hashes are not compared."""
+    skip = {"models", "jupyter", "file_hashes"}
+    found = []
+    for path in sorted(Path(first).rglob("*")):
+        rel = path.relative_to(first)
+        twin = Path(second) / rel
+        if rel.parts[0] not in skip and path.is_file() and twin.is_file() and path.read_bytes() != twin.read_bytes():
+            found.append(str(rel))
+    return found
+
+
 SECRET_NAME = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
 
 

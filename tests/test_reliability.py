@@ -15,11 +15,7 @@ from pathlib import Path
 import pytest
 
 from saif_utils.paths import REPO_ROOT
-from saif_utils.pipeline import check_parameters, run_pipeline
-
-DETERMINISTIC_FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
-                       "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet",
-                       "05_steering_sweeps/results.csv")
+from saif_utils.pipeline import DETERMINISTIC_FILES, check_parameters, differing_cache_entries, run_pipeline
 
 
 def _alive(process) -> bool:
@@ -38,18 +34,6 @@ def _copy_stages(src: Path, dest: Path, stages: tuple[str, ...]) -> Path:
     return dest
 
 
-def _differing_cache_entries(first: Path, second: Path) -> list[str]:
-    """Cache entries both runs wrote under the same (content) key whose bytes differ: where a difference started."""
-    skip = {"models", "jupyter", "file_hashes"}
-    found = []
-    for path in sorted(first.rglob("*")):
-        rel = path.relative_to(first)
-        twin = second / rel
-        if rel.parts[0] not in skip and path.is_file() and twin.is_file() and path.read_bytes() != twin.read_bytes():
-            found.append(str(rel))
-    return found
-
-
 def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, saif_cache, tmp_path):
     second = tmp_path / "second"  # this test's cache is empty but for the dequantised model (verified by hash on use)
     run_pipeline("tiny", second)  # SAEs retrained, activations, residuals and generations recomputed
@@ -57,7 +41,7 @@ def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, saif_cache, 
     differing = [name for name in DETERMINISTIC_FILES if (first / name).read_bytes() != (second / name).read_bytes()]
     assert not differing, (f"{differing} differ between two runs with the same parameters; cache entries that differ "
                            f"(the earliest stage's is where it started): "
-                           f"{_differing_cache_entries(tiny_run[2], Path(saif_cache))}")
+                           f"{differing_cache_entries(tiny_run[2], Path(saif_cache))}")
 
 
 def test_sigkill_mid_sweep_then_resume_recomputes_nothing_finished(tiny_run, saif_cache, tmp_path):

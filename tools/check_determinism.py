@@ -15,10 +15,7 @@ import tempfile
 from pathlib import Path
 
 from saif_utils.io import sha256_file
-from saif_utils.pipeline import run_pipeline
-
-FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
-         "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet", "05_steering_sweeps/results.csv")
+from saif_utils.pipeline import DETERMINISTIC_FILES, differing_cache_entries, run_pipeline
 
 
 def main() -> None:
@@ -37,15 +34,19 @@ def main() -> None:
             run_pipeline(args.profile, output_dir)
             runs.append(output_dir)
         mismatched = []
-        for name in FILES:
+        for name in DETERMINISTIC_FILES:
             first, second = (sha256_file(run / name) for run in runs)
             print(f"{'same' if first == second else 'DIFFERENT':>9}  {first[:16]}  {second[:16]}  {name}")
             if first != second:
                 mismatched.append(name)
+        if mismatched:  # while both caches still exist
+            caches = [Path(tmp) / f"cache-{run}" for run in ("a", "b")]
+            print(f"cache entries that differ (the earliest stage's is where it started): "
+                  f"{differing_cache_entries(*caches)}", file=sys.stderr)
     if mismatched:
         print(f"not deterministic: {mismatched}", file=sys.stderr)
         raise SystemExit(1)
-    print(f"deterministic: all {len(FILES)} files byte-identical across two cold runs of {args.profile}")
+    print(f"deterministic: all {len(DETERMINISTIC_FILES)} files byte-identical across two cold runs of {args.profile}")
 
 
 if __name__ == "__main__":
