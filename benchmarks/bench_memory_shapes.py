@@ -97,7 +97,7 @@ def main() -> None:
         print(json.dumps(measure(profile, phase, int(blocks) or None, args.device, tokenizer_dir)), flush=True)
         return
     for profile in args.profiles:
-        n_layers = get_profile(profile).model.n_layers
+        model_spec = get_profile(profile).model
         for phase in args.phases:
             # One process per measurement: a peak is then that phase's alone, not an earlier phase's.
             depths = (0,) if args.device.startswith("cuda") else SHALLOW
@@ -106,13 +106,14 @@ def main() -> None:
                  phase, str(depth)], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                 for depth in depths]
             figures = {"benchmark": "memory_shapes", "profile": profile, "phase": phase, "device": args.device,
-                       "dtype": get_profile(profile).model.dtype}
+                       "dtype": model_spec.dtype}
             if len(runs) == 2:
                 (few, few_mb), (more, more_mb) = [(run["blocks"], run["rss_peak_mb"]) for run in runs]
                 per_block = (more_mb - few_mb) / (more - few)
+                extrapolated_mb = more_mb + (model_spec.n_layers - more) * per_block
                 figures |= {f"rss_peak_mb_{few}_blocks": round(few_mb), f"rss_peak_mb_{more}_blocks": round(more_mb),
-                            "rss_per_block_mb": round(per_block), "blocks": n_layers,
-                            "rss_peak_gb_extrapolated": round((more_mb + (n_layers - more) * per_block) / 1024, 2)}
+                            "rss_per_block_mb": round(per_block), "blocks": model_spec.n_layers,
+                            "rss_peak_gb_extrapolated": round(extrapolated_mb / 1024, 2)}
             else:
                 figures |= {"gpu_peak_gb": round(runs[0]["gpu_peak_mb"] / 1024, 2),
                             "rss_peak_gb": round(runs[0]["rss_peak_mb"] / 1024, 2)}

@@ -26,9 +26,10 @@ def main() -> None:
     if args.keep is not None:
         args.keep.mkdir(parents=True)  # an existing folder could hold a warm cache: refuse it
     with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="saif-determinism-") as tmp:
-        runs = []
+        runs, caches = [], []
         for run in ("a", "b"):
-            os.environ["SAIF_CACHE_DIR"] = str(Path(tmp) / f"cache-{run}")
+            caches.append(Path(tmp) / f"cache-{run}")
+            os.environ["SAIF_CACHE_DIR"] = str(caches[-1])
             output_dir = Path(tmp) / f"run-{run}"
             print(f"== run {run}: {args.profile} → {output_dir} (empty cache)", flush=True)
             run_pipeline(args.profile, output_dir)
@@ -40,7 +41,6 @@ def main() -> None:
             if first != second:
                 mismatched.append(name)
         if mismatched:  # while both caches still exist
-            caches = [Path(tmp) / f"cache-{run}" for run in ("a", "b")]
             print(f"cache entries that differ (the earliest stage's is where it started): "
                   f"{differing_cache_entries(*caches)}", file=sys.stderr)
     if mismatched:
