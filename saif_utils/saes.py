@@ -310,7 +310,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
             saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
             tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
         # Eleven passes per batch (clean, then spliced and zeroed per layer) each left ≈ 120 MB of freed heap resident
-        # until the batch ended: notebook 01's peak (1.8 → 3.1 GB within one batch on the default profile).
+        # until the batch ended (sampled: 1.8 → 3.1 GB within one batch on the default profile).
         trim_heap()
         return saved
 

@@ -45,8 +45,8 @@ class AblationConfig:
     """Greedy generation length limit."""
     gen_batch_size: int = 68
     """Prompts generated together: two batches hold the three conditions of a (task, layer) (135 rows with the default
-    `n_test`). One batch of all 135 took ≈ 1.2 GB of resident memory; half of it takes ≈ 0.5 GB, for a few per cent
-    more time per response and identical tokens (see benchmarks/README.md)."""
+    `n_test`). One batch of all 135 took ≈ 1.2 GB of resident memory; half of it takes ≈ 0.5 GB, for 4–20 % more
+    time per response and identical tokens (see benchmarks/README.md)."""
     mass_window: int = 10
     """A random latent is drawn among the `mass_window` latents nearest in activation mass to a selected one."""
     n_random_draws: int = 3
