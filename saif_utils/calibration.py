@@ -21,7 +21,7 @@ import torch
 
 from .interventions import AddVector
 from .logits import scored_token_logprob
-from .models import length_buckets, server_errors
+from .models import length_buckets, server_errors, trim_heap
 from .progress import tqdm
 from .stats import ratio_ci
 
@@ -123,7 +123,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
     # evaluation), and the graph of a 16-target batch through every block held ≈ 2 GB of activations.
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
     with grad_mode, server_errors(remote, "calibrating a steering vector"), \
-            model.trace(batch.input_ids, attention_mask=batch.attention_mask, remote=remote) as tracer:
+            model.trace(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, remote=remote) as tracer:
         leaf = params.detach().clone().requires_grad_(backward)
         vector = leaf @ basis if basis is not None else leaf
         resid = model.model.layers[layer].output
@@ -136,6 +136,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         total = nll.detach().cpu().save()
         per_token = token_nll.detach().cpu().save()
         tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
+    trim_heap()  # the stopped trace's frames, with a backward's activations, sit in a reference cycle (`trim_heap`)
     # `predicts` is row-major: each batch row's predictions are contiguous; batch row r holds target batch.rows[r].
     row_tokens = np.zeros(len(full), dtype=np.int64)
     row_tokens[batch.rows] = predicts.sum(1).numpy()

@@ -34,7 +34,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         batches = ((rows, ids, {"attention_mask": mask, "cache": cache}, n_shared)
                    for rows, ids, mask, cache in shared_prefix_batches(model, full, n_shared, batch_size))
     else:
-        batches = ((b.rows, b.input_ids, {"attention_mask": b.attention_mask}, None)
+        batches = ((b.rows, b.input_ids, {"attention_mask": b.attention_mask, "use_cache": False}, None)
                    for b in length_buckets(full, batch_size, model.tokenizer.pad_token_id))
     for rows, ids, inputs, shared in batches:
         # Scored positions: for row r, the columns whose next token is a continuation token (right-padded suffixes

@@ -1,10 +1,12 @@
 """Load a profile's model into nnsight, build chat prompts, and read the residual stream at any layer."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import functools
 import os
+import time
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,11 +233,34 @@ def _libc_malloc_trim():
         return None
 
 
+class _CycleCollector:
+    """A full cyclic garbage collection, at most once every `every_s` seconds."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.last = every_s, time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            gc.collect()
+            self.last = time.monotonic()
+
+
+# `tracer.stop()` unwinds the model with an exception whose traceback keeps the model's frames, and the tensors they
+# hold, in a reference cycle (nnsight 0.8.1: its `EarlyStopException` chains the trace's `ExitTracingException`); only
+# the cyclic collector frees it. In a notebook kernel, with ≈ 0.6M long-lived objects, CPython's full collection runs
+# rarely, so the garbage of hundreds of traces piled up: notebook 01's spliced CE climbed 1.8 → 3.6 GB on the default
+# profile (≈ 170 MB per 16-row trace with its KV cache, 28 MB with `use_cache=False`). A full collection there costs
+# ≈ 0.3 s, so it runs at most every 5 s: ≤ 6 % of a loop that trims constantly, and little garbage between runs.
+_collect_trace_cycles = _CycleCollector(every_s=5.0)
+
+
 def trim_heap() -> None:
-    """Hand the heap's freed pages back to the OS (glibc `malloc_trim`; a no-op elsewhere). Batches grow as their
-    sequences lengthen, and glibc serves each larger tensor from fresh heap rather than the freed smaller ones: without
-    this, a notebook's resident memory climbs batch after batch (notebook 01 on the default profile: 3.0 → 1.9 GB
-    after reading 17 batches of held-out residuals)."""
+    """Free stopped traces' cyclic garbage (at most every 5 s, see `_collect_trace_cycles`) and hand the heap's freed
+    pages back to the OS (glibc `malloc_trim`; a no-op elsewhere). Batches grow as their sequences lengthen, and glibc
+    serves each larger tensor from fresh heap rather than the freed smaller ones: without this, a notebook's resident
+    memory climbs batch after batch (notebook 01 on the default profile: 3.0 → 1.9 GB after reading 17 batches of
+    held-out residuals)."""
+    _collect_trace_cycles()
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
@@ -313,7 +338,7 @@ def residual_batches(
     batches = list(length_buckets(token_ids, batch_size, pad_id))
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
         with torch.inference_mode(), server_errors(remote, f"reading residuals ({desc})"), model.trace(
-            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote
+            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, use_cache=False, remote=remote
         ) as tracer:
             # Built and saved inside the block: on NDIF the block runs on the server, and only saved names come back
             # (a dict filled from outside the block would stay empty).

@@ -301,7 +301,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`
         positions replaced by `sae`'s reconstruction, or by zeros without an `sae`."""
         with server_errors(remote, f"splicing SAEs ({'layer ' + str(layer) if layer is not None else 'clean'})"), \
-                model.trace(inputs, remote=remote) as tracer:
+                model.trace(inputs, use_cache=False, remote=remote) as tracer:
             if layer is not None:
                 resid = model.model.layers[layer].output
                 replacement = sae(resid) if sae is not None else torch.zeros_like(resid)

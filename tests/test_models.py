@@ -147,3 +147,25 @@ def test_a_corrupted_dequantised_cache_is_detected_and_rebuilt(tiny_model, tiny_
     assert sha256_file(weights) != recorded
     assert dequantised_model_dir(tiny_profile.model) == copy
     assert sha256_file(weights) == recorded, "the corrupted cache was rebuilt from the GGUF"
+
+
+def test_trim_heap_frees_the_tensors_a_stopped_trace_leaves_in_reference_cycles(tiny_model, monkeypatch):
+    import gc
+
+    from saif_utils import models
+
+    monkeypatch.setattr(models._collect_trace_cycles, "every_s", 0.0)  # collect at every trim
+    ids = [tokenize(tiny_model.tokenizer, [chat_prompt(tiny_model.tokenizer, p)])[0] for p in PROMPTS]
+    gc.collect()
+    gc.disable()  # only the collections the code itself runs
+    try:
+        batches = models.residual_batches(tiny_model, ids, [1], batch_size=len(ids))
+        next(batches)  # one stopped trace, then `trim_heap` before the batch is yielded
+        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what this collection finds unreachable, for inspection
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == [], f"{len(left)} tensors of a stopped trace were left for the cyclic collector"
