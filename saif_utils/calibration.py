@@ -136,7 +136,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         total = nll.detach().cpu().save()
         per_token = token_nll.detach().cpu().save()
         tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
-    trim_heap()  # the stopped trace's frames, with a backward's activations, sit in a reference cycle (`trim_heap`)
+    trim_heap()  # the stopped trace left the model's frames in a reference cycle (see `trim_heap`); not measured here
     # `predicts` is row-major: each batch row's predictions are contiguous; batch row r holds target batch.rows[r].
     row_tokens = np.zeros(len(full), dtype=np.int64)
     row_tokens[batch.rows] = predicts.sum(1).numpy()
