@@ -123,15 +123,16 @@ def study_floor(run_dir: Path, model) -> dict:
         print(f"no finished run in {run_dir} (run `make reproduce` first): the study's floor is not computed")
         return figures
     floor_s = {name: f / (peak * 1e9) for name, f in generation_flops(run_dir, model.tokenizer, body, head).items()}
+    counted_s = sum(floor_s.values())
     figures |= {f"floor_s {name}": round(s, 1) for name, s in floor_s.items()}
-    figures["floor_s 04+05"] = round(sum(floor_s.values()), 1)
+    figures["floor_s 04+05"] = round(counted_s, 1)
     if (run_dir / "timings.csv").is_file():
         import pandas as pd
 
         seconds = pd.read_csv(run_dir / "timings.csv").set_index("stage")["seconds"]
         forward_s = seconds[seconds.index.str[:2].isin(["01", "02", "03"])].sum()
         figures["floor_s 01-03 (estimated)"] = round(forward_s * prefill_share, 1)
-        figures["floor_s study"] = round(sum(floor_s.values()) + forward_s * prefill_share, 1)
+        figures["floor_s study"] = round(counted_s + forward_s * prefill_share, 1)
     return figures
 
 
