@@ -5,14 +5,18 @@ prompts, greedy generation of up to 48 tokens), both at the default profile's si
 Calibration targets are no-instruction prompts of train passages teacher-forced on 40-token responses taken from the
 passages' own text (the study uses the model's accepted prompted answers, of similar length: the same compute, other
 tokens), 24 train and 11 val as the default study had for summarize. All 8 rounds run (no early stop): the upper bound.
+
+Beside it, one evaluation of the train and val targets (what every round starts with) reusing the blocks below the
+steered layer (`block_outputs`, as `calibrate` does) against the full forward, at layers 15 and 25.
 """
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
-from common import content_prompts, default_model, report
+from common import content_prompts, default_model, median_seconds, report
 
 LAYERS, ALPHAS, N_VAL, MAX_NEW = (10, 15, 20, 25, 29), (0.3, 0.5, 0.7), 16, 48
 K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER = 15, 24, 11, 40, 15
@@ -53,6 +57,30 @@ def one_sweep_stage(model, vectors: torch.Tensor, prompts: list[list[int]]) -> f
     return time.perf_counter() - start
 
 
+def evaluation_reuse(model, basis: torch.Tensor, weights: torch.Tensor, train, val) -> dict[str, float]:
+    """Per layer, seconds of one evaluation of `train` and `val` reusing block outputs / the full forward (median of
+    interleaved rounds), after checking that both give the same NLL."""
+    from saif_utils.calibration import CalibrationConfig, block_outputs, target_nll
+
+    size, splits = CalibrationConfig().batch_size, {"train": train, "val": val}
+
+    def evaluate(layer: int, below: dict | None) -> list[float]:
+        return [target_nll(model, layer, weights, basis, targets, size, below=below and below[split])[0]
+                for split, targets in splits.items()]
+
+    out = {}
+    for layer in (15, 25):
+        below = {split: [block_outputs(model, layer, part) for part in targets.batches(size)]
+                 for split, targets in splits.items()}
+        if evaluate(layer, below) != evaluate(layer, None):
+            raise AssertionError(f"layer {layer}: reusing the blocks below changed the NLL")
+        times = median_seconds({"reuse": partial(evaluate, layer, below), "full": partial(evaluate, layer, None)},
+                               repeats=3)
+        out |= {f"evaluation_L{layer}_reuse_s": times["reuse"], f"evaluation_L{layer}_full_s": times["full"],
+                f"evaluation_L{layer}_reuse_over_full": times["reuse"] / times["full"]}
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     _, model = default_model()
@@ -65,8 +93,9 @@ def main() -> None:
     prompts = content_prompts(tok, N_VAL)
     stage_s = one_sweep_stage(model, vectors, prompts)
     calibration_s = one_calibration(model, basis, weights, train, val)
+    reuse = evaluation_reuse(model, basis, weights, train, val)
     report("calibration", {"calibration_s": calibration_s, "sweep_stage_s": stage_s,
-                           "calibration_over_sweep_stage": calibration_s / stage_s,
+                           "calibration_over_sweep_stage": calibration_s / stage_s, **reuse,
                            "n_rounds": 8, "n_train_targets": len(train), "n_val_targets": len(val),
                            "n_stage_generations": len(LAYERS) * len(ALPHAS) * len(prompts)})
 

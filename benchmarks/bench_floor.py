@@ -4,7 +4,11 @@ matrix-multiply peak, and how long the generation stages' arithmetic (notebooks 
     python bench_floor.py [RUN_DIR]     # RUN_DIR: a finished default run (default: ../outputs/default)
 
 FLOPs count 2 × parameters per token through the decoder blocks and 2 × the LM head's parameters per token whose
-logits are read; attention, norms and everything else are left out, so the floor is a lower bound.
+logits are read; attention, norms and everything else are left out, so the floor is a lower bound. Notebook 05's
+calibrations are counted as the least arithmetic that gives their numbers: each target's blocks up to the steered
+layer once (their output does not depend on the vector), then per pass the blocks above it and the LM head at the
+response positions, forward for every evaluation and forward plus the input-gradient backward (as many FLOPs again;
+the frozen weights need no gradient) for every training pass.
 """
 from __future__ import annotations
 
@@ -70,8 +74,9 @@ def model_gflops(hf_model, ids: list[list[int]], pad_id: int) -> dict[str, float
             "decode": 2 * (body + head) * n_rows / times["decode"] / 1e9}
 
 
-def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str, float]:
-    """FLOPs of the distinct generations and teacher-forced log-probs the ablation and steering stages ran in `run_dir`."""
+def generation_flops(run_dir: Path, tokenizer, body: int, head: int, n_layers: int) -> dict[str, float]:
+    """FLOPs of the distinct generations and teacher-forced log-probs the ablation and steering stages ran in `run_dir`,
+    and of 05's calibrations."""
     import pandas as pd
 
     from saif_utils.data import evaluation_prompts, load_passages, load_tasks, load_variants, prompting_instructions
@@ -96,6 +101,7 @@ def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str
     new = sweep["n_new_tokens"].to_numpy()
     out["05 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
     out["05 fluency log-probs"] = float(2 * (body + head) * (new + 1).sum())  # the shared empty-turn prefix runs once
+    out |= calibration_flops(run_dir, plain, instructed, body, head, n_layers)
     ablation = pd.read_parquet(run_dir / "04_causal_ablation" / "generations.parquet")
     ablation = ablation.assign(layer=ablation["layer"].where(ablation["condition"] != "none", -1))
     distinct = ablation.drop_duplicates(["passage_id", "task", "layer", "condition", "draw"])
@@ -104,6 +110,34 @@ def generation_flops(run_dir: Path, tokenizer, body: int, head: int) -> dict[str
     out["04 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
     out["04 log-probs"] = sum(2 * (body + head) * (p + n) for p, n in zip(prompt, new))
     return out
+
+
+def calibration_flops(run_dir: Path, plain: dict[str, int], instructed: dict[str, dict[str, int]], body: int,
+                      head: int, n_layers: int) -> dict[str, float]:
+    """FLOPs of notebook 05's calibrations: generating and fluency-scoring the prompted train/val responses they are
+    targets from, and the rounds each calibration ran (`calibration.csv`) over the responses the judge accepted."""
+    import pandas as pd
+
+    out_dir = run_dir / "05_steering_sweeps"
+    if not (out_dir / "calibration_targets.parquet").is_file():
+        return {}
+    judged = pd.read_parquet(out_dir / "calibration_targets.parquet")
+    prompt = judged["task"].map(instructed).combine(judged["passage_id"], lambda lengths, p: lengths[p])
+    new = judged["n_new_tokens"].to_numpy()
+    out = {"05 calibration targets": float(sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
+                                           + 2 * (body + head) * (new + 1).sum())}
+    history = pd.read_csv(out_dir / "calibration.csv")
+    runs = history[history["calibrated"]].groupby(["task", "method"]).agg(rounds=("round", "max"), layer=("layer", "first"))
+    accepted = judged[judged["strict"] & (judged["n_new_tokens"] > 0)]
+    flops = 0.0
+    for (task, _), run in runs.iterrows():
+        below = body * (run.layer + 1) / n_layers  # blocks 0..layer: once per target
+        above = body - below
+        for split, passes in (("train", 3 * run.rounds + 1), ("val", run.rounds + 1)):  # a training pass counts 2×
+            rows = accepted[(accepted["task"] == task) & (accepted["split"] == split)]
+            tokens = rows["passage_id"].map(plain).to_numpy() + rows["n_new_tokens"].to_numpy()
+            flops += 2 * below * tokens.sum() + passes * (2 * above * tokens.sum() + 2 * head * rows["n_new_tokens"].sum())
+    return out | {"05 calibration": flops}
 
 
 def study_floor(run_dir: Path, model) -> dict:
@@ -122,7 +156,9 @@ def study_floor(run_dir: Path, model) -> dict:
     if not (run_dir / "05_steering_sweeps" / "generations.parquet").is_file():
         print(f"no finished run in {run_dir} (run `make reproduce` first): the study's floor is not computed")
         return figures
-    floor_s = {name: f / (peak * 1e9) for name, f in generation_flops(run_dir, model.tokenizer, body, head).items()}
+    n_layers = hf_model.config.num_hidden_layers
+    floor_s = {name: f / (peak * 1e9)
+               for name, f in generation_flops(run_dir, model.tokenizer, body, head, n_layers).items()}
     counted_s = sum(floor_s.values())
     figures |= {f"floor_s {name}": round(s, 1) for name, s in floor_s.items()}
     figures["floor_s 04+05"] = round(counted_s, 1)

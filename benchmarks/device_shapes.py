@@ -25,6 +25,10 @@ ARCHITECTURES = {
                                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                                   query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                                   final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")),
+    "gemma-2-9b": ("gemma2", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                  query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                                  final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")),
     "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)),
 }

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from saif_utils.calibration import (CalibrationConfig, Targets, calibrate, initial_weights, mean_nll, steered_nll,
-                                    summed_gradient, target_nll)
+from saif_utils.calibration import (CalibrationConfig, Targets, block_outputs, calibrate, initial_weights, mean_nll,
+                                    steered_nll, summed_gradient, target_nll)
 from saif_utils.interventions import AddVector
 from saif_utils.likelihood import continuation_logprob
 from saif_utils.models import chat_prompt
@@ -50,6 +50,20 @@ def test_objective_equals_the_teacher_forced_logprob(tiny_model, targets):
     assert row_tokens.tolist() == n_tokens.tolist()
     assert row_nll == pytest.approx(-per_row * n_tokens, rel=1e-5)
     assert mean == pytest.approx(row_nll.sum() / row_tokens.sum(), rel=1e-6)
+
+
+def test_an_evaluation_that_skips_the_blocks_below_the_layer_is_bitwise_the_same(tiny_model, targets, basis):
+    """Reusing block LAYER's unedited output (what `calibrate` does for its fixed evaluation batches) skips blocks
+    0 … LAYER and gives exactly the NLL of the full forward; an output of other targets is refused."""
+    train, _ = targets
+    weights = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    below = [block_outputs(tiny_model, LAYER, part) for part in train.batches(4)]  # batches of 4 and 2
+    full = target_nll(tiny_model, LAYER, weights, basis, train, batch_size=4)
+    reused = target_nll(tiny_model, LAYER, weights, basis, train, batch_size=4, below=below)
+    assert reused[0] == full[0]
+    assert np.array_equal(reused[1], full[1]) and np.array_equal(reused[2], full[2])
+    with pytest.raises(ValueError, match="block_outputs"):
+        steered_nll(tiny_model, LAYER, weights, basis, train.subset(range(4)), below=below[1])
 
 
 def test_a_gradient_in_chunks_equals_the_whole_batch_gradient(tiny_model, targets, basis):
