@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import content_prompts, default_model, median_seconds, report
@@ -74,6 +75,16 @@ def model_gflops(hf_model, ids: list[list[int]], pad_id: int) -> dict[str, float
             "decode": 2 * (body + head) * n_rows / times["decode"] / 1e9}
 
 
+def generating(prompt: list[int], new, body: int, head: int) -> float:
+    """FLOPs of generating `new` tokens after each prompt of `prompt` tokens (logits only where a token is chosen)."""
+    return float(sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new)))
+
+
+def fluency(new, body: int, head: int) -> float:
+    """FLOPs of scoring each response and its end-of-turn after the shared empty-turn prefix (which runs once)."""
+    return float(2 * (body + head) * (np.asarray(new) + 1).sum())
+
+
 def generation_flops(run_dir: Path, tokenizer, body: int, head: int, n_layers: int) -> dict[str, float]:
     """FLOPs of the distinct generations and teacher-forced log-probs the ablation and steering stages ran in `run_dir`,
     and of 05's calibrations."""
@@ -99,15 +110,15 @@ def generation_flops(run_dir: Path, tokenizer, body: int, head: int, n_layers: i
     sweep = sweep.drop_duplicates(["passage_id", "split", "task", "method", "layer", "k", "alpha", "position", "draw"])
     prompt = [instructed[t][p] if a else plain[p] for t, p, a in zip(sweep["task"], sweep["passage_id"], asked)]
     new = sweep["n_new_tokens"].to_numpy()
-    out["05 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
-    out["05 fluency log-probs"] = float(2 * (body + head) * (new + 1).sum())  # the shared empty-turn prefix runs once
+    out["05 generation"] = generating(prompt, new, body, head)
+    out["05 fluency log-probs"] = fluency(new, body, head)
     out |= calibration_flops(run_dir, plain, instructed, body, head, n_layers)
     ablation = pd.read_parquet(run_dir / "04_causal_ablation" / "generations.parquet")
     ablation = ablation.assign(layer=ablation["layer"].where(ablation["condition"] != "none", -1))
     distinct = ablation.drop_duplicates(["passage_id", "task", "layer", "condition", "draw"])
     new = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in distinct["response"]]
     prompt = [instructed[t][p] for t, p in zip(distinct["task"], distinct["passage_id"])]
-    out["04 generation"] = sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
+    out["04 generation"] = generating(prompt, new, body, head)
     out["04 log-probs"] = sum(2 * (body + head) * (p + n) for p, n in zip(prompt, new))
     return out
 
@@ -122,12 +133,12 @@ def calibration_flops(run_dir: Path, plain: dict[str, int], instructed: dict[str
     if not (out_dir / "calibration_targets.parquet").is_file():
         return {}
     judged = pd.read_parquet(out_dir / "calibration_targets.parquet")
-    prompt = judged["task"].map(instructed).combine(judged["passage_id"], lambda lengths, p: lengths[p])
+    prompt = [instructed[t][p] for t, p in zip(judged["task"], judged["passage_id"])]
     new = judged["n_new_tokens"].to_numpy()
-    out = {"05 calibration targets": float(sum(2 * body * (p + n) + 2 * head * n for p, n in zip(prompt, new))
-                                           + 2 * (body + head) * (new + 1).sum())}
+    out = {"05 calibration targets": generating(prompt, new, body, head) + fluency(new, body, head)}
     history = pd.read_csv(out_dir / "calibration.csv")
-    runs = history[history["calibrated"]].groupby(["task", "method"]).agg(rounds=("round", "max"), layer=("layer", "first"))
+    runs = history[history["calibrated"]].groupby(["task", "method"]).agg(rounds=("round", "max"),
+                                                                          layer=("layer", "first"))
     accepted = judged[judged["strict"] & (judged["n_new_tokens"] > 0)]
     flops = 0.0
     for (task, _), run in runs.iterrows():
@@ -136,7 +147,8 @@ def calibration_flops(run_dir: Path, plain: dict[str, int], instructed: dict[str
         for split, passes in (("train", 3 * run.rounds + 1), ("val", run.rounds + 1)):  # a training pass counts 2×
             rows = accepted[(accepted["task"] == task) & (accepted["split"] == split)]
             tokens = rows["passage_id"].map(plain).to_numpy() + rows["n_new_tokens"].to_numpy()
-            flops += 2 * below * tokens.sum() + passes * (2 * above * tokens.sum() + 2 * head * rows["n_new_tokens"].sum())
+            response_tokens = rows["n_new_tokens"].sum()
+            flops += 2 * below * tokens.sum() + passes * (2 * above * tokens.sum() + 2 * head * response_tokens)
     return out | {"05 calibration": flops}
 
 

@@ -133,7 +133,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
     width = batch.input_ids.shape[1]
     if below is not None and below.shape[:2] != batch.input_ids.shape:
         raise ValueError(f"below has shape {tuple(below.shape)}, but these targets batch to "
-                         f"{tuple(batch.input_ids.shape)}: pass block_outputs(model, layer, targets) of the same targets")
+                         f"{tuple(batch.input_ids.shape)}: pass block_outputs(model, layer, targets) of these targets")
     # logit column j predicts token j + 1; a row's response fills its last len(response) columns (left padding)
     predicts = torch.zeros(len(full), width - 1, dtype=torch.bool)
     for r, i in enumerate(batch.rows):
@@ -174,7 +174,8 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
 
 
 def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
-               remote: bool = False, below: Sequence[torch.Tensor] | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+               remote: bool = False, below: Sequence[torch.Tensor] | None = None
+               ) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`, and each target's
     summed NLL and response length (for a confidence interval over targets). `below`: `block_outputs` of each batch of
     `targets.batches(batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
