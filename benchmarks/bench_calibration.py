@@ -70,8 +70,7 @@ def evaluation_reuse(model, basis: torch.Tensor, weights: torch.Tensor, train, v
 
     out = {}
     for layer in (15, 25):
-        below = {split: [block_outputs(model, layer, part) for part in targets.batches(size)]
-                 for split, targets in splits.items()}
+        below = {split: block_outputs(model, layer, targets, size) for split, targets in splits.items()}
         if evaluate(layer, below) != evaluate(layer, None):
             raise AssertionError(f"layer {layer}: reusing the blocks below changed the NLL")
         times = median_seconds({"reuse": partial(evaluate, layer, below), "full": partial(evaluate, layer, None)},

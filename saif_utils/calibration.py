@@ -111,10 +111,14 @@ class SteeredNLL(NamedTuple):
     row_tokens: np.ndarray
 
 
-def block_outputs(model, layer: int, targets: Targets) -> torch.Tensor:
-    """Decoder block `layer`'s output `[B, S, d]`, unedited, over `targets` batched as `steered_nll` batches them."""
-    (_, resid), = residual_batches(model, targets.sequences(), [layer], batch_size=len(targets))
-    return resid[layer]
+def block_outputs(model, layer: int, targets: Targets, batch_size: int) -> list[torch.Tensor]:
+    """Decoder block `layer`'s output `[B, S, d]`, unedited, for each batch of `targets.batches(batch_size)`, batched as
+    `steered_nll` batches it: what `target_nll` takes as `below`."""
+    outputs = []
+    for part in targets.batches(batch_size):
+        (_, resid), = residual_batches(model, part.sequences(), [layer], batch_size=len(part))
+        outputs.append(resid[layer])
+    return outputs
 
 
 def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
@@ -126,14 +130,15 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
     The vector is built and differentiated inside the trace, so on NDIF the server computes the gradient and only it
     travels back; `autograd.grad` (not `backward`) leaves the model's own weights without a `.grad`.
 
-    `below`, block `layer`'s unedited output over these targets (`block_outputs`), skips blocks 0 … `layer`: the
-    vector enters after them, so they would recompute it exactly, and the NLL is bitwise the same without their cost."""
+    `below`, block `layer`'s unedited output over these targets (`block_outputs` with one batch), skips blocks
+    0 … `layer`: the vector enters after them, so they would recompute it exactly, and the NLL is bitwise the same
+    without their cost."""
     full = targets.sequences()
     batch = next(iter(length_buckets(full, len(full), model.tokenizer.pad_token_id)))
     width = batch.input_ids.shape[1]
     if below is not None and below.shape[:2] != batch.input_ids.shape:
         raise ValueError(f"below has shape {tuple(below.shape)}, but these targets batch to "
-                         f"{tuple(batch.input_ids.shape)}: pass block_outputs(model, layer, targets) of these targets")
+                         f"{tuple(batch.input_ids.shape)}: pass block_outputs of these targets, batched as here")
     # logit column j predicts token j + 1; a row's response fills its last len(response) columns (left padding)
     predicts = torch.zeros(len(full), width - 1, dtype=torch.bool)
     for r, i in enumerate(batch.rows):
@@ -177,8 +182,8 @@ def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | No
                remote: bool = False, below: Sequence[torch.Tensor] | None = None
                ) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`, and each target's
-    summed NLL and response length (for a confidence interval over targets). `below`: `block_outputs` of each batch of
-    `targets.batches(batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
+    summed NLL and response length (for a confidence interval over targets). `below`: `block_outputs(model, layer,
+    targets, batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
     total, n, row_nll, row_tokens = 0.0, 0, [], []
     with torch.no_grad():
         for b, part_targets in enumerate(targets.batches(batch_size)):
@@ -234,12 +239,13 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
     # compute is read once here and reused (bitwise the same NLL; the default's evaluations cost 0.2–0.5× as much).
     # The shuffled training batches differ each round, so they run whole. On NDIF the server recomputes rather than
     # receive these activations with every request.
-    below = {split: None if remote else [block_outputs(model, layer, part) for part in targets.batches(cfg.batch_size)]
-             for split, targets in (("train", train), ("val", val))}
+    splits = {"train": train, "val": val}
+    below = {split: None if remote else block_outputs(model, layer, targets, cfg.batch_size)
+             for split, targets in splits.items()}
 
     def evaluate() -> dict:
         row = {"n_active": int(active.sum()) if active is not None else params.numel()}
-        for split, targets in (("train", train), ("val", val)):
+        for split, targets in splits.items():
             mean, row_nll, row_tokens = target_nll(model, layer, params, basis, targets, cfg.batch_size, remote,
                                                    below[split])
             _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)

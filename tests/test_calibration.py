@@ -57,7 +57,7 @@ def test_an_evaluation_that_skips_the_blocks_below_the_layer_is_bitwise_the_same
     0 … LAYER and gives exactly the NLL of the full forward; an output of other targets is refused."""
     train, _ = targets
     weights = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
-    below = [block_outputs(tiny_model, LAYER, part) for part in train.batches(4)]  # batches of 4 and 2
+    below = block_outputs(tiny_model, LAYER, train, batch_size=4)  # batches of 4 and 2
     full = target_nll(tiny_model, LAYER, weights, basis, train, batch_size=4)
     reused = target_nll(tiny_model, LAYER, weights, basis, train, batch_size=4, below=below)
     assert reused[0] == full[0]
