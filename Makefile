@@ -17,7 +17,7 @@ export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv reproduce results test bench check-determinism lab ship-saes lock clean-outputs ndif-up ndif-down
+.PHONY: help venv test-deps reproduce results test test-fast lint bench check-determinism lab ship-saes lock clean-outputs ndif-up ndif-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -43,13 +43,27 @@ reproduce: venv  ## run every notebook on PROFILE (default: default) into output
 results: venv  ## regenerate docs/results.md (and its figure) from outputs/PROFILE's tables
 	$(BIN)/python tools/results_page.py outputs/$(PROFILE)
 
-test: venv  ## run the test suite (tiny profile; includes papermill runs of every notebook)
+test-deps: venv  ## what the full suite's real guards need: Debian's chromium and the local NDIF's server venv (once)
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "installing chromium (Debian) …"; \
+	    apt-get install -y -q chromium >/dev/null; \
+	  else echo "no chromium and no root to install it: the browser tests will skip (and fail under CI)"; fi; fi
+	@if [ "$$(id -u)" = 0 ] && command -v unshare >/dev/null; then bash tools/ndif/ndif.sh install; \
+	  else echo "not root with unshare: the local-NDIF tests will skip (and fail under CI)"; fi
+
+lint: venv  ## ruff, configured in pyproject.toml
+	$(BIN)/ruff check .
+
+test: lint test-deps  ## run the whole test suite (tiny profile; papermill runs of every notebook, local NDIF, browser)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: lint  ## the tests not marked slow (no notebook runs, NDIF, browser or model cache): ≤ 5 min
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: venv  ## run the benchmarks (ratios measured side by side; one JSON line each)
 	cd benchmarks && for script in bench_*.py; do echo "== $$script"; TQDM_DISABLE=1 ../$(BIN)/python $$script || exit 1; done
 
-check-determinism: venv  ## two cold runs of PROFILE with separate empty caches; fails unless the headline files are byte-identical (ARGS="--keep DIR" keeps both runs)
+check-determinism: venv  ## two cold runs of PROFILE with separate empty caches; fails unless every table of 01–05 is byte-identical (ARGS="--keep DIR" keeps both runs)
 	$(BIN)/python tools/check_determinism.py --profile $(PROFILE) $(ARGS)
 
 lab: venv  ## open the notebooks in JupyterLab with the project's kernel

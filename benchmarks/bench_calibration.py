@@ -15,7 +15,6 @@ import time
 from functools import partial
 
 import torch
-
 from common import content_prompts, default_model, median_seconds, report
 
 LAYERS, ALPHAS, N_VAL, MAX_NEW = (10, 15, 20, 25, 29), (0.3, 0.5, 0.7), 16, 48

@@ -3,7 +3,6 @@ same left-padded batches. Targets: ≥ 0.9 at the final SAE layer, > 1 at a midd
 from __future__ import annotations
 
 import torch
-
 from common import content_prompts, default_model, median_seconds, report
 
 N_PROMPTS, BATCH = 64, 16

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import content_prompts, default_model, median_seconds, report
 
 N_ROWS = 64

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import torch
-
 from common import content_prompts, default_model, median_seconds, peak_rss_mb, report
 
 N_ROWS, N_CONT, LAYER = 16, 64, 15

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import content_prompts, median_seconds, report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "ndif" / "ndif.sh"

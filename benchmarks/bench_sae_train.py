@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
 from common import content_prompts, default_model, median_seconds, report
 
 LAYER, BATCH, N_PROMPTS = 15, 16, 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
 from common import content_prompts, default_model, median_seconds, report
 
 N_PROMPTS, N_NEW, LAYER = 8, 64, 15
@@ -15,8 +14,8 @@ def steered_vs_plain(model, ids: Sequence[Sequence[int]], layer: int, vector: to
                      sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Tokens/s of plain HF generate, a forward-hook steer and saif_utils' nnsight steer (exactly `n_new` tokens per
     prompt, all prompts in one batch), and the two ratios. `sync` waits for an asynchronous device before a clock read."""
-    from saif_utils.models import length_buckets
     from saif_utils.generation import generate_steered
+    from saif_utils.models import length_buckets
 
     tok, hf = model.tokenizer, model._module
     (batch,) = length_buckets(ids, len(ids), tok.pad_token_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from common import content_prompts, default_model, report
 
 N_PROMPTS, N_NEW, LAYER = 64, 48, 15

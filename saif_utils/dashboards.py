@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, select_autoescape
 
+from .activations import encode
 from .corpus import CORPUS_SKIP_FIRST
 from .io import atomic_path, cached_json, content_hash
-from .activations import encode
 from .models import read_residual_tokens, span_token_texts
 
 

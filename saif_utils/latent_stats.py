@@ -9,7 +9,8 @@ sibling instruction), and every latent is scored over the pairs:
 * `consistency` — fraction of pairs where the latent fires on the positive and stays at most
   `negative_ratio` × that activation on the negative ("fires with the instruction, not without");
 * `effect_size` — `mean_diff` divided by the pooled standard deviation of the latent over positives and negatives;
-* `score = consistency × tanh(max(effect_size, 0))` — reliable *and* strong; ties broken by latent index.
+* `score = consistency × tanh(max(effect_size, 0))` — reliable *and* strong; latents are ranked on the score rounded
+  to `SCORE_DIGITS` significant digits, ties broken by latent index.
 """
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .stats import round_significant
+
 CONTRASTS = ("content", "sibling")
+SCORE_DIGITS = 4
+"""Significant digits of the score a ranking reads: float32 sums that differ between CPUs in the last bits (≈ 1e-7
+relative) leave every rank as it is, and the scores of the latents a selection keeps differ far more than 1e-4."""
 """Negatives: the passage alone, or the element-wise maximum over it and the sibling tasks' prompts."""
 
 
@@ -52,8 +58,8 @@ def latent_stats(pos_acts: torch.Tensor, neg_acts: torch.Tensor, fire_threshold:
 
 
 def rank_latents(score: np.ndarray) -> np.ndarray:
-    """Latent indices ordered by descending score (stable: ties keep index order)."""
-    return np.argsort(-score, kind="stable")
+    """Latent indices ordered by descending score rounded to `SCORE_DIGITS` (stable: ties keep index order)."""
+    return np.argsort(-round_significant(score, SCORE_DIGITS), kind="stable")
 
 
 def jaccard(a, b) -> float:

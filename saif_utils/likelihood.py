@@ -7,10 +7,16 @@ import numpy as np
 import torch
 
 from .interventions import Intervention, per_prompt_edits, stack_edits
-from .logits import scored_token_logprob
 from .io import cached_json_items
-from .models import (check_model_layer, common_prefix_length, length_buckets, server_errors, shared_prefix_batches,
-                     trim_heap)
+from .logits import scored_token_logprob
+from .models import (
+    check_model_layer,
+    common_prefix_length,
+    length_buckets,
+    server_errors,
+    shared_prefix_batches,
+    trim_heap,
+)
 
 
 @torch.inference_mode()

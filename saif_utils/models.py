@@ -1,10 +1,10 @@
 """Load a profile's model into nnsight, build chat prompts, and read the residual stream at any layer."""
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import json
-import functools
 import os
 import time
 from collections.abc import Hashable, Iterator, Sequence

@@ -190,10 +190,20 @@ def kernels_ahead(notebooks: Sequence[Path]) -> Iterator:
                 stop_kernel(pending.result(), now=True)
 
 
-DETERMINISTIC_FILES = ("02_feature_discovery/latent_scores.parquet", "02_feature_discovery/selected_latents.csv",
-                       "04_causal_ablation/ablation.csv", "05_steering_sweeps/sweep.parquet",
-                       "05_steering_sweeps/results.csv")
-"""The headline artifacts two runs with the same parameters must write byte for byte (`make check-determinism`)."""
+DETERMINISTIC_STAGES = ("01_sae_loading", "02_feature_discovery", "03_semantic_proximity", "04_causal_ablation",
+                        "05_steering_sweeps")
+"""Stages whose every table (CSV and parquet: metrics, scores, selections, generations, calibrations) two runs with
+the same parameters must write byte for byte (`make check-determinism`); later stages hold paths and run times."""
+
+
+def deterministic_files(run_dir: Path) -> list[str]:
+    """The tables of `DETERMINISTIC_STAGES` in a finished run, as paths relative to `run_dir`."""
+    found = sorted(str(path.relative_to(run_dir)) for stage in DETERMINISTIC_STAGES
+                   for path in (Path(run_dir) / stage).rglob("*") if path.suffix in (".csv", ".parquet"))
+    missing = [stage for stage in DETERMINISTIC_STAGES if not any(f.startswith(stage + "/") for f in found)]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no tables for {missing}: run those notebooks first")
+    return found
 
 
 def differing_cache_entries(first: Path, second: Path) -> list[str]:
@@ -221,11 +231,26 @@ def check_parameters(extra: dict) -> None:
                          f"set them in the environment (e.g. NDIF_API_KEY) instead")
 
 
+def selected_notebooks(only: Sequence[str] | None) -> list[Path]:
+    """The numbered notebooks whose names start with one of `only` (None: all); a prefix that matches none, or an
+    empty `only`, is refused naming the notebooks there are."""
+    notebooks = numbered_notebooks()
+    if only is None:
+        return notebooks
+    available = [nb.stem for nb in notebooks]
+    unmatched = [o for o in only if not any(stem.startswith(str(o)) for stem in available)]
+    if not only or unmatched:
+        raise ValueError(f"--only {' '.join(map(str, only)) or '(nothing)'}: {unmatched or 'no prefix given'} "
+                         f"matches no notebook; available: {available} (a prefix such as 05 is enough)")
+    return [nb for nb in notebooks if any(nb.stem.startswith(str(o)) for o in only)]
+
+
 def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = False, only: list[str] | None = None,
                  extra: dict | None = None) -> pd.DataFrame:
     """Run the numbered notebooks in order, printing one line per notebook; return the per-stage timings."""
     get_profile(profile, remote=remote)  # fail fast on a bad profile before starting any kernel
     check_parameters(extra or {})
+    selected_notebooks(only)
     output_dir = RunDir.for_profile(profile, output_dir).root
     # A run killed mid-write (SIGKILL, OOM) leaves temporaries; they are never read, but nothing partial should stay.
     for root in (cache_root(), output_dir):
@@ -239,9 +264,7 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
 def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str] | None, extra: dict | None
                    ) -> pd.DataFrame:
     """`run_pipeline` once its environment is set."""
-    notebooks = [nb for nb in numbered_notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
-    if not notebooks:
-        raise ValueError(f"no notebook matches only={only}; available: {[nb.stem for nb in numbered_notebooks()]}")
+    notebooks = selected_notebooks(only)
     parameters = {"profile": profile, "output_dir": str(output_dir), "remote": remote} | (extra or {})
     rows = []
     last_seconds = last_timings(output_dir / "timings.csv")
@@ -318,7 +341,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="papermill parameter passed to every notebook, e.g. -p retrain_sae true")
     args = parser.parse_args(argv)
     extra = {name: parse_value(value) for name, value in args.parameter}
-    run_pipeline(args.profile, args.output_dir, args.remote, args.only, extra)
+    try:
+        run_pipeline(args.profile, args.output_dir, args.remote, args.only, extra)
+    except ValueError as err:  # bad arguments, refused before any notebook starts
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

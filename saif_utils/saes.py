@@ -15,8 +15,15 @@ import torch
 
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
-from .models import (length_buckets, model_fingerprint, read_residual_tokens, real_token_mask, residual_batches,
-                     server_errors, trim_heap)
+from .models import (
+    length_buckets,
+    model_fingerprint,
+    read_residual_tokens,
+    real_token_mask,
+    residual_batches,
+    server_errors,
+    trim_heap,
+)
 from .paths import REPO_ROOT
 from .profiles import Profile, SAETrainConfig
 from .progress import tqdm

@@ -7,6 +7,17 @@ import numpy as np
 import pandas as pd
 
 
+def round_significant(values, digits: int) -> np.ndarray:
+    """`values` rounded to `digits` significant digits (zeros and non-finite values kept): what a draw or a ranking
+    reads, so that floats that differ in their last bits between two CPUs give the same draw and the same order."""
+    arr = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(arr) & (arr != 0)
+    exponent = np.zeros_like(arr)
+    exponent[finite] = np.floor(np.log10(np.abs(arr[finite])))
+    scale = 10.0 ** (digits - 1 - exponent)
+    return np.where(finite, np.round(arr * scale) / scale, arr)
+
+
 def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = 2000) -> tuple[float, float, float]:
     """(mean, 95 % CI low, high) by scipy's percentile bootstrap; degenerate samples give a zero-width interval."""
     from scipy.stats import bootstrap

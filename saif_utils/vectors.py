@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .stats import round_significant
+
 
 def direction_from_latents(sae, latents: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
     """Unit vector along Σ_j w_j · W_dec[j] over the selected latents `[d_model]`."""
@@ -44,10 +46,18 @@ def random_latents(d_sae: int, k: int, exclude: Sequence[int], seed: int) -> np.
     return np.sort(np.random.default_rng(seed).choice(pool, size=k, replace=False))
 
 
+MASS_DIGITS = 2
+"""Significant digits of the activation mass the matching reads. Masses that differ in their last bits between two
+CPUs then sort, and fall into windows, alike (ties by latent index); a window of 2 × 10 neighbours already spans
+several per cent of mass, so two digits lose no matching that the window keeps."""
+
+
 def mass_matched_latents(mass: np.ndarray, selected: Sequence[int], seed: int, window: int = 10) -> np.ndarray:
     """For each selected latent, a different non-selected latent drawn among the `window` nearest to it in
-    activation mass (`mass[j]`, e.g. latent j's mean activation): a random set with matched total mass."""
+    activation mass (`mass[j]`, e.g. latent j's mean activation, rounded to `MASS_DIGITS`): a random set with matched
+    total mass."""
     selected = [int(j) for j in selected]
+    mass = round_significant(mass, MASS_DIGITS)
     pool = np.setdiff1d(np.arange(len(mass)), selected)
     pool = pool[np.argsort(mass[pool], kind="stable")]
     rng = np.random.default_rng(seed)
@@ -56,7 +66,8 @@ def mass_matched_latents(mass: np.ndarray, selected: Sequence[int], seed: int, w
     for j in selected:
         centre = int(np.searchsorted(mass[pool], mass[j]))
         lo = max(0, centre - window)
-        candidates = [int(c) for c in pool[lo:centre + window] if int(c) not in taken]
+        # in index order: which neighbours are candidates decides the draw, not how near each one is
+        candidates = sorted(int(c) for c in pool[lo:centre + window] if int(c) not in taken)
         pick = int(rng.choice(candidates))
         taken.add(pick)
         out.append(pick)

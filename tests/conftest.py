@@ -8,6 +8,17 @@ from pathlib import Path
 
 import pytest
 
+SLOW_FIXTURES = {"tiny_run", "local_ndif", "chromium"}
+"""A test that uses one of these is slow: the shared papermill run of every notebook, the local NDIF server, the
+browser. Others are marked `slow` where they stand (the GGUF dequantisation cache, the SAE training corpus)."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark `slow` every test that needs a slow fixture, so that `make test-fast` (`-m "not slow"`) leaves it out."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def _cache_with_models(root: Path, models: Path) -> Path:
     """An empty cache folder whose `models/` is the session's dequantised models."""

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from saif_utils.calibration import (CalibrationConfig, Targets, block_outputs, calibrate, initial_weights, mean_nll,
-                                    steered_nll, summed_gradient, target_nll)
+from saif_utils.calibration import (
+    CalibrationConfig,
+    Targets,
+    block_outputs,
+    calibrate,
+    initial_weights,
+    mean_nll,
+    steered_nll,
+    summed_gradient,
+    target_nll,
+)
 from saif_utils.interventions import AddVector
 from saif_utils.likelihood import continuation_logprob
 from saif_utils.models import chat_prompt
@@ -116,7 +125,11 @@ def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model
         assert (history[f"{split}_nll"] < history[f"{split}_nll_ci_high"]).all()
     # the returned weights are the best round's: their val NLL is the one recorded for it
     assert mean_nll(tiny_model, LAYER, result.params, basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
-    assert (result.params[~result.active] == 0).all()
+    # pruning acted: the weights below 0.2 × the largest are fixed at zero, and the history counts what is left
+    assert not result.active.all() and (result.params[~result.active] == 0).all()
+    assert (result.params[result.active] != 0).all()
+    assert history["n_active"].iloc[0] == len(init) and history["n_active"].iloc[-1] == int(result.active.sum()) < len(init)
+    assert history["n_active"].is_monotonic_decreasing
     assert all(p.grad is None for p in tiny_model._module.parameters()), "the model's weights must not learn"
     again = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
     assert torch.equal(result.params, again.params) and history.equals(again.history)

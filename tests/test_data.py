@@ -3,7 +3,13 @@ import json
 import pytest
 
 from saif_utils.data import (
-    DataError, build_prompts, join_content, load_passages, load_tasks, load_variants, token_positions,
+    DataError,
+    build_prompts,
+    join_content,
+    load_passages,
+    load_tasks,
+    load_variants,
+    token_positions,
 )
 
 

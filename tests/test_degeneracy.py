@@ -5,10 +5,10 @@ from saif_utils.degeneracy import (
     char_loop_share,
     compression_ratio,
     degeneracy_signals,
+    digit_share,
     is_degenerate,
     line_repeat_share,
     span_repeat_share,
-    digit_share,
     top_word_share,
 )
 from saif_utils.language import dictionary_share, words

@@ -1,13 +1,14 @@
 import pytest
 
 from saif_utils.evaluation import (
+    Verdict,
     check_bullet_list,
+    check_json,
     check_keyword,
     check_summarize,
     check_translate_fr,
     check_uppercase,
     checker_for,
-    Verdict,
     sentences,
 )
 from saif_utils.language import is_french
@@ -100,8 +101,13 @@ def test_summary_uppercase_bullets_and_dispatch():
     assert not check_summarize("Bees dance. They point to food.", source).strict
     assert not check_summarize("The stock market fell sharply today.", source).loose
     assert check_uppercase("HELLO WORLD!").strict and not check_uppercase("123").loose
+    # loose needs ≥ 80 % of the letters uppercase: 4 of 5 passes, 3 of 5 and ordinary text do not
+    assert check_uppercase("ABCDe") == Verdict(False, True) and check_uppercase("ABCde") == Verdict(False, False)
+    assert not check_uppercase("The Cat Sleeps On The Warm Windowsill.").loose
     assert check_bullet_list("* a\n* b").strict and not check_bullet_list("- only one").loose
     assert checker_for("json")('```json\n{"a": 1}\n```', "src").strict
+    for scalar in ("42", '"a string"', "true", "null", "```json\n3.5\n```"):  # valid JSON, but not an object or array
+        assert not check_json(scalar).strict, scalar
     assert checker_for("keyword:ocean")("The ocean.", None).strict
     with pytest.raises(ValueError, match="no checker for task='poetry'"):
         checker_for("poetry")

@@ -91,3 +91,56 @@ def test_bootstrap_by_passage_weights_equals_explicit_resampling():
         rows = np.concatenate([np.flatnonzero(passages == f"p{p}") for p in draw])
         explicit = top_latents(PairSet(pos[rows], neg[rows], meta.iloc[rows]), cfg, 8)
         assert set(top) == set(explicit)
+
+
+def test_diff_in_means_points_from_the_negatives_to_the_positives():
+    from saif_utils.selection import DirectionKey, diff_in_means
+
+    prompts = pd.DataFrame({
+        "prompt_id": ["p1-neg", "p2-neg", "p1-a", "p2-a", "p1-b", "p2-b"],
+        "passage_id": ["p1", "p2", "p1", "p2", "p1", "p2"],
+        "label": ["negative", "negative", "positive", "positive", "positive", "positive"],
+        "task": [None, None, "summarize", "summarize", "summarize", "summarize"],
+        "position": [None, None, "post", "post", "post", "post"],
+        "variant_id": [None, None, "a", "a", "b", "b"], "language": "en", "kind": "paraphrase"})
+    # passages differ (their negatives), the instruction adds +[1, 2] on top of each passage's own residual
+    negatives = torch.tensor([[0.0, 0.0], [4.0, -2.0]])
+    resid = torch.cat([negatives, negatives + torch.tensor([1.0, 2.0]), negatives + torch.tensor([3.0, 2.0])])
+    directions = diff_in_means(prompts, {7: resid}, ["post"])
+    assert list(directions) == [DirectionKey("summarize", 7, "post")]
+    assert torch.equal(directions[DirectionKey("summarize", 7, "post")], torch.tensor([2.0, 2.0]))
+
+
+def _last_bits(values: np.ndarray, seed: int) -> np.ndarray:
+    """`values` perturbed by 1e-6 relative, as float32 sums come out of another CPU's kernels."""
+    noise = np.random.default_rng(seed).standard_normal(values.shape)
+    return (values * (1 + 1e-6 * noise)).astype(values.dtype)
+
+
+def test_a_selection_survives_last_bit_differences_in_the_scores():
+    # scores of 3000 latents whose top ones come in near-ties, as float32 statistics of many latents do
+    gen = np.random.default_rng(0)
+    score = (gen.beta(0.5, 4.0, 3000) * (gen.random(3000) < 0.5)).astype(np.float32)
+    top = np.argsort(-score)[:60]
+    score[top[1::2]] = score[top[0::2]] * np.float32(1 - 2e-6)
+    chosen = rank_latents(score)[:30]
+    for trial in range(20):
+        assert rank_latents(_last_bits(score, trial))[:30].tolist() == chosen.tolist(), f"perturbation {trial}"
+
+
+def test_a_mass_matched_draw_survives_last_bit_differences_in_the_masses():
+    from saif_utils.vectors import mass_matched_latents
+
+    # masses like an SAE layer's: 60 % dead latents, the rest log-normal over four decades, with near-ties (on the
+    # default profile's layer 20 the closest two masses differ by 2.6e-6 relative)
+    gen = np.random.default_rng(0)
+    mass = np.where(gen.random(4608) < 0.6, 0.0, np.exp(gen.normal(-2.0, 1.5, 4608))).astype(np.float32)
+    alive = np.flatnonzero(mass > 0)
+    twins = gen.choice(alive, size=(300, 2), replace=False)
+    mass[twins[:, 1]] = mass[twins[:, 0]] * np.float32(1 + 2e-6)
+    selected = gen.choice(np.flatnonzero(mass > 0.05), size=15, replace=False)
+    draws = [mass_matched_latents(mass, selected, seed) for seed in range(3)]
+    for trial in range(20):
+        nudged = _last_bits(mass, trial)
+        for seed, draw in enumerate(draws):
+            assert np.array_equal(mass_matched_latents(nudged, selected, seed), draw), f"perturbation {trial}, seed {seed}"

@@ -1,13 +1,21 @@
+import pytest
 import torch
 
 from saif_utils.models import (
-    chat_prompt, dequantised_model_dir, gguf_path, length_buckets, load_hf, read_residual, read_residual_tokens,
+    chat_prompt,
+    dequantised_model_dir,
+    gguf_path,
+    length_buckets,
+    load_hf,
+    read_residual,
+    read_residual_tokens,
     tokenize,
 )
 
 PROMPTS = ["Translate into French: The cat sleeps on the warm windowsill.", "Hi", "Résumez : 東京は日本の首都です。"]
 
 
+@pytest.mark.slow
 def test_gguf_cache_reload_gives_identical_logits(tiny_profile):
     from transformers import AutoModelForCausalLM
 
@@ -129,6 +137,7 @@ def test_shared_prefix_reading_matches_plain_reading(tiny_model):
         read_residual(tiny_model, ids, [2], groups=["a"])
 
 
+@pytest.mark.slow
 def test_a_corrupted_dequantised_cache_is_detected_and_rebuilt(tiny_model, tiny_profile, tmp_path, monkeypatch):
     import json
     import shutil

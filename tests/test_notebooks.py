@@ -99,7 +99,9 @@ def test_01_saes_reload_from_the_run_manifest(tiny_run, tiny_profile):
     assert all(sae.cfg.d_in == tiny_profile.model.d_model for sae in saes.values())
 
 
-def test_02_writes_scores_selections_and_robustness(tiny_run):
+def test_02_writes_scores_selections_and_robustness(tiny_run, tiny_profile):
+    from saif_utils.stages.discovery import DiscoveryConfig
+
     stage = tiny_run[0] / "02_feature_discovery"
     scores = pd.read_parquet(stage / "latent_scores.parquet")
     expected = ["task", "layer", "position", "latent", "freq_pos", "freq_neg", "mean_diff", "consistency", "score", "rank"]
@@ -112,6 +114,17 @@ def test_02_writes_scores_selections_and_robustness(tiny_run):
     selected = pd.read_csv(stage / "selected_latents.csv")
     assert list(selected.columns[:7]) == ["task", "layer", "position", "contrast", "rank", "latent", "weight"]
     assert (selected["score"] > 0).all()
+    # the selection is the top of the score table: its ranks 1 … n, in order, with the same latents and scores
+    keys = ["task", "layer", "position", "contrast"]
+    top_k = tiny_profile.stage_defaults["discovery"].get("top_k", DiscoveryConfig.top_k)
+    for key, chosen in selected.groupby(keys):
+        ranked = scores.set_index(keys).loc[key]
+        assert len(chosen) == min(top_k, int((ranked["score"] > 0).sum())), key
+        top = ranked[ranked["rank"] <= len(chosen)].sort_values("rank")
+        assert chosen["rank"].tolist() == list(range(1, len(chosen) + 1)), key
+        assert chosen["latent"].tolist() == top["latent"].tolist(), key
+        assert chosen["score"].to_numpy() == pytest.approx(top["score"].to_numpy()), key
+        assert (top["score"].to_numpy()[:-1] >= top["score"].to_numpy()[1:]).all(), key
     robust = pd.read_csv(stage / "robustness.csv")
     assert {"bootstrap_jaccard", "paraphrase_vs_translation_jaccard", "pre_vs_post_jaccard"} <= set(robust["metric"])
     assert {"translate_fr"} <= set(robust[robust["metric"] == "bootstrap_jaccard"]["task"])

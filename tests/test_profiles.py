@@ -13,6 +13,9 @@ def test_layer_out_of_range_names_the_valid_range():
         get_profile("default", sae_layers=[10, 30])
     with pytest.raises(ValueError, match="out of range"):
         check_layer(-1, PROFILES["default"].model)
+    for not_a_layer in (True, 3.0, "3"):
+        with pytest.raises(ValueError, match="out of range"):
+            check_layer(not_a_layer, PROFILES["default"].model)
 
 
 def test_overrides_are_typed_and_validated():
@@ -20,6 +23,9 @@ def test_overrides_are_typed_and_validated():
     assert profile.sae_layers == (10, 15) and profile.sae_train.k == 32 and profile.batch_size == 8
     with pytest.raises(TypeError, match="override batch_size='many'"):
         get_profile("default", batch_size="many")
+    for not_an_int in (8.5, "8.5", True):  # never truncated to 8, never read as 1
+        with pytest.raises(TypeError, match=f"override batch_size={not_an_int!r}"):
+            get_profile("default", batch_size=not_an_int)
     with pytest.raises(ValueError, match="unknown override 'sae_widht'"):
         get_profile("default", sae_widht=10)
     with pytest.raises(ValueError, match=r"SAETrainConfig.k=5000 must lie in 1 … d_sae=4608"):

@@ -3,8 +3,8 @@ finished work, failure reports, and secrets that never reach a file or a log."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from saif_utils.paths import REPO_ROOT
-from saif_utils.pipeline import DETERMINISTIC_FILES, check_parameters, differing_cache_entries, run_pipeline
+from saif_utils.pipeline import check_parameters, deterministic_files, differing_cache_entries, run_pipeline
 
 
 def _alive(process) -> bool:
@@ -38,7 +38,14 @@ def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, saif_cache, 
     second = tmp_path / "second"  # this test's cache is empty but for the dequantised model (verified by hash on use)
     run_pipeline("tiny", second)  # SAEs retrained, activations, residuals and generations recomputed
     first = tiny_run[0]
-    differing = [name for name in DETERMINISTIC_FILES if (first / name).read_bytes() != (second / name).read_bytes()]
+    names = deterministic_files(first)
+    # every table of 01–05: metrics, scores, selections, proximity, both stages' generations, calibrations
+    for expected in ("01_sae_loading/sae_metrics.csv", "03_semantic_proximity/proximity.parquet",
+                     "04_causal_ablation/generations.parquet", "05_steering_sweeps/generations.parquet",
+                     "05_steering_sweeps/calibration.csv", "05_steering_sweeps/calibrated_weights.csv"):
+        assert expected in names, (expected, names)
+    assert deterministic_files(second) == names, "the two runs wrote different sets of tables"
+    differing = [name for name in names if (first / name).read_bytes() != (second / name).read_bytes()]
     assert not differing, (f"{differing} differ between two runs with the same parameters; cache entries that differ "
                            f"(the earliest stage's is where it started): "
                            f"{differing_cache_entries(tiny_run[2], Path(saif_cache))}")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import _cache_with_models
+
 from saif_utils.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "tools" / "ndif" / "ndif.sh"

@@ -122,6 +122,7 @@ def test_shipped_saes_match_their_family_recipe(tiny_model, family):
             f"{path} was not trained with the {family} family's recipe; retrain it (make ship-saes) or restore the recipe")
 
 
+@pytest.mark.slow
 def test_v2_corpus_keeps_long_texts_and_reads_the_extra_prompts(tiny_model):
     """v2 cuts long texts into windows instead of truncating them and adds the extra instruction prompts."""
     from saif_utils.corpus import build_token_corpus
@@ -138,6 +139,7 @@ def test_v2_corpus_keeps_long_texts_and_reads_the_extra_prompts(tiny_model):
         build_token_corpus(tiny_model.tokenizer, 1000, 100, 64, version="v3")
 
 
+@pytest.mark.slow
 def test_v2_windows_begin_like_a_prompt_and_hold_no_attention_sink(tiny_model):
     """A window cut from the middle of a long text repeats its document's chat-template opening: without it the model
     turns the window's first content tokens into attention sinks (~150× the median residual norm) that would
@@ -162,11 +164,11 @@ def test_v2_windows_begin_like_a_prompt_and_hold_no_attention_sink(tiny_model):
     assert norm_ratio(bare, 1) > 20, "the plain cut no longer makes sinks: this test has lost its point"
 
 
+@pytest.mark.slow
 def test_heldout_texts_are_unseen_by_every_family(tiny_model):
     """The side-by-side metrics read texts that no family trained on (the 8x eval split minus the 4x train split)."""
-    from saif_utils.saes import heldout_token_ids, sae_corpus
-
     from saif_utils.profiles import with_family
+    from saif_utils.saes import heldout_token_ids, sae_corpus
 
     profile = with_family(PROFILES["default"], "8x")
     held_out = set(map(tuple, heldout_token_ids(tiny_model.tokenizer, profile)))

@@ -34,3 +34,5 @@ def test_overlap_and_random_control():
     assert len(ctrl) == 6
     for task, group in ctrl.groupby("task"):
         assert not set(group["latent"]) & set(sel[sel["task"] == task]["latent"])
+    assert ctrl.equals(random_control(sel, {1: 50}, seed=0)), "the same seed draws the same latents"
+    assert not ctrl.equals(random_control(sel, {1: 50}, seed=1)), "the seed is a parameter of the draw"

@@ -12,6 +12,16 @@ def test_bootstrap_ci_brackets_the_mean():
     assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0, 1.0)
 
 
+def test_bootstrap_ci_is_a_95_percent_interval():
+    # 40 Bernoulli values with mean 0.625: the normal approximation's 95 % interval is ±1.96·se = ±0.150 wide; a 50 %
+    # one would be ±0.052, a 99 % one ±0.197.
+    values = np.array([1, 0, 1, 1, 0, 1, 0, 1] * 5, dtype=float)
+    half_width = 1.96 * values.std() / np.sqrt(len(values))
+    mean, low, high = bootstrap_ci(values)
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.12)
+    assert low == pytest.approx(mean - half_width, abs=0.03) and high == pytest.approx(mean + half_width, abs=0.03)
+
+
 def test_accuracy_table_reports_n_cis_and_fluency():
     judged = pd.DataFrame({"task": ["a"] * 40 + ["b"] * 4, "strict": [True] * 10 + [False] * 30 + [True] * 4,
                            "loose": [True] * 40 + [False] * 4, "nll": [1.0] * 44, "repetition": [0.0] * 44,

@@ -8,7 +8,6 @@ from saif_utils.data import AGREEMENT_PATH, DataError, load_labels
 from saif_utils.validation import LABELLED_TASKS, agreement_table
 
 
-
 @pytest.fixture(scope="module")
 def labels():
     return load_labels()

@@ -18,13 +18,13 @@ import torch
 from ..activations import mean_residual_norm
 from ..calibration import CalibrationConfig, Targets, calibrate, initial_weights
 from ..context import RunContext
-from ..progress import tqdm
 from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
 from ..evaluation import judge
 from ..interventions import AddVector
 from ..io import cached_frames, content_hash, sha256_file, write_table
 from ..methods import METHODS, Condition, VectorSource, get_method
 from ..models import chat_prompt
+from ..progress import tqdm
 from ..selection import DirectionKey, check_selection
 from ..stats import accuracy_table, selection_objective
 

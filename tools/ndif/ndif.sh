@@ -9,7 +9,7 @@
 #   ndif.sh exec CMD...      run CMD inside the server's network namespace (clients must: nothing else can reach it)
 #   ndif.sh status           exit 0 when the API answers
 #
-# Settings: NDIF_VENV (default REPO/.venv-ndif), NDIF_STATE (default ${TMPDIR:-/tmp}/saif-ndif; pid files and logs),
+# Settings: NDIF_VENV (default ~/.cache/saif-ndif/venv-<lock hash>: shared by every checkout of the same lock), NDIF_STATE (default ${TMPDIR:-/tmp}/saif-ndif; pid files and logs),
 # NDIF_UP_TIMEOUT (seconds, default 240), OMP_NUM_THREADS (torch threads of the model actor and of `exec` clients,
 # default nproc). Ray's gRPC servers bind every interface whatever --node-ip-address says, so the stack always runs in
 # `unshare -n` (needs root): reachable from this machine's namespace only through `exec`.
@@ -17,10 +17,10 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$REPO/tools/ndif"
-VENV="${NDIF_VENV:-$REPO/.venv-ndif}"
+LOCK="$HERE/requirements-ndif.lock"
+VENV="${NDIF_VENV:-$HOME/.cache/saif-ndif/venv-$(sha256sum "$LOCK" | cut -c1-12)}"
 STATE="${NDIF_STATE:-${TMPDIR:-/tmp}/saif-ndif}"
 TIMEOUT="${NDIF_UP_TIMEOUT:-240}"
-LOCK="$HERE/requirements-ndif.lock"
 NDIF_VERSION="0.1.2"
 
 export NDIF_REDIS_URL="redis://127.0.0.1:6379"
@@ -77,7 +77,7 @@ cmd_install() {
   command -v redis-server >/dev/null || { log "installing redis-server (Debian)"; apt-get install -y -q redis-server >/dev/null; }
   local stamp="$VENV/.saif-ndif-installed" want; want=$(sha256sum "$LOCK" | cut -c1-64)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then log "server venv up to date ($VENV)"; return; fi
-  [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV"
+  [ -x "$VENV/bin/python" ] || { mkdir -p "$(dirname "$VENV")" && python3.11 -m venv "$VENV"; }
   log "installing the server venv from $(basename "$LOCK") (torch pinned by constraints.txt) …"
   "$VENV/bin/pip" install -q -r "$LOCK" -c "$REPO/constraints.txt" 2>&1 | { grep -v "is ignored: it is neither" || true; }
   # ndif declares Python >= 3.12, but for 3.12 only the CUDA torch build resolves; its code runs on 3.11.
