@@ -131,6 +131,8 @@ def open_run(profile: str | Profile, output_dir: str | Path | None = None, remot
     if isinstance(profile, str):
         profile = get_profile(profile, remote=remote)
     run = RunDir.for_profile(profile.name, output_dir)
+    data = data or DataSources()
+    data.check()  # before the SAEs and the model: bad data fails without a load
     saes = run.saes(profile.device)  # before the model: a missing SAE manifest fails without a model load
     return RunContext(profile, run, load_model(profile), model_fingerprint(profile), saes,
-                      {layer: sae_fingerprint(sae) for layer, sae in saes.items()}, data or DataSources())
+                      {layer: sae_fingerprint(sae) for layer, sae in saes.items()}, data)

@@ -131,6 +131,8 @@ def read_jsonl(path: str | Path, cls: type) -> list:
 
 def _jsonl_files(path: str | Path) -> list[Path]:
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no .jsonl files in this folder")
@@ -226,6 +228,16 @@ class DataSources:
     def passages(self) -> pd.DataFrame:
         """Every content passage with its split."""
         return load_passages(self.content_path or CONTENT_PATH)
+
+    def check(self) -> None:
+        """Read and validate every source (a missing path, an empty folder, a bad line), naming the parameter that
+        points at it: run before any model work."""
+        for name, read in (("tasks_path", self.tasks), ("instructions_path", self.variants),
+                           ("content_path", self.passages)):
+            try:
+                read()
+            except DataError as err:
+                raise DataError(f"{name}={getattr(self, name)!r}: {err}") from None
 
 
 def sample_passages(passages: pd.DataFrame, split: str, n: int, seed: int) -> pd.DataFrame:

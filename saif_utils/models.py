@@ -121,9 +121,19 @@ def remote_checkpoint(spec: ModelSpec) -> str:
 
 
 def remote_model(spec: ModelSpec):
-    """A weightless nnsight handle whose traces run on NDIF. The key comes from NDIF_API_KEY and the host from NDIF_HOST,
-    both read from the environment into nnsight's in-memory config only: `CONFIG.set_default_api_key` would write
-    the key to nnsight's user config file, where it outlives the run."""
+    """A weightless nnsight handle whose traces run on NDIF (`remote_handle`), once the server at NDIF_HOST answers
+    and has the model deployed."""
+    from nnsight import CONFIG
+
+    model = remote_handle(spec)
+    check_deployed(CONFIG.API.HOST, model.to_model_key())
+    return model
+
+
+def remote_handle(spec: ModelSpec):
+    """A weightless nnsight handle for NDIF, not yet checked against a server. The key comes from NDIF_API_KEY and the
+    host from NDIF_HOST, both read from the environment into nnsight's in-memory config only:
+    `CONFIG.set_default_api_key` would write the key to nnsight's user config file, where it outlives the run."""
     from nnsight import CONFIG, TransformersModel
     from nnsight.modeling import huggingface
 
@@ -134,7 +144,7 @@ def remote_model(spec: ModelSpec):
     CONFIG.API.APIKEY = api_key
     CONFIG.APP.REMOTE_LOGGING = False  # a status spinner per trace would bury the stages' own progress bars
     if os.environ.get("NDIF_HOST"):
-        CONFIG.API.HOST = os.environ["NDIF_HOST"]
+        CONFIG.API.HOST = check_host(os.environ["NDIF_HOST"])
     # The edits that travel with a trace (steering vectors, latent ablations) and the chunked log-probabilities are our
     # code; NDIF has no saif_utils, so both modules are shipped by value (they import only torch).
     from . import interventions, logits
@@ -145,9 +155,18 @@ def remote_model(spec: ModelSpec):
     if spec.gguf_package:
         # nnsight canonicalises a model id through the hub before sending it; a local directory is its own id.
         huggingface._ID_CACHE[checkpoint] = checkpoint
-    model = TransformersModel(checkpoint, tokenizer=load_tokenizer(checkpoint), task="text-generation")
-    check_deployed(CONFIG.API.HOST, model.to_model_key())
-    return model
+    return TransformersModel(checkpoint, tokenizer=load_tokenizer(checkpoint), task="text-generation")
+
+
+def check_host(host: str) -> str:
+    """Return NDIF_HOST's value if it is an http(s) URL with a host, else raise saying how to write it."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(host)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"NDIF_HOST={host!r} is not an http(s) URL: write it with its scheme and host, e.g. "
+                         f"http://127.0.0.1:8001 (a local NDIF) or https://api.ndif.us")
+    return host
 
 
 def check_deployed(host: str, model_key: str, timeout: float = 30.0) -> None:

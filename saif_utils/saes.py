@@ -108,14 +108,34 @@ def save_sae(sae, dest: str | Path, record: dict | None = None, dtype: torch.dty
     return dest
 
 
+SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu")
+"""sae-lens architectures whose maths the interventions mirror (`interventions.SAEWeights`); a BatchTopK SAE is saved
+as jumprelu."""
+
+
 def load_local_sae(path: str | Path, device: str = "cpu"):
-    """Load an SAE saved in sae-lens format, in float32 whatever dtype it was stored in."""
+    """Load an SAE saved in sae-lens format, in float32 whatever dtype it was stored in; a folder that is not one, an
+    architecture the interventions cannot mirror or an unreadable weights file is refused naming the file."""
     from sae_lens import SAE
+    from safetensors import SafetensorError
 
     path = Path(path)
-    if not (path / "cfg.json").is_file():
-        raise FileNotFoundError(f"no sae-lens SAE at {path} (expected cfg.json and sae_weights.safetensors)")
-    return SAE.load_from_disk(path, device=device, dtype="float32")
+    missing = [name for name in ("cfg.json", "sae_weights.safetensors") if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no sae-lens SAE at {path}: {missing} missing (an SAE folder holds cfg.json and "
+                                f"sae_weights.safetensors, as sae-lens's `save_model` writes them)")
+    try:
+        architecture = json.loads((path / "cfg.json").read_text()).get("architecture", "standard")
+    except ValueError as err:
+        raise ValueError(f"{path / 'cfg.json'} is not valid JSON ({err})") from None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: SAE architecture {architecture!r} is not supported; allowed: "
+                         f"{list(SUPPORTED_ARCHITECTURES)}")
+    try:
+        return SAE.load_from_disk(path, device=device, dtype="float32")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path / 'sae_weights.safetensors'} cannot be read ({type(err).__name__}: {err}): the file "
+                         f"is corrupt or truncated; restore it (git checkout for a shipped SAE) or retrain") from None
 
 
 # ---------------------------------------------------------------- activations
@@ -424,12 +444,20 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
     cached = {layer: cache_root() / "saes" / profile.model.name / f"layer_{layer}-{content_hash(recipe)}"
               for layer, recipe in recipes.items()}
     found: dict[int, tuple[Path, str]] = {}
+    stale = []
     for layer, recipe in recipes.items():
         shipped = shipped_sae_path(profile, layer)
         if not retrain and shipped is not None and recipe_matches(shipped, recipe):
             found[layer] = (shipped, "shipped")
         elif not retrain and recipe_matches(cached[layer], recipe):
             found[layer] = (cached[layer], "cache")
+        elif not retrain and shipped is not None and (shipped / TRAINING_RECORD).is_file():
+            stale.append(layer)
+    if stale:  # a shipped SAE exists but records another recipe: training silently would take hours
+        raise ValueError(f"the shipped SAEs of {profile.name!r} at layers {stale} ({profile.shipped_sae_dir}) were "
+                         f"trained with another recipe than the code now asks for (corpus, config or code changed). "
+                         f"Pass retrain_sae=true (`make reproduce ARGS=\"--only 01 -p retrain_sae true\"`, hours on a "
+                         f"CPU) and `make ship-saes`, or restore the recipe")
     to_train = [layer for layer in profile.sae_layers if layer not in found]
     if to_train:
         acts = collect_activations(model, profile, corpus, to_train)
@@ -566,10 +594,16 @@ def _metric_cis(reconstruction: dict, ce: dict) -> dict:
 
 
 def load_recorded_sae(entry: dict, device: str = "cpu"):
-    """Load the SAE a run manifest entry names (`{"path", "source"}`): a released id or a local folder."""
+    """Load the SAE a run manifest entry names (`{"path", "source", "sha256"}`): a released id, or a local folder whose
+    weights must still hash to what the SAE loading stage recorded."""
     if entry["source"] == "released":
         release, sae_id = entry["path"].split("/", 1)
         return load_pretrained_sae(release, sae_id, device)
+    weights = Path(entry["path"]) / "sae_weights.safetensors"
+    if entry.get("sha256") and weights.is_file() and sha256_file(weights) != entry["sha256"]:
+        raise ValueError(f"{weights} changed since notebook 01 recorded it in saes.json (sha256 "
+                         f"{entry['sha256'][:12]}…, now {sha256_file(weights)[:12]}…): rerun "
+                         f"notebooks/01_sae_loading.ipynb for this output_dir, then the later stages")
     return load_local_sae(entry["path"], device)
 
 

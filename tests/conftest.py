@@ -27,6 +27,33 @@ def _cache_with_models(root: Path, models: Path) -> Path:
     return root
 
 
+def require(available: bool, what: str) -> None:
+    """Skip a real-component test whose prerequisite is missing here, but fail it under CI (`CI` set), where every
+    guard must run: `make test-deps` installs what can be installed."""
+    if not available:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what}, and CI is set: in CI this test must run (`make test-deps` installs what it needs)")
+        pytest.skip(what)
+
+
+def copy_run(src: Path, dest: Path, stages: tuple[str, ...]) -> Path:
+    """A copy of `stages` of the run folder `src` in `dest` that shares nothing with it: the SAE folders its
+    `saes.json` names are copied too, and the copy's manifest points at them."""
+    import json
+    import shutil
+
+    for stage in stages:
+        shutil.copytree(src / stage, dest / stage)
+    manifest = dest / "01_sae_loading" / "saes.json"
+    if manifest.is_file():
+        entries = json.loads(manifest.read_text())
+        for layer, entry in entries.items():
+            if entry["source"] != "released":
+                entry["path"] = str(shutil.copytree(entry["path"], dest / "saes" / f"layer_{layer}"))
+        manifest.write_text(json.dumps(entries, indent=1))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def session_models(tmp_path_factory) -> Path:
     """Where the dequantised model is built once for the whole session."""

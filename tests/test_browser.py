@@ -1,7 +1,7 @@
 """What a researcher sees in a real browser: JupyterLab (started here on a loopback port with a token, ended by its
 pid) runs the playground notebook, a person changes the task and method and clicks Generate, and the three answers
 with their verdicts render; the run's report.html shows every image. Headless Chromium is Debian's package, driven by
-Playwright (no browser download); it is installed when missing and the test runs as root, else the tests skip."""
+Playwright (no browser download), installed by `make test-deps`; without it the tests skip, or fail when CI is set."""
 from __future__ import annotations
 
 import os
@@ -14,20 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import _cache_with_models, copy_run, require
 
 SCREENSHOT_DIR = Path(__file__).resolve().parent.parent / "outputs" / "test-screenshots"
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Path of Debian's chromium, installed with apt when missing (root only)."""
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in requirements.lock)")
+    """Path of Debian's chromium (`make test-deps` installs it)."""
     path = shutil.which("chromium")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, capture_output=True, timeout=900)
-        path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("no chromium and it cannot be installed here (needs root and apt-get): browser tests skipped")
+    require(path is not None, "no chromium on PATH (`make test-deps` installs it as root): browser tests skipped")
     return path
 
 
@@ -50,7 +46,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def jupyter_lab(tiny_run, tmp_path):
+def jupyter_lab(tiny_run, session_models, tmp_path):
     """JupyterLab on 127.0.0.1 with a token, serving a copy of notebook 07 parameterised for the tiny run
     → (base URL, token). Stopped by its own pid."""
     import papermill
@@ -59,7 +55,9 @@ def jupyter_lab(tiny_run, tmp_path):
     from saif_utils.pipeline import jupyter_env
     from saif_utils.progress import TEXT_PROGRESS
 
-    output_dir, _, cache = tiny_run
+    # the playground writes into its run folder and its cache: copies of the shared run's, which other tests read
+    cache = _cache_with_models(tmp_path / "cache", session_models)
+    output_dir = copy_run(tiny_run[0], tmp_path / "run", ("01_sae_loading", "02_feature_discovery", "05_steering_sweeps"))
     root = tmp_path / "lab"
     root.mkdir()
     papermill.execute_notebook(str(NOTEBOOK_DIR / "07_playground.ipynb"), str(root / "07_playground.ipynb"),

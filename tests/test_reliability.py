@@ -2,17 +2,19 @@
 finished work, failure reports, and secrets that never reach a file or a log."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 
 from saif_utils.paths import REPO_ROOT
 from saif_utils.pipeline import check_parameters, deterministic_files, differing_cache_entries, run_pipeline
@@ -26,12 +28,6 @@ def _alive(process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _copy_stages(src: Path, dest: Path, stages: tuple[str, ...]) -> Path:
-    for stage in stages:
-        shutil.copytree(src / stage, dest / stage)
-    return dest
 
 
 def test_a_second_run_with_empty_caches_is_byte_identical(tiny_run, saif_cache, tmp_path):
@@ -55,7 +51,7 @@ def test_sigkill_mid_sweep_then_resume_recomputes_nothing_finished(tiny_run, sai
     import psutil
 
     cache = Path(saif_cache)
-    output_dir = _copy_stages(tiny_run[0], tmp_path / "outputs", ("01_sae_loading", "02_feature_discovery"))
+    output_dir = copy_run(tiny_run[0], tmp_path / "outputs", ("01_sae_loading", "02_feature_discovery"))
     env = dict(os.environ) | {"SAIF_CACHE_DIR": str(cache), "TQDM_DISABLE": "1"}
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "saif_utils.pipeline", "--profile", "tiny", "--output-dir",
@@ -92,7 +88,7 @@ def test_sigkill_mid_sweep_then_resume_recomputes_nothing_finished(tiny_run, sai
 
 
 def test_a_failing_notebook_reports_where_and_keeps_earlier_stages(tiny_run, tmp_path, capsys):
-    output_dir = _copy_stages(tiny_run[0], tmp_path / "outputs", ("01_sae_loading",))
+    output_dir = copy_run(tiny_run[0], tmp_path / "outputs", ("01_sae_loading",))
     kept = sorted(p.name for p in (output_dir / "01_sae_loading").iterdir())
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("tiny", output_dir, only=["02"], extra={"n_passages": "many"})  # a parameter of the wrong type
@@ -105,14 +101,71 @@ def test_a_failing_notebook_reports_where_and_keeps_earlier_stages(tiny_run, tmp
     assert sorted(p.name for p in (output_dir / "01_sae_loading").iterdir()) == kept
 
 
-def test_secrets_come_from_the_environment_and_never_reach_a_file_or_log(tiny_run, tmp_path, monkeypatch, capfd):
+class _StandInNDIF(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server in NDIF's place: `/status` lists `model_key` as deployed, so a remote run passes its
+    checks and sends its first trace; that request (nnsight opens a websocket carrying the key in a header) is
+    recorded and refused, so the run fails there."""
+
+    def __init__(self, model_key: str):
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.startswith("/status"):
+                    body = json.dumps({"deployments": {f"stand-in:ModelActor:{model_key}": {}}}).encode()
+                    self.send_response(200)
+                else:
+                    requests.append((self.path, dict(self.headers)))
+                    body = b"a stand-in, not NDIF"
+                    self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_secrets_come_from_the_environment_and_never_reach_a_file_or_log(tiny_run, saif_cache, tmp_path, monkeypatch,
+                                                                         capfd):
+    """A remote run of notebook 03 reads the key, sends it to the server (a loopback stand-in that records it) and
+    fails on the refused trace; the key is then in no file of the run folder, its executed notebook, the cache,
+    HOME or nnsight's config, nor in the log. Secrets are never notebook parameters."""
+    from nnsight import CONFIG
+
+    from saif_utils.models import remote_handle
+    from saif_utils.profiles import PROFILES
+
     secret = "ndif-dummy-key-3f9c2e7a51"
+    home, nnsight_config = tmp_path / "home", tmp_path / "nnsight" / "config.yaml"
+    home.mkdir()
     monkeypatch.setenv("NDIF_API_KEY", secret)
-    output_dir = _copy_stages(tiny_run[0], tmp_path / "outputs", ("01_sae_loading", "02_feature_discovery"))
-    run_pipeline("tiny", output_dir, only=["03"])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NNSIGHT_CONFIG", str(nnsight_config))
+    output_dir = copy_run(tiny_run[0], tmp_path / "outputs", ("01_sae_loading", "02_feature_discovery"))
+    monkeypatch.setattr(CONFIG.API, "APIKEY", CONFIG.API.APIKEY)  # restored after remote_handle sets it here
+    monkeypatch.setattr(CONFIG.API, "HOST", CONFIG.API.HOST)
+    server = _StandInNDIF(remote_handle(PROFILES["tiny"].model).to_model_key())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(SystemExit):
+            run_pipeline("tiny", output_dir, remote=True, only=["03"])
+    finally:
+        server.shutdown()
+        server.server_close()
     logs = capfd.readouterr()
-    leaked = [p for p in output_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert "FAILED 03_semantic_proximity" in logs.err, logs.err[-2000:]
+    sent = [headers.get("ndif-api-key") for _, headers in server.requests]
+    assert secret in sent, f"the run never sent the key, so this scan proves nothing: {server.requests}"
+    leaked = [p for root in (output_dir, Path(saif_cache), home, nnsight_config.parent) if root.exists()
+              for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()]
     assert not leaked, f"the key was written to {leaked}"
+    assert (output_dir / "03_semantic_proximity" / "03_semantic_proximity.ipynb").is_file(), "no executed notebook"
     assert secret not in logs.out and secret not in logs.err
     for name in ("ndif_api_key", "NDIF_API_KEY", "judge_token"):
         with pytest.raises(ValueError, match="secrets are never notebook parameters"):

@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import _cache_with_models
+from conftest import _cache_with_models, copy_run, require
 
 from saif_utils.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "tools" / "ndif" / "ndif.sh"
-CAN_RUN = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter")
-pytestmark = pytest.mark.skipif(not CAN_RUN, reason="the local NDIF runs in its own network namespace: needs root and "
-                                                    "unshare (CI has both)")
 SECRET = "ndif-dummy-key-51e0a9c4"
 # The headline tables of notebooks 02–05, which the remote run must reproduce: the same tokens, selections and
 # accuracies; activations and log-probabilities to float rounding, because a local run shares prompt prefixes through
@@ -36,6 +33,10 @@ HEADLINE_TABLES = ("02_feature_discovery/selected_latents.csv", "02_feature_disc
 @pytest.fixture(scope="module")
 def local_ndif(tmp_path_factory, session_models):
     """A running local NDIF serving the tiny profile's model → (environment for clients, model directory)."""
+    require(os.geteuid() == 0 and bool(shutil.which("unshare")) and bool(shutil.which("nsenter")),
+            "the local NDIF runs in its own network namespace: needs root, unshare and nsenter")
+    installed = subprocess.run(["bash", str(SCRIPT), "installed"], capture_output=True, text=True)
+    require(installed.returncode == 0, f"no local NDIF server venv ({installed.stderr.strip()}; `make test-deps`)")
     state = Path(tempfile.mkdtemp(prefix="ndif-", dir="/tmp"))  # short: Ray's socket paths live under it
     # The session's dequantised model: the server deploys the very directory the local tiny run loads.
     cache = _cache_with_models(tmp_path_factory.mktemp("ndif-client-cache"), session_models)
@@ -43,7 +44,6 @@ def local_ndif(tmp_path_factory, session_models):
     # bit-identical results (a matmul's summation order depends on them: 1 vs 2 threads differ by ~1e-4).
     env = os.environ | {"NDIF_STATE": str(state), "SAIF_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "2",
                         "MKL_NUM_THREADS": "2"}
-    subprocess.run(["bash", str(SCRIPT), "install"], check=True, env=env, timeout=900)
     model_dir = subprocess.run([sys.executable, "-c", "from saif_utils.models import remote_checkpoint; from "
                                 "saif_utils.profiles import get_profile; print(remote_checkpoint(get_profile('tiny')"
                                 ".model))"], check=True, env=env, capture_output=True, text=True).stdout.strip()
@@ -105,7 +105,7 @@ def test_notebooks_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_
     key is in no file the run could write (those folders, the run folder with its executed notebooks) nor its log."""
     env, _ = local_ndif
     local_dir, run_dir = tiny_run[0], tmp_path / "run"
-    shutil.copytree(local_dir / "01_sae_loading", run_dir / "01_sae_loading")
+    copy_run(local_dir, run_dir, ("01_sae_loading",))
     home, cache = tmp_path / "home", _cache_with_models(tmp_path / "cache", session_models)
     home.mkdir()
     run_env = env | {"HOME": str(home), "NNSIGHT_CONFIG": str(tmp_path / "nnsight" / "config.yaml"),

@@ -17,6 +17,17 @@ from saif_utils.stages.report import agreement_markdown, markdown_table, tables_
 DOCS = REPO_ROOT / "docs"
 
 
+REQUIRED = ("01_sae_loading/sae_metrics.csv", "02_feature_discovery/summary.csv", "04_causal_ablation/ablation.csv",
+            "05_steering_sweeps/results.csv", "05_steering_sweeps/results.png", "06_report/environment.csv",
+            "06_report/claims.csv")
+"""What the page is made of: a run that lacks one is not finished, and the committed page is not rewritten from it."""
+
+
+def missing_files(run_dir: Path) -> list[str]:
+    """The files of `REQUIRED` that `run_dir` lacks (all of them when it does not exist)."""
+    return [name for name in REQUIRED if not (run_dir / name).is_file()]
+
+
 def results_page(run_dir: Path) -> str:
     """The page: provenance, the claims, every headline table and the steering figure."""
     run = RunDir(run_dir)
@@ -41,10 +52,16 @@ def _shown(path: Path) -> Path:
     return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, nargs="?", default=REPO_ROOT / "outputs" / "default")
-    run_dir = parser.parse_args().run_dir.resolve()
+    run_dir = parser.parse_args(argv).run_dir.resolve()
+    if not run_dir.is_dir():
+        parser.error(f"{run_dir} does not exist: run `make reproduce PROFILE=<profile>` first, then `make results "
+                     f"PROFILE=<profile>`")
+    if missing := missing_files(run_dir):
+        parser.error(f"{run_dir} is not a finished run; it lacks {missing}: run the notebooks that write them "
+                     f"(`make reproduce PROFILE=<profile>`), then `make results` again. docs/results.md was left as it was")
     page = results_page(run_dir)
     with atomic_path(DOCS / "results.md") as tmp:
         tmp.write_text(page)

@@ -4,12 +4,14 @@
 # serving local model directories on the CPU.
 #
 #   ndif.sh install          server venv from tools/ndif/requirements-ndif.lock (+ redis-server from apt if missing)
+#   ndif.sh installed        exit 0 when that venv is up to date with the lock and redis-server is there
 #   ndif.sh up MODEL_DIR     start everything and deploy MODEL_DIR; says so and exits 0 when already up
 #   ndif.sh down             stop exactly what `up` started (by process group, then leftover Ray pids in our state dir)
 #   ndif.sh exec CMD...      run CMD inside the server's network namespace (clients must: nothing else can reach it)
 #   ndif.sh status           exit 0 when the API answers
 #
-# Settings: NDIF_VENV (default ~/.cache/saif-ndif/venv-<lock hash>: shared by every checkout of the same lock), NDIF_STATE (default ${TMPDIR:-/tmp}/saif-ndif; pid files and logs),
+# Settings: NDIF_VENV (default ~/.cache/saif-ndif/venv-<lock hash>: shared by every checkout of the same lock),
+# NDIF_STATE (default ${TMPDIR:-/tmp}/saif-ndif; pid files and logs),
 # NDIF_UP_TIMEOUT (seconds, default 240), OMP_NUM_THREADS (torch threads of the model actor and of `exec` clients,
 # default nproc). Ray's gRPC servers bind every interface whatever --node-ip-address says, so the stack always runs in
 # `unshare -n` (needs root): reachable from this machine's namespace only through `exec`.
@@ -73,10 +75,15 @@ spawn() {  # name cmd... — its own session, so `down` can end the whole proces
   log "$name started (pid $!)"
 }
 
+installed() {
+  command -v redis-server >/dev/null && [ -f "$VENV/.saif-ndif-installed" ] \
+    && [ "$(cat "$VENV/.saif-ndif-installed")" = "$(sha256sum "$LOCK" | cut -c1-64)" ]
+}
+
 cmd_install() {
   command -v redis-server >/dev/null || { log "installing redis-server (Debian)"; apt-get install -y -q redis-server >/dev/null; }
   local stamp="$VENV/.saif-ndif-installed" want; want=$(sha256sum "$LOCK" | cut -c1-64)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then log "server venv up to date ($VENV)"; return; fi
+  if installed; then log "server venv up to date ($VENV)"; return; fi
   [ -x "$VENV/bin/python" ] || { mkdir -p "$(dirname "$VENV")" && python3.11 -m venv "$VENV"; }
   log "installing the server venv from $(basename "$LOCK") (torch pinned by constraints.txt) …"
   "$VENV/bin/pip" install -q -r "$LOCK" -c "$REPO/constraints.txt" 2>&1 | { grep -v "is ignored: it is neither" || true; }
@@ -185,6 +192,7 @@ cmd_down() {
 
 case "${1:-}" in
   install) cmd_install ;;
+  installed) installed || { log "no up-to-date server venv at $VENV or no redis-server: run 'ndif.sh install'"; exit 1; } ;;
   up) shift; cmd_up "$@" ;;
   deploy) shift; cmd_deploy "$@" ;;
   down) cmd_down ;;
