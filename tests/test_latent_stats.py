@@ -19,7 +19,9 @@ def test_latent_stats_on_a_hand_built_case():
     np.testing.assert_allclose(stats["mean_diff"], [2, 0, 0.5])
     np.testing.assert_allclose(stats["consistency"], [1, 0, 0.5])
     assert stats["score"][0] > stats["score"][2] > stats["score"][1] == 0
-    assert list(rank_latents(stats["score"])) == [0, 2, 1]
+    assert list(rank_latents(stats["score"], stats["effect_size"])) == [0, 2, 1]
+    # equal scores (tanh saturated) are ordered by effect size, then by index
+    assert list(rank_latents(np.array([0.5, 0.5, 0.5, 0.9]), np.array([4.0, 9.0, 4.0, 1.0]))) == [3, 1, 0, 2]
 
 
 def test_negative_ratio_defines_far_less():
@@ -123,9 +125,12 @@ def test_a_selection_survives_last_bit_differences_in_the_scores():
     score = (gen.beta(0.5, 4.0, 3000) * (gen.random(3000) < 0.5)).astype(np.float32)
     top = np.argsort(-score)[:60]
     score[top[1::2]] = score[top[0::2]] * np.float32(1 - 2e-6)
-    chosen = rank_latents(score)[:30]
+    effect = gen.gamma(2.0, 2.0, 3000).astype(np.float32)
+    effect[top[1::2]] = effect[top[0::2]] * np.float32(1 + 2e-6)
+    chosen = rank_latents(score, effect)[:30]
     for trial in range(20):
-        assert rank_latents(_last_bits(score, trial))[:30].tolist() == chosen.tolist(), f"perturbation {trial}"
+        nudged = rank_latents(_last_bits(score, trial), _last_bits(effect, 100 + trial))
+        assert nudged[:30].tolist() == chosen.tolist(), f"perturbation {trial}"
 
 
 def test_a_mass_matched_draw_survives_last_bit_differences_in_the_masses():
