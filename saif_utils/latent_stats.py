@@ -25,12 +25,12 @@ import torch
 from .stats import round_significant
 
 CONTRASTS = ("content", "sibling")
+"""Negatives: the passage alone, or the element-wise maximum over it and the sibling tasks' prompts."""
 SCORE_DIGITS = 4
 """Significant digits of the score and effect size a ranking reads, so that float32 statistics that differ between
 CPUs in their last bits rank alike. tanh saturates for strong latents: among latents of equal consistency, scores then
 differ only in late digits (on the default profile a third of the selections hold two top scores less than 1e-4
 apart, some exactly equal), and the rounded scores tie; the effect size, which does not saturate, orders them."""
-"""Negatives: the passage alone, or the element-wise maximum over it and the sibling tasks' prompts."""
 
 
 class ScoreSettings(Protocol):

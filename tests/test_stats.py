@@ -51,3 +51,10 @@ def test_ratio_ci_resamples_units_in_pairs():
     assert ratio_ci([2.0], [4.0]) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="equal-length non-empty"):
         ratio_ci([1.0, 2.0], [1.0])
+
+
+def test_round_significant_keeps_digits_zeros_signs_and_nan():
+    from saif_utils.stats import round_significant
+
+    got = round_significant([123456.0, 0.00123456, 0.0, float("nan"), -2.5e-9, 1.0000004], 3)
+    np.testing.assert_array_equal(got, [123000.0, 0.00123, 0.0, np.nan, -2.5e-9, 1.0])
