@@ -314,9 +314,9 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     elif isinstance(current, tuple):
         if isinstance(value, (list, tuple)):
             return tuple(value)
-    elif isinstance(current, (int, float)) and not isinstance(value, bool):
-        try:
-            cast = type(current)(value)
+    elif isinstance(current, (int, float)):
+        try:  # a bool is not a number here: batch_size=True must not read as 1
+            cast = None if isinstance(value, bool) else type(current)(value)
         except (TypeError, ValueError):
             cast = None
         if cast is not None and (isinstance(current, float) or float(value) == cast):
