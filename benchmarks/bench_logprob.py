@@ -1,5 +1,5 @@
 """Teacher-forced log-probabilities of 16 steered 64-token continuations (one batch at the default profile's batch size):
-saif_utils' chunked LM head at the scored positions vs the full-vocabulary `log_softmax` it replaced (issue 20).
+saif_utils' chunked LM head at the scored positions vs the full-vocabulary `log_softmax` it replaced.
 Prints the largest difference, the time ratio, and each path's peak extra resident memory, measured in a fresh process
 per path (Linux VmHWM after the scoring minus before it, weights already paged in). Target: chunked / full peak memory ≤ 0.5 at equal results."""
 from __future__ import annotations

@@ -250,7 +250,7 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
     """Run the numbered notebooks in order, printing one line per notebook; return the per-stage timings."""
     get_profile(profile, remote=remote)  # fail fast on a bad profile before starting any kernel
     check_parameters(extra or {})
-    selected_notebooks(only)
+    notebooks = selected_notebooks(only)
     output_dir = RunDir.for_profile(profile, output_dir).root
     # A run killed mid-write (SIGKILL, OOM) leaves temporaries; they are never read, but nothing partial should stay.
     for root in (cache_root(), output_dir):
@@ -258,13 +258,12 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
     # Kernels inherit the environment; Jupyter's state lives beside the caches, and the caller's environment is
     # restored when the run ends.
     with scoped_environ(jupyter_env(cache_root() / "jupyter")):
-        return _run_notebooks(profile, output_dir, remote, only, extra)
+        return _run_notebooks(profile, output_dir, remote, notebooks, extra)
 
 
-def _run_notebooks(profile: str, output_dir: Path, remote: bool, only: list[str] | None, extra: dict | None
+def _run_notebooks(profile: str, output_dir: Path, remote: bool, notebooks: list[Path], extra: dict | None
                    ) -> pd.DataFrame:
     """`run_pipeline` once its environment is set."""
-    notebooks = selected_notebooks(only)
     parameters = {"profile": profile, "output_dir": str(output_dir), "remote": remote} | (extra or {})
     rows = []
     last_seconds = last_timings(output_dir / "timings.csv")

@@ -200,7 +200,7 @@ LLAMA_31_8B_IT = ModelSpec(
 
 # SmolLM2-135M's two SAE families (d_model = 576). 4x: the first family (600k tokens of the v1 corpus, 4 epochs).
 # 8x (the default): twice as wide, half the active latents, twice the tokens (v2 corpus), plus layer 25 next to the
-# final layer, as issue 17 asks; the 4x family is one profile away (`default-4x`) so the width study compares both.
+# final layer; the 4x family is one profile away (`default-4x`) so the width study compares both.
 SMOLLM2_4X = SAEFamily(name="4x", sae_layers=(10, 15, 20, 29), sae_train=SAETrainConfig(),
                        shipped_sae_dir="data/saes/smollm2-135m-instruct/4x")
 SMOLLM2_8X = SAEFamily(

@@ -13,7 +13,7 @@ from saif_utils.degeneracy import (
 )
 from saif_utils.language import dictionary_share, words
 
-# Every example below is a response of this study (issue 16), or has the shape of one.
+# Every example below is a response of this study, or has the shape of one.
 DEGENERATE = {
     "char_loop": "The ocean's ocean-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o-o",
     "hyphen_chain": "ocean-souls-souls-souls-souls-souls-souls-souls-souls-souls",
