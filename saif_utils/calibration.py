@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .architectures import blocks, final_norm
 from .interventions import AddVector
 from .logits import scored_token_logprob
 from .models import length_buckets, residual_batches, server_errors, trim_heap
@@ -153,14 +154,14 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         leaf = params.detach().clone().requires_grad_(backward)
         vector = leaf @ basis if basis is not None else leaf
         if below is None:
-            resid = model.model.layers[layer].output
+            resid = blocks(model)[layer].output
             resid[:] = resid + AddVector(vector).delta(resid)
         else:
-            stand_in = below.to(model.model.layers[0].input.device)  # the device the blocks run on (a no-op on CPU)
-            for block in model.model.layers[:layer]:
+            stand_in = below.to(blocks(model)[0].input.device)  # the device the blocks run on (a no-op on CPU)
+            for block in blocks(model)[:layer]:
                 block.skip(stand_in)  # any tensor of the block's shape: only the next block, skipped too, reads it
-            model.model.layers[layer].skip(stand_in + AddVector(vector).delta(stand_in))
-        normed = model.model.norm.output
+            blocks(model)[layer].skip(stand_in + AddVector(vector).delta(stand_in))
+        normed = final_norm(model).output
         hidden = normed[:, :-1][predicts.to(normed.device)]
         token_nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
         nll = token_nll.sum()  # bit-identical to summing first and negating after: negation is exact

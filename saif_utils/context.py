@@ -3,9 +3,10 @@ the profile, the loaded model, the SAEs and the keys that name them in caches.""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 
 from .data import DataSources
 from .paths import OUTPUTS_DIR
-from .profiles import Profile, get_profile
+from .profiles import Profile, get_profile, profile_name, stage_config
 from .selection import DirectionKey, load_directions
 
 STAGES = ("01_sae_loading", "02_feature_discovery", "03_semantic_proximity", "04_causal_ablation",
@@ -29,8 +30,8 @@ class RunDir:
 
     @classmethod
     def for_profile(cls, profile: str, output_dir: str | Path | None = None) -> RunDir:
-        """`output_dir`, or `outputs/<profile>` when it is None."""
-        return cls(Path(output_dir) if output_dir else OUTPUTS_DIR / profile)
+        """`output_dir`, or `outputs/<profile name>` when it is None (`profile` a registered name or a profile file)."""
+        return cls(Path(output_dir) if output_dir else OUTPUTS_DIR / profile_name(profile))
 
     def stage(self, name: str) -> Path:
         """A stage's folder (created), named as in `STAGES`."""
@@ -71,6 +72,18 @@ class RunDir:
         """The discovery stage's diff-in-means directions."""
         return load_directions(self._existing("02_feature_discovery", "diff_in_means.safetensors"))
 
+    def write_config(self, stage: str, cfg) -> Path:
+        """Record the configuration a stage ran with (`<stage>/config.json`, beside its tables)."""
+        from dataclasses import asdict
+
+        from .io import write_json
+
+        return write_json(asdict(cfg), self.stage(stage) / "config.json")
+
+    def config(self, stage: str) -> dict:
+        """The configuration a stage recorded when it wrote its tables (`write_config`)."""
+        return json.loads(self._existing(stage, "config.json").read_text())
+
     def steering_results(self) -> pd.DataFrame | None:
         """The steering stage's test results, or None when that stage has not run."""
         path = self.root / "05_steering_sweeps" / "results.csv"
@@ -103,6 +116,20 @@ class RunContext:
     def tokenizer(self):
         """The model's tokenizer."""
         return self.model.tokenizer
+
+    def with_default_tasks(self, cfg):
+        """A stage config with `tasks` filled from the run's tasks file (`data.default_tasks`) when it is None (the
+        stages that set `steers_default_tasks`: ablation and steering)."""
+        from dataclasses import replace
+
+        from .data import default_tasks
+
+        return cfg if cfg.tasks is not None else replace(cfg, tasks=default_tasks(self.data.tasks()))
+
+    def stage_config(self, cls: type, params: Mapping[str, Any] | None = None, **overrides: Any):
+        """`profiles.stage_config` for this run's profile, with default tasks read from its tasks file."""
+        cfg = stage_config(cls, self.profile, params, **overrides)
+        return self.with_default_tasks(cfg) if getattr(cls, "steers_default_tasks", False) else cfg
 
     def generate(self, token_ids: Sequence[Sequence[int]], layer: int | None, edit, max_new_tokens: int,
                  batch_size: int = 8, desc: str = "generating") -> list[list[int]]:

@@ -45,13 +45,32 @@ class Passage:
 
 @dataclass(frozen=True)
 class Task:
-    """A task's description, its role in the study and its sibling contrasts."""
+    """A task's description, its role in the study, its sibling contrasts and the checker that judges it."""
 
     task: str
     description: str
     role: str = "target"  # "target" (evaluated) | "sibling" (contrast only)
     siblings: tuple[str, ...] = ()
     keywords: tuple[str, ...] = ()
+    checker: str | None = None  # a registered checker's name (`evaluation.CHECKERS`); None → the task's own name
+    steered: bool = True  # a target among the default tasks of ablation and steering
+    steered_keywords: tuple[str, ...] = ()  # of `keywords`, those steered by default (empty: all)
+
+    @property
+    def checker_name(self) -> str:
+        """The registered checker that judges this task's responses."""
+        return self.checker or self.task
+
+    def sub_tasks(self, steered_only: bool = False) -> tuple[str, ...]:
+        """The task as responses are judged: one `keyword:<word>` per keyword, else the task itself."""
+        words = (self.steered_keywords or self.keywords) if steered_only else self.keywords
+        return tuple(f"{self.task}:{word}" for word in words) if self.keywords else (self.task,)
+
+
+def default_tasks(tasks: dict[str, Task]) -> tuple[str, ...]:
+    """The (sub-)tasks ablation and steering run when none are named: the steered targets, in file order."""
+    return tuple(sub for task in tasks.values() if task.role == "target" and task.steered
+                 for sub in task.sub_tasks(steered_only=True))
 
 
 @dataclass(frozen=True)
@@ -98,7 +117,7 @@ def _check_row(row: Any, cls: type, where: str) -> dict:
             if not (isinstance(value, bool) or (value is None and types[name] == "bool | None")):
                 raise DataError(f"{where}: field {name!r} must be true or false"
                                 f"{' or null' if types[name] == 'bool | None' else ''}, got {value!r}")
-        elif name in ("siblings", "keywords"):
+        elif name in ("siblings", "keywords", "steered_keywords"):
             if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
                 raise DataError(f"{where}: field {name!r} must be a list of non-empty strings, got {value!r}")
         elif not isinstance(value, str) or not (value.strip() or name in MAY_BE_EMPTY):
@@ -150,6 +169,9 @@ def load_tasks(path: str | Path = TASKS_PATH) -> dict[str, Task]:
         for sibling in task.siblings:
             if sibling not in tasks:
                 raise DataError(f"{path}: task {task.task!r} names sibling {sibling!r}, which is not defined")
+        unknown = sorted(set(task.steered_keywords) - set(task.keywords))
+        if unknown:
+            raise DataError(f"{path}: task {task.task!r} steers keywords {unknown} it does not list in keywords")
     return tasks
 
 
@@ -230,14 +252,27 @@ class DataSources:
         return load_passages(self.content_path or CONTENT_PATH)
 
     def check(self) -> None:
-        """Read and validate every source (a missing path, an empty folder, a bad line), naming the parameter that
-        points at it: run before any model work."""
+        """Read and validate every source (a missing path, an empty folder, a bad line, a target task without a
+        registered checker or without instruction variants), naming the parameter that points at it: run before any
+        model work."""
+        from .evaluation import check_tasks
+
         for name, read in (("tasks_path", self.tasks), ("instructions_path", self.variants),
                            ("content_path", self.passages)):
             try:
                 read()
             except DataError as err:
                 raise DataError(f"{name}={getattr(self, name)!r}: {err}") from None
+        tasks = self.tasks()
+        try:
+            check_tasks(tasks)
+        except ValueError as err:
+            raise DataError(f"tasks_path={self.tasks_path!r}: {err}") from None
+        with_variants = set(self.variants()["base_task"])
+        bare = [name for name, task in tasks.items() if task.role == "target" and name not in with_variants]
+        if bare:
+            raise DataError(f"instructions_path={self.instructions_path!r}: target task(s) {bare} have no instruction "
+                            f"variants; add a <task>.jsonl of variants, or mark them \"role\": \"sibling\"")
 
 
 def sample_passages(passages: pd.DataFrame, split: str, n: int, seed: int) -> pd.DataFrame:

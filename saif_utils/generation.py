@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .architectures import blocks
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
 from .models import check_model_layer, length_buckets, server_errors, trim_heap
@@ -46,12 +47,12 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
                                 pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
                 with tracer.invoke(inputs):
                     if batch_edit is not None and span == "prompt":
-                        resid = model.model.layers[layer].output  # the first forward: the whole prompt
+                        resid = blocks(model)[layer].output  # the first forward: the whole prompt
                         resid[:] += batch_edit.delta(resid)
                     elif batch_edit is not None:
                         # Every step must touch the module: a step that waits on nothing would spin forever.
                         for step in tracer.iter[:]:
-                            resid = model.model.layers[layer].output
+                            resid = blocks(model)[layer].output
                             if step > 0 or span == "both":
                                 resid[:] += batch_edit.delta(resid)
                 with tracer.invoke():

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .architectures import blocks, final_norm
 from .interventions import Intervention, per_prompt_edits, stack_edits
 from .io import cached_json_items
 from .logits import scored_token_logprob
@@ -55,9 +56,9 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         targets = ids[pos_rows, pos_cols + 1]
         with server_errors(remote, "scoring continuations"), model.trace(ids, **inputs, remote=remote) as tracer:
             if edit is not None:
-                resid = model.model.layers[layer].output
+                resid = blocks(model)[layer].output
                 resid[:] += edit.rows(rows).delta(resid)
-            hidden = model.model.norm.output
+            hidden = final_norm(model).output
             token_lp = scored_token_logprob(model, hidden[pos_rows.to(hidden.device), pos_cols.to(hidden.device)],
                                             targets.to(hidden.device)).cpu().save()
             tracer.stop()  # the model's own LM head would compute [batch, seq, vocab] logits nobody reads

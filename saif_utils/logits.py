@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .architectures import lm_head
+
 LOGIT_CHUNK = 256
 """Positions whose full-vocabulary logits exist at once when scoring tokens: ≈ 50 MB for SmolLM2's 49k vocabulary and
 260 MB for Gemma-2's 256k, however many rows and positions a batch holds."""
@@ -16,7 +18,7 @@ def vocab_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 next-token log-probabilities [N, vocab] from final-norm hidden states [N, d]: the LM head, then the final
     logit soft-cap of models that have one (Gemma-2), then log-softmax. Works inside a trace and on a plain HF model;
     callers pass at most `LOGIT_CHUNK` rows at a time."""
-    logits = model.lm_head(hidden).float()
+    logits = lm_head(model)(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

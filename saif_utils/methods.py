@@ -1,13 +1,15 @@
 """Steering methods behind one interface, registered by name.
 
 A method says whether the instruction is written in the prompt, whether its configuration is searched on val (or
-borrowed from another method's search), and which vector, if any, it adds. Adding a method is one subclass of
-`SteeringMethod` decorated with `@register`; the sweep, the report and the figures pick it up from `METHODS`.
+borrowed from another method's search), which vector, if any, it adds, and how that vector is fitted when it is
+learned rather than built (`SteeringMethod.fit`). Adding a method is one subclass of `SteeringMethod` decorated with
+`@register`, in this module or a user's plugin module; the sweep, the report, the figures and the playground pick it
+up from `METHODS` when they run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,9 @@ import torch
 
 from .selection import DirectionKey, top_selected
 from .vectors import direction_from_latents, random_latents, scale_direction
+
+if TYPE_CHECKING:
+    from .stages.steering import MethodFitter
 
 
 @dataclass(frozen=True)
@@ -39,20 +44,20 @@ class VectorSource:
     directions: dict[DirectionKey, torch.Tensor]
     norms: dict[int, float]
     seed: int = 0
-    calibrated: dict[tuple[str, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
-    """Refined vectors and their number of latents per (task, method) for the calibrating methods, filled by the
-    steering stage after SAIF's search (`calibration`)."""
+    fitted: dict[tuple[str, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
+    """Fitted vectors and their number of latents per (task, method) for the methods that fit one
+    (`SteeringMethod.fit`), filled by the steering stage after the search."""
 
     def latents(self, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
         """The top-k selected latents (rank, latent, weight) of a task at a layer and extraction position."""
         return top_selected(self.selected, task, layer, position, k)
 
-    def calibrated_vector(self, cond: Condition) -> tuple[torch.Tensor, int]:
-        """The refined vector of a calibrating method for the condition's task, and its number of latents."""
-        if (cond.task, cond.method) not in self.calibrated:
-            raise ValueError(f"no calibrated vector for {cond.method} on {cond.task}: the steering stage calibrates "
-                             f"it after SAIF's search (steering.calibrate_vectors)")
-        return self.calibrated[(cond.task, cond.method)]
+    def fitted_vector(self, cond: Condition) -> tuple[torch.Tensor, int]:
+        """The fitted vector of a fitting method for the condition's task, and its number of latents."""
+        if (cond.task, cond.method) not in self.fitted:
+            raise ValueError(f"no fitted vector for {cond.method} on {cond.task}: the steering stage fits it after "
+                             f"the search (steering.fit_methods)")
+        return self.fitted[(cond.task, cond.method)]
 
     def latent_vector(self, cond: Condition, draw: int = 0, random: bool = False) -> tuple[torch.Tensor, int]:
         """α‖h̄‖·unit(Σ_j w_j W_dec[j]) over the condition's top-k latents — or, with `random`, over as many random
@@ -82,18 +87,37 @@ class SteeringMethod:
     """Name of the tuned method whose chosen configuration this method is evaluated at."""
     random_draws: ClassVar[bool] = False
     """Prompts are assigned independent random draws round-robin (`n_random_draws`)."""
-    calibrates: ClassVar[str | None] = None
-    """What `calibration` refines, starting from the lender's SAIF vector: 'latent_weights' (the k weights over SAIF's
-    latents) or 'dense' (a free d_model vector); None for methods that are not optimised."""
 
     @property
     def steers(self) -> bool:
         """True when the method adds a vector (its conditions carry a layer)."""
         return self.tuned or self.borrows is not None
 
+    @property
+    def fits(self) -> bool:
+        """True when the method learns its vector after the search (it overrides `fit`)."""
+        return type(self).fit is not SteeringMethod.fit
+
+    def fit(self, fitter: MethodFitter, cond: Condition) -> Fitted:
+        """Learn the vector added at `cond` (the configuration this method is reported at) from the fitter's train and
+        val targets; only methods that learn their vector override it, and their `vector` returns
+        `source.fitted_vector(cond)`."""
+        raise TypeError(f"method {self.name!r} fits nothing")
+
     def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
         """The vector the condition adds and the number of latents behind it (0 when none)."""
         raise TypeError(f"method {self.name!r} adds no vector")
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a method's `fit` learned: the vector, its number of latents, the fitting history (one row per round) and,
+    for a fit over latent weights, each latent's weight before and after (None otherwise)."""
+
+    vector: torch.Tensor
+    n_latents: int
+    history: pd.DataFrame
+    weights: pd.DataFrame | None = None
 
 
 METHODS: dict[str, SteeringMethod] = {}
@@ -182,27 +206,61 @@ class SaifPlusPrompt(SteeringMethod):
         return source.latent_vector(cond)
 
 
+class CalibratedMethod(SteeringMethod):
+    """A vector refined from the lender's SAIF vector by `calibration.calibrate` on the model's own accepted prompted
+    responses (model and SAE frozen): over the k latent weights, or with `dense` over a free d_model vector."""
+
+    borrows = "saif"
+    dense: ClassVar[bool] = False
+    """Refine a free d_model vector instead of the weights of SAIF's latents."""
+
+    def fit(self, fitter: MethodFitter, cond: Condition) -> Fitted:
+        from .calibration import initial_weights
+
+        source = fitter.source
+        top = source.latents(cond.task, cond.layer, cond.position, cond.k)
+        latents = top["latent"].to_numpy()
+        saif_vector, _ = source.latent_vector(cond)
+        basis = source.saes[cond.layer].W_dec.detach().float().cpu()[torch.tensor(latents)]
+        init = saif_vector.float() if self.dense else initial_weights(basis, top["weight"].to_numpy(),
+                                                                      float(saif_vector.norm()))
+        n_train, n_val = fitter.n_targets(cond.task)
+        info = {"task": cond.task, "method": self.name, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
+                "position": cond.position, "n_train_targets": n_train, "n_val_targets": n_val}
+        enough = fitter.enough_targets(cond.task)
+        if enough:
+            frames = fitter.calibrate(cond, init, None if self.dense else (latents, basis),
+                                      desc=f"calibrate {self.name} {cond.task}")
+            params = torch.tensor(frames["params"]["param"].to_numpy(), dtype=torch.float32)
+            active = frames["params"]["active"].to_numpy()
+            history = frames["history"].assign(**info, calibrated=True)
+        else:  # too few accepted targets: SAIF's vector, and a history that says so
+            params, active = init, np.ones(len(init), dtype=bool)
+            history = pd.DataFrame([{"round": 0, "train_nll": np.nan, "val_nll": np.nan, "n_active": len(init),
+                                     "best": True, **info, "calibrated": False}])
+        if self.dense:
+            return Fitted(params, 0, history)
+        weights = pd.DataFrame({**info, "rank": top["rank"].to_numpy(), "latent": latents,
+                                "initial_weight": init.numpy(), "weight": params.numpy(), "pruned": ~active,
+                                "calibrated": enough})
+        return Fitted(params @ basis, int(active.sum()), history, weights)
+
+    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
+        return source.fitted_vector(cond)
+
+
 @register
-class SaifCalibrated(SteeringMethod):
+class SaifCalibrated(CalibratedMethod):
     """SAIF's k latents at SAIF's chosen configuration, their weights refined on train targets (model and SAE frozen)."""
 
     name = "saif_calibrated"
     uses_latents = True
-    borrows = "saif"
-    calibrates = "latent_weights"
-
-    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
-        return source.calibrated_vector(cond)
 
 
 @register
-class OptimizedDense(SteeringMethod):
+class OptimizedDense(CalibratedMethod):
     """A free d_model vector at SAIF's layer, refined from SAIF's vector by the same optimiser: the upper bound of what
     restricting the vector to SAE decoder directions costs."""
 
     name = "optimized_dense"
-    borrows = "saif"
-    calibrates = "dense"
-
-    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
-        return source.calibrated_vector(cond)
+    dense = True

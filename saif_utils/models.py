@@ -16,7 +16,8 @@ from typing import Literal
 import nnsight
 import torch
 
-from .io import atomic_dir, cache_root, sha256_file, sha256_file_memo
+from .architectures import blocks
+from .io import atomic_dir, cache_root, content_hash, sha256_file, sha256_file_memo
 from .profiles import ModelSpec, Profile
 from .progress import tqdm
 
@@ -79,8 +80,18 @@ def _cache_intact(dest: Path, gguf_sha: str) -> bool:
 
 
 def model_fingerprint(profile: Profile) -> str:
-    """Identity of the weights activations come from: the GGUF's sha256 or the hub id."""
-    return sha256_file_memo(gguf_path(profile.model)) if profile.model.gguf_package else profile.model.hf_id
+    """Identity of the weights activations come from: the GGUF's sha256, a local model folder's weights and config,
+    or the hub id."""
+    spec = profile.model
+    if spec.gguf_package:
+        return sha256_file_memo(gguf_path(spec))
+    folder = Path(spec.hf_id)
+    if folder.is_dir():
+        files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("config.json")])
+        if not files:
+            raise FileNotFoundError(f"model folder {folder} holds no weights (save it with save_pretrained)")
+        return content_hash({f.name: sha256_file_memo(f) for f in files})
+    return spec.hf_id
 
 
 def load_hf(spec: ModelSpec, device: str = "cpu"):
@@ -146,9 +157,10 @@ def remote_handle(spec: ModelSpec):
     if os.environ.get("NDIF_HOST"):
         CONFIG.API.HOST = check_host(os.environ["NDIF_HOST"])
     # The edits that travel with a trace (steering vectors, latent ablations) and the chunked log-probabilities are our
-    # code; NDIF has no saif_utils, so both modules are shipped by value (they import only torch).
-    from . import interventions, logits
+    # code; NDIF has no saif_utils, so these modules are shipped by value (they import only torch).
+    from . import architectures, interventions, logits
 
+    nnsight.register(architectures)
     nnsight.register(interventions)
     nnsight.register(logits)
     checkpoint = remote_checkpoint(spec)
@@ -338,7 +350,7 @@ def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: 
 
 def check_model_layer(model, layer: int) -> None:
     """Raise, naming the valid range, unless `layer` indexes a decoder block of the loaded `model`."""
-    n_layers = len(model.model.layers)
+    n_layers = len(blocks(model))
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer={layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
 
@@ -363,7 +375,7 @@ def residual_batches(
             # (a dict filled from outside the block would stay empty).
             saved = nnsight.save({})
             for layer in sorted(layers):
-                out = model.model.layers[layer].output
+                out = blocks(model)[layer].output
                 saved[layer] = (out[0] if isinstance(out, tuple) else out).detach().cpu()
             tracer.stop()  # even after the last block: the final norm and LM head would build [B, S, vocab] logits
         found = dict(saved)
@@ -496,7 +508,7 @@ def _read_residual_shared_prefix(model, token_ids: Sequence[Sequence[int]], laye
             saved = {}
             with torch.inference_mode(), model.trace(ids, attention_mask=mask, cache=cache) as tracer:
                 for layer in sorted(layers):
-                    resid = model.model.layers[layer].output
+                    resid = blocks(model)[layer].output
                     saved[layer] = (resid[0] if isinstance(resid, tuple) else resid).detach().cpu().save()
                 tracer.stop()  # nothing after the deepest layer is read (not even the LM head's logits)
             seqs = [rows[c] for c in chunk]

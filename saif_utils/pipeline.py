@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from .context import RunDir
+from .data import DataSources
 from .io import cache_root, remove_stale_temporaries, write_table
 from .paths import NOTEBOOK_DIR, REPO_ROOT
-from .profiles import PROFILES, get_profile
+from .plugins import load_plugins, plugin_argument
+from .profiles import PROFILES, get_profile, is_profile_file
 from .progress import TEXT_PROGRESS, LiveStatus, clock, failed_line, live_engine
 
 
@@ -219,16 +222,40 @@ def differing_cache_entries(first: Path, second: Path) -> list[str]:
     return found
 
 
-SECRET_NAME = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+CREDENTIAL_NAME = re.compile(
+    r"(^|_)(api_?key|secret|password|passwd|passphrase|credentials?|private_key)($|_)|(^|_)token$",
+    re.IGNORECASE,
+)
+"""Parameter names that hold credentials (`api_key`, `hf_token`, `db_password`, a bare `token`, …). Counts of tokens
+(`max_new_tokens`, `n_ce_tokens`) are not credentials."""
+
+PIPELINE_PARAMETERS = ("profile", "output_dir", "remote")
+"""Parameters the pipeline itself passes to every notebook."""
 
 
-def check_parameters(extra: dict) -> None:
-    """Refuse a parameter that looks like a credential: keys come from the environment only (an executed notebook
-    records every parameter it was given)."""
-    secret = sorted(name for name in extra if SECRET_NAME.search(name))
+def notebook_parameters(notebook: Path) -> dict[str, object]:
+    """The names and default values of a notebook's `parameters` cell (papermill's reading of it)."""
+    import papermill
+
+    return {name: spec["default"] for name, spec in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def check_parameters(extra: dict, notebooks: Sequence[Path] = ()) -> None:
+    """Refuse, before any notebook starts, a parameter that holds a credential (keys come from the environment only:
+    an executed notebook records every parameter it was given) and a name that is not a parameter of any notebook in
+    `notebooks` (papermill would only warn, and the run would silently use the default)."""
+    secret = sorted(name for name in extra if CREDENTIAL_NAME.search(name))
     if secret:
         raise ValueError(f"parameters {secret} look like credentials; secrets are never notebook parameters — "
                          f"set them in the environment (e.g. NDIF_API_KEY) instead")
+    if not notebooks:
+        return
+    known = set(PIPELINE_PARAMETERS).union(*(notebook_parameters(nb) for nb in notebooks))
+    for name in sorted(set(extra) - known):
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        raise ValueError(f"-p {name}: no notebook of this run ({', '.join(nb.stem for nb in notebooks)}) has a "
+                         f"parameter {name!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else
+                                                  f"; their parameters: {sorted(known)}"))
 
 
 def selected_notebooks(only: Sequence[str] | None) -> list[Path]:
@@ -249,8 +276,16 @@ def run_pipeline(profile: str, output_dir: Path | None = None, remote: bool = Fa
                  extra: dict | None = None) -> pd.DataFrame:
     """Run the numbered notebooks in order, printing one line per notebook; return the per-stage timings."""
     get_profile(profile, remote=remote)  # fail fast on a bad profile before starting any kernel
-    check_parameters(extra or {})
+    if is_profile_file(profile):  # kernels run in the repository root
+        profile = str(Path(profile).resolve())
     notebooks = selected_notebooks(only)
+    extra = dict(extra or {})
+    check_parameters(extra, notebooks)
+    # The user's modules and data are checked here, before the first notebook trains or loads anything.
+    load_plugins(extra.get("plugins"))
+    if extra.get("plugins") is not None:
+        extra["plugins"] = plugin_argument(extra["plugins"])
+    DataSources(extra.get("instructions_path"), extra.get("content_path"), extra.get("tasks_path")).check()
     output_dir = RunDir.for_profile(profile, output_dir).root
     # A run killed mid-write (SIGKILL, OOM) leaves temporaries; they are never read, but nothing partial should stay.
     for root in (cache_root(), output_dir):
@@ -332,7 +367,7 @@ def record_timing(path: Path, row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="default", help=f"one of {sorted(PROFILES)}")
+    parser.add_argument("--profile", default="default", help=f"one of {sorted(PROFILES)}, or a .toml/.yaml profile file")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<profile>")
     parser.add_argument("--remote", action="store_true", help="run every trace on NDIF (needs NDIF_API_KEY)")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose name starts with these prefixes")
@@ -342,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {name: parse_value(value) for name, value in args.parameter}
     try:
         run_pipeline(args.profile, args.output_dir, args.remote, args.only, extra)
-    except ValueError as err:  # bad arguments, refused before any notebook starts
+    except (ValueError, ImportError) as err:  # bad arguments or plugins, refused before any notebook starts
         parser.error(str(err))
 
 

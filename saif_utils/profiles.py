@@ -1,9 +1,11 @@
-"""Registry of named run profiles: which model, which layers, which SAEs (released or trained by us), where it runs."""
+"""Run profiles — which model, which layers, which SAEs (released, local folders, or trained by us), where it runs —
+registered by name here or written as a TOML/YAML file (`load_profile_file`)."""
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -14,7 +16,8 @@ class ModelSpec:
     name: str
     """Short name used in paths and reports."""
     hf_id: str
-    """Hugging Face id (remote/NDIF name too); for a packaged GGUF, the id of the original checkpoint."""
+    """Hugging Face id (remote/NDIF name too) or a local model folder (`save_pretrained` layout); for a packaged GGUF,
+    the id of the original checkpoint."""
     n_layers: int
     """Number of decoder blocks; valid layers are 0 … n_layers - 1."""
     d_model: int
@@ -116,6 +119,9 @@ class Profile:
     """sae-lens pretrained release (e.g. Gemma Scope); None → SAEs are trained by us with `sae_train`."""
     sae_id_template: str | None = None
     """sae-lens SAE id with a `{layer}` placeholder, e.g. 'layer_{layer}/width_16k/canonical'."""
+    sae_path_template: str | None = None
+    """Local SAE folder per layer in sae-lens's `save_model` layout (`cfg.json` + `sae_weights.safetensors`), with a
+    `{layer}` placeholder, e.g. '/data/my_saes/layer_{layer}'; None → released or trained SAEs."""
     sae_train: SAETrainConfig = field(default_factory=SAETrainConfig)
     """Training recipe for profiles without a released SAE."""
     shipped_sae_dir: str | None = None
@@ -143,14 +149,26 @@ class Profile:
             check_layer(layer, self.model)
         if (self.sae_release is None) != (self.sae_id_template is None):
             raise ValueError(f"Profile {self.name!r}: set sae_release and sae_id_template together")
+        if self.sae_release is not None and self.sae_path_template is not None:
+            raise ValueError(f"Profile {self.name!r}: give released SAEs (sae_release) or local ones "
+                             f"(sae_path_template), not both")
+        for template in (self.sae_id_template, self.sae_path_template):
+            if template is not None and "{layer}" not in template:
+                raise ValueError(f"Profile {self.name!r}: {template!r} needs a {{layer}} placeholder")
         names = [family.name for family in self.sae_families]
         if self.sae_family is not None and self.sae_family not in names:
             raise ValueError(f"Profile {self.name!r}: unknown sae_family={self.sae_family!r}; allowed: {names}")
 
     @property
     def trains_saes(self) -> bool:
-        """True when this profile's SAEs are trained by us rather than downloaded."""
-        return self.sae_release is None
+        """True when this profile's SAEs are trained by us rather than downloaded or read from local folders."""
+        return self.sae_release is None and self.sae_path_template is None
+
+    def sae_path(self, layer: int) -> Path:
+        """The local SAE folder at `layer`."""
+        if self.sae_path_template is None:
+            raise ValueError(f"Profile {self.name!r} has no local SAE folders (sae_path_template)")
+        return Path(self.sae_path_template.format(layer=layer))
 
     def sae_id(self, layer: int) -> str:
         """The sae-lens id of the released SAE at `layer`."""
@@ -326,16 +344,123 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     raise TypeError(f"override {name}={value!r} has type {type(value).__name__}; expected {type(current).__name__}")
 
 
+PROFILE_FILE_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+def is_profile_file(name: str | Path) -> bool:
+    """True when `name` names a profile file rather than a registered profile."""
+    return str(name).endswith(PROFILE_FILE_SUFFIXES)
+
+
+def _record(cls: type, values: Any, where: str, convert: Mapping[str, Any] = {}):  # noqa: B006 (read only)
+    """`cls(**values)` from a profile file's table, refusing unknown keys (naming close matches) and missing fields."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where}: expected a table of {cls.__name__} fields, got {values!r}")
+    allowed = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.5)
+            raise ValueError(f"{where}: unknown key {key!r}" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                                 if close else f"; allowed: {allowed}"))
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ValueError(f"{where}: missing {missing} (required: {required})")
+    converted = {key: convert[key](value) if key in convert else value for key, value in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """A profile written as TOML or YAML: top-level `Profile` fields (name defaults to the file's stem), a `[model]`
+    table of `ModelSpec` fields, optionally `[sae_train]` and `[stage_defaults.<stage>]` tables. A relative
+    `sae_path_template`, and a `model.hf_id` that names an existing folder there, are read from the file's folder.
+    See docs/extending.md."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"profile file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as err:
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a table of profile fields at the top level")
+    here = path.resolve().parent
+
+    def local(value: str) -> str:
+        candidate = here / value
+        return str(candidate) if not Path(value).is_absolute() and (value.startswith(".") or candidate.exists()) \
+            else value
+
+    def model(values: Any) -> ModelSpec:
+        if isinstance(values, Mapping) and isinstance(values.get("hf_id"), str):
+            values = {**values, "hf_id": local(values["hf_id"])}
+        return _record(ModelSpec, values, f"{path} [model]")
+
+    convert = {
+        "model": model,
+        "sae_layers": lambda v: tuple(v) if isinstance(v, list) else v,
+        "sae_train": lambda v: _record(SAETrainConfig, v, f"{path} [sae_train]"),
+        "sae_path_template": lambda v: str(here / v) if isinstance(v, str) else v,
+        "stage_defaults": lambda v: {stage: {key: tuple(value) if isinstance(value, list) else value
+                                             for key, value in values.items()} for stage, values in v.items()},
+    }
+    unsupported = {"sae_families", "sae_family"} & set(raw)
+    if unsupported:
+        raise ValueError(f"{path}: {sorted(unsupported)} are not supported in a profile file; give sae_layers and "
+                         f"sae_train (or sae_path_template) directly")
+    profile = _record(Profile, {"name": path.stem, "description": f"profile file {path.name}", **raw}, str(path),
+                      convert)
+    _check_stage_defaults(profile.stage_defaults, str(path))
+    return profile
+
+
+def _check_stage_defaults(stage_defaults: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Refuse a `[stage_defaults.<stage>]` table naming an unknown stage or a field its config does not have."""
+    from .stages import ablation, discovery, proximity, sae_loading, steering
+
+    configs = {cls.profile_key: cls for cls in (sae_loading.SAELoadingConfig, discovery.DiscoveryConfig,
+                                                 proximity.ProximityConfig, ablation.AblationConfig,
+                                                 steering.SweepConfig)}
+    for stage, values in stage_defaults.items():
+        if stage not in configs:
+            close = difflib.get_close_matches(stage, configs, n=1, cutoff=0.5)
+            raise ValueError(f"{where}: unknown stage [stage_defaults.{stage}]" + (f"; did you mean {close[0]!r}?"
+                                                                                   if close else "")
+                             + f" Stages: {sorted(configs)}")
+        _record(configs[stage], values, f"{where} [stage_defaults.{stage}]")
+
+
+def profile_name(name: str | Path) -> str:
+    """The name a profile's run folder is called by: a registered name, or a profile file's `name` (its stem)."""
+    return load_profile_file(name).name if is_profile_file(name) else str(name)
+
+
 def get_profile(name: str, remote: bool = False, **overrides: Any) -> Profile:
-    """Look up a profile by name, optionally switched to NDIF (`remote`) and with field overrides.
+    """Look up a profile by name or load a profile file (`.toml`/`.yaml`), optionally switched to NDIF (`remote`) and
+    with field overrides.
 
     Overrides name an SAE family (`sae_family="4x"`), a `Profile` field (`sae_layers=[10, 15]`) or a
     `SAETrainConfig` field prefixed with `sae_` (`sae_k=32`, `sae_epochs=2`).
     """
-    if name not in PROFILES:
+    if is_profile_file(name):
+        profile = load_profile_file(name)
+    elif name not in PROFILES:
         close = difflib.get_close_matches(name, PROFILES, n=3, cutoff=0.3)
-        raise ValueError(f"unknown profile={name!r}; allowed: {sorted(PROFILES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    profile = PROFILES[name]
+        raise ValueError(f"unknown profile={name!r}; allowed: {sorted(PROFILES)} or a .toml/.yaml profile file"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    else:
+        profile = PROFILES[name]
     if overrides.get("sae_family") is not None:  # first, so that field overrides apply on top of the family
         profile = with_family(profile, overrides.pop("sae_family"))
     overrides.pop("sae_family", None)

@@ -13,6 +13,7 @@ import nnsight
 import numpy as np
 import torch
 
+from .architectures import blocks, final_norm, lm_head
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
 from .models import (
@@ -83,7 +84,7 @@ def sae_layer(sae) -> int | None:
 def check_sae(sae, layer: int, d_model: int) -> None:
     """Raise when an SAE cannot read `layer` of a model with width `d_model`."""
     if sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model}: "
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} (layer {layer}) does not match the model's d_model={d_model}: "
                          f"pick an SAE trained on this model")
     hooked = sae_layer(sae)
     if hooked is not None and hooked != layer:
@@ -330,10 +331,10 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         with server_errors(remote, f"splicing SAEs ({'layer ' + str(layer) if layer is not None else 'clean'})"), \
                 model.trace(inputs, use_cache=False, remote=remote) as tracer:
             if layer is not None:
-                resid = model.model.layers[layer].output
+                resid = blocks(model)[layer].output
                 replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
                 resid[:] = torch.where(splice.to(resid.device), replacement, resid)
-            hidden = model.model.norm.output
+            hidden = final_norm(model).output
             saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
             tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
         # Eleven passes per batch (clean, then spliced and zeroed per layer) each left ≈ 120 MB of freed heap resident
@@ -347,7 +348,7 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         one-token input is never read)."""
         with server_errors(remote, "scoring SAE splices"), \
                 model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
-            device = model.lm_head.weight.device
+            device = lm_head(model).weight.device
             parts = {"ce_clean": [], **{(layer, name): [] for layer in edited for name in ("ce_spliced", "ce_zero", "kl")}}
             for start in range(0, len(targets), LOGIT_CHUNK):
                 rows = slice(start, start + LOGIT_CHUNK)
@@ -423,10 +424,17 @@ def recipe_matches(path: Path, recipe: dict) -> bool:
 def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, dict]:
     """The profile's SAE per layer → `{layer: {"sae", "path", "source", "record"}}`.
 
-    Released SAEs are downloaded through sae-lens. Otherwise a committed SAE whose recipe matches is reused,
-    then the user cache; anything missing (or everything, with `retrain`) is trained from cached activations.
+    Released SAEs are downloaded through sae-lens; local folders (`sae_path_template`) are read as they are.
+    Otherwise a committed SAE whose recipe matches is reused, then the user cache; anything missing (or everything,
+    with `retrain`) is trained from cached activations.
     """
     d_model = profile.model.d_model
+    if profile.sae_path_template is not None:
+        saes = {layer: load_local_sae(profile.sae_path(layer), profile.device) for layer in profile.sae_layers}
+        for layer, sae in saes.items():
+            check_sae(sae, layer, d_model)
+        return {layer: {"sae": sae, "path": str(profile.sae_path(layer)), "source": "local",
+                        "record": _training_record(profile.sae_path(layer))} for layer, sae in saes.items()}
     if not profile.trains_saes:
         out = {}
         for layer in profile.sae_layers:
@@ -476,9 +484,14 @@ def profile_saes(model, profile: Profile, retrain: bool = False) -> dict[int, di
         path, source = found[layer]
         sae = load_local_sae(path, profile.device)
         check_sae(sae, layer, d_model)
-        out[layer] = {"sae": sae, "path": str(path), "source": source,
-                      "record": json.loads((path / TRAINING_RECORD).read_text())}
+        out[layer] = {"sae": sae, "path": str(path), "source": source, "record": _training_record(path)}
     return out
+
+
+def _training_record(path: Path) -> dict:
+    """The training record beside an SAE we trained; empty for an SAE from elsewhere."""
+    record = Path(path) / TRAINING_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def ship_saes(profile: Profile, saes: dict[int, dict]) -> list[Path]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .architectures import final_norm, lm_head
 from .io import cached_json, content_hash
 from .models import chat_prompt, read_residual, server_errors, token_texts, tokenize
 
@@ -34,8 +35,8 @@ def logit_lens(model, directions: torch.Tensor, top_n: int = 20, remote: bool = 
     directions and only the token ids come back. The traced one-token input is never read."""
     with server_errors(remote, "reading latents through the logit lens"), \
             model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
-        unembed = model.lm_head.weight
-        logits = model.lm_head(model.model.norm(directions.to(unembed)[:, None, :]))[:, 0]
+        head = lm_head(model)
+        logits = head(final_norm(model)(directions.to(head.weight)[:, None, :]))[:, 0]
         top = torch.topk(logits, top_n, dim=-1).indices.cpu().save()
         bottom = torch.topk(-logits, top_n, dim=-1).indices.cpu().save()
         tracer.stop()

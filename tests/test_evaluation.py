@@ -109,7 +109,7 @@ def test_summary_uppercase_bullets_and_dispatch():
     for scalar in ("42", '"a string"', "true", "null", "```json\n3.5\n```"):  # valid JSON, but not an object or array
         assert not check_json(scalar).strict, scalar
     assert checker_for("keyword:ocean")("The ocean.", None).strict
-    with pytest.raises(ValueError, match="no checker for task='poetry'"):
+    with pytest.raises(ValueError, match="task 'poetry' is not defined in the tasks file"):
         checker_for("poetry")
 
 

@@ -10,9 +10,11 @@ from saif_utils.methods import METHODS, SteeringMethod, VectorSource, get_method
 def test_registry_flags_and_lookup():
     assert list(METHODS) == ["no_instruction", "prompting", "saif", "diff_in_means", "random_latents",
                              "saif_plus_prompt", "saif_calibrated", "optimized_dense"]
-    assert {m: method.calibrates for m, method in METHODS.items() if method.calibrates} == {
-        "saif_calibrated": "latent_weights", "optimized_dense": "dense"}
-    with pytest.raises(ValueError, match="no calibrated vector for saif_calibrated on json"):
+    assert {m: method.dense for m, method in METHODS.items() if method.fits} == {
+        "saif_calibrated": False, "optimized_dense": True}
+    with pytest.raises(TypeError, match="method 'saif' fits nothing"):
+        get_method("saif").fit(None, None)
+    with pytest.raises(ValueError, match="no fitted vector for saif_calibrated on json"):
         from saif_utils.methods import Condition
         get_method("saif_calibrated").vector(VectorSource({}, None, {}, {}), Condition("json", "saif_calibrated", 10))
     assert [m for m, method in METHODS.items() if method.tuned] == ["saif", "diff_in_means"]

@@ -63,7 +63,7 @@ def test_real_scale_profiles_resolve_in_the_sae_lens_registry(name):
 def test_check_sae_rejects_width_and_layer_mismatches():
     sae = _random_topk_sae(d_in=576, layer=6)
     check_sae(sae, 6, 576)
-    with pytest.raises(ValueError, match=r"SAE d_in=576 does not match the model's d_model=2304"):
+    with pytest.raises(ValueError, match=r"SAE d_in=576 \(layer 6\) does not match the model's d_model=2304"):
         check_sae(sae, 6, 2304)
     with pytest.raises(ValueError, match=r"reads layer 6, but layer=10 was requested"):
         check_sae(sae, 10, 576)

@@ -30,9 +30,10 @@ class AblationConfig:
     """Knobs of the causal ablation stage."""
 
     profile_key: ClassVar[str] = "ablation"
+    steers_default_tasks: ClassVar[bool] = True
 
-    tasks: tuple[str, ...] = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
-    """(Sub-)tasks whose prompted behaviour is ablated."""
+    tasks: tuple[str, ...] | None = None
+    """(Sub-)tasks whose prompted behaviour is ablated; None → the tasks file's steered tasks (`data.default_tasks`)."""
     layers: tuple[int, ...] | None = None
     """SAE layers to ablate at (one at a time); None → every layer with an SAE."""
     k: int = 15
@@ -62,7 +63,7 @@ class AblationConfig:
         for name in ("n_test", "max_new_tokens", "gen_batch_size", "mass_window", "n_random_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
-        if not self.tasks:
+        if self.tasks is not None and not self.tasks:
             raise ValueError("tasks=() selects nothing; name at least one task")
 
 
@@ -76,6 +77,7 @@ class AblationResult:
 
 def run(ctx: RunContext, cfg: AblationConfig) -> AblationResult:
     """Ablate every task at every layer on its instructed test prompts and write the table and the responses."""
+    cfg = ctx.with_default_tasks(cfg)
     layers = cfg.layers or tuple(sorted(ctx.saes))
     selected = ctx.run.selected_latents()
     check_selection(selected, cfg.tasks, ctx.saes, layers)
@@ -93,6 +95,7 @@ def run(ctx: RunContext, cfg: AblationConfig) -> AblationResult:
     generations = pd.concat(judged, ignore_index=True)
     result = AblationResult(ablation_table(generations, cfg.seed), generations)
     out = ctx.run.stage(NAME)
+    ctx.run.write_config(NAME, cfg)
     write_table(result.ablation, out / "ablation.csv")
     write_table(result.generations, out / "generations.parquet")
     return result
@@ -130,7 +133,7 @@ def ablate_task(ctx: RunContext, prompts: pd.DataFrame, task: str, layer: int, l
                                    task=task, layer=layer, k=len(latents), condition=condition,
                                    logprob=logprob[c * n:(c + 1) * n], mass_removed=removed,
                                    draw=draws if condition == "random" else 0)
-        tables.append(judge(responses).drop(columns=["input_ids", "user_text"]))
+        tables.append(judge(responses, ctx.data.tasks()).drop(columns=["input_ids", "user_text"]))
     return pd.concat(tables, ignore_index=True)
 
 

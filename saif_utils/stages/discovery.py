@@ -122,6 +122,7 @@ def run(ctx: RunContext, cfg: DiscoveryConfig) -> DiscoveryResult:
     for name, table in files.items():
         write_table(table, out / name)
     save_directions(result.directions, out / "diff_in_means.safetensors")
+    ctx.run.write_config(NAME, cfg)
     return result
 
 

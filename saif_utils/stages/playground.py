@@ -11,20 +11,21 @@ from ..interventions import AddVector
 from ..io import write_table
 from ..methods import METHODS, Condition
 from ..models import chat_prompt, tokenize
-from ..profiles import stage_config
 from ..semantics import logit_lens
 from .steering import SteeringSetup, SweepConfig, build_setup
 
 NAME = "07_playground"
-STEERING_METHODS = tuple(name for name, method in METHODS.items() if method.steers and not method.instructed)
-"""Methods the playground steers with: those that add a vector to the bare content."""
+def steering_methods() -> tuple[str, ...]:
+    """Methods the playground steers with: those that add a vector to the bare content without fitting it first
+    (plugins' methods included, once loaded)."""
+    return tuple(name for name, method in METHODS.items() if method.steers and not method.instructed and not method.fits)
 
 
 def compare_responses(setup: SteeringSetup, content: str, task: str, method: str, layer: int, k: int, alpha: float,
                       position: str = "post", max_new_tokens: int = 48) -> pd.DataFrame:
     """One row per answer — unsteered, prompted, steered — with the response, strict/loose verdicts and loop flag."""
-    if method not in STEERING_METHODS:
-        raise ValueError(f"method={method!r}; allowed: {list(STEERING_METHODS)}")
+    if method not in steering_methods():
+        raise ValueError(f"method={method!r}; allowed: {list(steering_methods())}")
     if not content.strip():
         raise ValueError("content is empty; type a passage to answer")
     ctx = setup.ctx
@@ -39,7 +40,7 @@ def compare_responses(setup: SteeringSetup, content: str, task: str, method: str
     responses = pd.DataFrame({"answer": labels, "task": task, "source": content,
                               "response": [tok.decode(ids, skip_special_tokens=True).strip()
                                            for ids in [*unsteered, *steered]]})
-    return judge(responses)[["answer", "response", "strict", "loose", "degenerate"]]
+    return judge(responses, ctx.data.tasks())[["answer", "response", "strict", "loose", "degenerate"]]
 
 
 def latent_tokens(setup: SteeringSetup, task: str, layer: int, position: str, k: int, top_n: int = 8) -> pd.DataFrame:
@@ -78,7 +79,7 @@ def open_playground(ctx: RunContext, **given) -> tuple[SteeringSetup, dict]:
     tasks = tuple(sorted(selected["task"].unique()))
     opening = opening_setting(ctx.run.steering_results(), tasks, sorted(ctx.saes), **given)
     opening["k"] = min(opening["k"], int(selected["rank"].max()))
-    return build_setup(ctx, stage_config(SweepConfig, ctx.profile, tasks=tasks), splits=()), opening
+    return build_setup(ctx, ctx.stage_config(SweepConfig, tasks=tasks), splits=()), opening
 
 
 def save_comparison(ctx: RunContext, comparison: pd.DataFrame) -> None:

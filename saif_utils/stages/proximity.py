@@ -63,6 +63,7 @@ def run(ctx: RunContext, cfg: ProximityConfig) -> ProximityResult:
     inst_dirs = instruction_directions(ctx, instructions, contents)
     proximity = proximity_table(ctx, selected, inst_dirs, cfg)
     out = ctx.run.stage(NAME)
+    ctx.run.write_config(NAME, cfg)
     write_table(proximity, out / "proximity.parquet")
     write_table(overlap := overlap_matrix(selected, cfg.overlap_k), out / "task_overlap.csv")
     pages = write_dashboards(ctx, selected, proximity, ctx.run.table("02_feature_discovery", "breakdown_by_variant.csv"),

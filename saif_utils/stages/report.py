@@ -19,10 +19,10 @@ from ..io import atomic_path, write_table
 from ..methods import METHODS
 from ..models import model_fingerprint
 from ..paths import REPO_ROOT
-from ..profiles import PROFILES, Profile, stage_config
+from ..profiles import PROFILES, Profile
 from ..saes import sae_fingerprint
 from ..stats import selection_objective
-from .steering import SweepConfig, alpha_curve, k_curve, pre_post_pairs
+from .steering import alpha_curve, k_curve, pre_post_pairs
 
 NAME = "06_report"
 PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas", "scipy", "numpy")
@@ -372,7 +372,8 @@ def run(profile: Profile, run_dir: RunDir, date: str | None = None) -> ReportRes
     saes = run_dir.saes(profile.device)
     results = run_dir.table("05_steering_sweeps", "results.csv")
     sweep = run_dir.table("05_steering_sweeps", "sweep.parquet")
-    claims = claims_table(results, sweep, sorted(saes), stage_config(SweepConfig, profile).k_start,
+    swept_with = run_dir.config("05_steering_sweeps")  # what 05 ran with, not what the profile would give today
+    claims = claims_table(results, sweep, sorted(saes), swept_with["k_start"],
                           family_results(profile, run_dir.root, results))
     env = environment(profile, model_fingerprint(profile), {layer: sae_fingerprint(s) for layer, s in saes.items()})
     write_table(claims, out / "claims.csv")

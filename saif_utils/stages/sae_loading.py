@@ -61,6 +61,7 @@ def run(profile: Profile, run_dir: RunDir, cfg: SAELoadingConfig) -> SAELoadingR
     out = run_dir.stage(NAME)
     write_table(metrics, out / "sae_metrics.csv")
     write_table(firing, out / "latent_firing.parquet")
+    run_dir.write_config(NAME, cfg)
     write_json({str(layer): _manifest_entry(entry) for layer, entry in saes.items()}, out / "saes.json")
     return SAELoadingResult(saes, metrics, firing)
 

@@ -16,9 +16,15 @@ import pandas as pd
 import torch
 
 from ..activations import mean_residual_norm
-from ..calibration import CalibrationConfig, Targets, calibrate, initial_weights
+from ..calibration import CalibrationConfig, Targets, calibrate
 from ..context import RunContext
-from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
+from ..data import (
+    POSITIONS,
+    check_position,
+    evaluation_prompts,
+    prompting_instructions,
+    sample_passages,
+)
 from ..evaluation import judge
 from ..interventions import AddVector
 from ..io import cached_frames, content_hash, sha256_file, write_table
@@ -38,10 +44,13 @@ class SweepConfig:
     """Knobs of the steering sweeps."""
 
     profile_key: ClassVar[str] = "steering"
-    tasks: tuple[str, ...] = ("translate_fr", "summarize", "keyword:ocean", "bullet_list", "json")
-    """(Sub-)tasks to steer; each needs selected latents from the discovery stage."""
-    methods: tuple[str, ...] = tuple(METHODS)
-    """Methods evaluated on test (a method that borrows a configuration needs the method it borrows from)."""
+    steers_default_tasks: ClassVar[bool] = True
+    tasks: tuple[str, ...] | None = None
+    """(Sub-)tasks to steer, each with selected latents from the discovery stage; None → the tasks file's steered
+    tasks (`data.default_tasks`)."""
+    methods: tuple[str, ...] | None = None
+    """Methods evaluated on test (a method that borrows a configuration needs the method it borrows from); None →
+    every registered method, plugins' included, in registration order."""
     layers: tuple[int, ...] | None = None
     """SAE layers to sweep; None → every layer with an SAE."""
     k_grid: tuple[int, ...] = (1, 5, 10, 15, 20, 30)
@@ -83,9 +92,11 @@ class SweepConfig:
     """Adam step relative to the initial parameters' RMS."""
 
     def __post_init__(self) -> None:
+        if self.methods is None:  # resolved when the config is made, so methods registered by plugins take part
+            object.__setattr__(self, "methods", tuple(METHODS))
         if self.search not in SEARCHES:
             raise ValueError(f"search={self.search!r}; allowed: {list(SEARCHES)}")
-        if not self.tasks:
+        if self.tasks is not None and not self.tasks:
             raise ValueError("tasks=() selects nothing; name at least one task")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
@@ -117,13 +128,13 @@ class SweepConfig:
         return tuple(m for m in self.methods if METHODS[m].tuned)
 
     @property
-    def calibrated_methods(self) -> tuple[str, ...]:
-        """The methods whose vector is optimised after the search (`calibration`)."""
-        return tuple(m for m in self.methods if METHODS[m].calibrates)
+    def fitted_methods(self) -> tuple[str, ...]:
+        """The methods that learn their vector after the search (`SteeringMethod.fit`)."""
+        return tuple(m for m in self.methods if METHODS[m].fits)
 
     @property
     def calibration(self) -> CalibrationConfig:
-        """The optimiser settings of the calibrating methods."""
+        """The optimiser settings of the calibrated methods."""
         return CalibrationConfig(max_rounds=self.calibration_rounds, patience=self.calibration_patience,
                                  lr=self.calibration_lr, seed=self.seed)
 
@@ -187,44 +198,65 @@ def validate_setup(setup: SteeringSetup) -> None:
                                      f"rerun the discovery stage")
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """One condition's generations on a split: its prompts, the random draw and the edit (None: unsteered) of each
+    prompt, and how many latents its vector combines."""
+
+    cond: Condition
+    prompts: pd.DataFrame
+    draws: np.ndarray
+    edits: list[AddVector | None]
+    n_latents: int
+
+    @property
+    def layer(self) -> int | None:
+        """The layer the edits act at; None when nothing is added."""
+        return self.cond.layer if self.edits and self.edits[0] is not None else None
+
+
+def generation_job(setup: SteeringSetup, cond: Condition, split: str) -> GenerationJob:
+    """The prompts a condition runs on `split` and the vector (one per random draw) each of them gets."""
+    method = get_method(cond.method)
+    prompts = setup.prompts(split, cond.task if method.instructed else None)
+    n = len(prompts)
+    draws = np.arange(n) % setup.cfg.n_random_draws if method.random_draws else np.zeros(n, int)
+    edits, n_latents = [None] * n, 0
+    if method.steers:
+        for draw in np.unique(draws):
+            vector, n_latents = method.vector(setup.source, cond, int(draw))
+            for i in np.flatnonzero(draws == draw):
+                edits[i] = AddVector(vector)
+    return GenerationJob(cond, prompts, draws, edits, n_latents)
+
+
 def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> list[pd.DataFrame]:
     """Generate for every prompt of `split` under each condition, judge each response and score its fluency. The
     prompts of every condition at one layer are generated in shared batches (each row with its own vector), which
     keeps batches full when a split has few passages."""
     cfg, ctx = setup.cfg, setup.ctx
-    jobs = []  # per condition: prompts, random draw per prompt, edit per prompt, number of latents
-    for cond in conds:
-        method = get_method(cond.method)
-        prompts = setup.prompts(split, cond.task if method.instructed else None)
-        n = len(prompts)
-        draws = np.arange(n) % cfg.n_random_draws if method.random_draws else np.zeros(n, int)
-        edits, n_latents = [None] * n, 0
-        if method.steers:
-            for draw in np.unique(draws):
-                vector, n_latents = method.vector(setup.source, cond, int(draw))
-                for i in np.flatnonzero(draws == draw):
-                    edits[i] = AddVector(vector)
-        jobs.append((prompts, draws, edits, n_latents))
-    new_ids: list[list] = [[None] * len(job[0]) for job in jobs]
+    jobs = [generation_job(setup, cond, split) for cond in conds]
+    new_ids: list[list] = [[None] * len(job.prompts) for job in jobs]
     by_layer: dict = {}
-    for c, cond in enumerate(conds):
-        by_layer.setdefault(cond.layer if jobs[c][2][0] is not None else None, []).append(c)
+    for c, job in enumerate(jobs):
+        by_layer.setdefault(job.layer, []).append(c)
     for layer, members in by_layer.items():
-        rows = [(c, i) for c in members for i in range(len(jobs[c][0]))]
-        out = ctx.generate([jobs[c][0]["input_ids"].iloc[i] for c, i in rows], layer, [jobs[c][2][i] for c, i in rows],
-                           cfg.max_new_tokens, cfg.gen_batch_size,
+        rows = [(c, i) for c in members for i in range(len(jobs[c].prompts))]
+        out = ctx.generate([jobs[c].prompts["input_ids"].iloc[i] for c, i in rows], layer,
+                           [jobs[c].edits[i] for c, i in rows], cfg.max_new_tokens, cfg.gen_batch_size,
                            desc=f"{split} L{layer}" if layer is not None else f"{split} unsteered")
         for (c, i), generated in zip(rows, out):
             new_ids[c][i] = generated
     flat = [g for ids in new_ids for g in ids]
     nll = -ctx.logprob([setup.nll_prefix] * len(flat), flat, batch_size=cfg.gen_batch_size)
-    tok, tables, start = ctx.tokenizer, [], 0
-    for cond, (prompts, draws, _, n_latents), ids in zip(conds, jobs, new_ids):
+    tok, tables, start, tasks = ctx.tokenizer, [], 0, ctx.data.tasks()
+    for job, ids in zip(jobs, new_ids):
+        cond, prompts, draws, n_latents = job.cond, job.prompts, job.draws, job.n_latents
         responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
                                    n_new_tokens=[len(g) for g in ids], draw=draws, n_latents=n_latents,
                                    **cond.__dict__, split=split, nll=nll[start:start + len(ids)])
         start += len(ids)
-        tables.append(judge(responses).drop(columns=["input_ids", "user_text"]))
+        tables.append(judge(responses, tasks).drop(columns=["input_ids", "user_text"]))
     return tables
 
 
@@ -330,50 +362,65 @@ def calibration_targets(setup: SteeringSetup, split: str) -> tuple[dict[str, Tar
     return targets, pd.concat(tables, ignore_index=True)
 
 
-def calibrate_vectors(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
-        dict[tuple[str, str], tuple], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Refine SAIF's chosen vector of every task for each calibrating method (`calibration.calibrate`): the vectors by
-    (task, method), the round history, the latent weights before and after, and the judged target responses.
+class MethodFitter:
+    """What a fitting method (`SteeringMethod.fit`) learns from: the vector source, the model's own prompted responses
+    that the judge accepts on train and val (computed once, on first use), and the cached optimiser."""
 
-    A task with too few accepted targets keeps SAIF's vector (its history says so); results are cached by content."""
-    cfg, ctx, source = setup.cfg, setup.ctx, setup.source
-    train, train_table = calibration_targets(setup, "train")
-    val, val_table = calibration_targets(setup, "val")
+    def __init__(self, setup: SteeringSetup):
+        self.setup = setup
+        self._targets: tuple[dict[str, Targets], dict[str, Targets], pd.DataFrame] | None = None
+
+    @property
+    def source(self) -> VectorSource:
+        """What steering vectors are built from."""
+        return self.setup.source
+
+    def targets(self) -> tuple[dict[str, Targets], dict[str, Targets], pd.DataFrame]:
+        """Train and val targets per task, and the judged table of every prompted response behind them."""
+        if self._targets is None:
+            train, train_table = calibration_targets(self.setup, "train")
+            val, val_table = calibration_targets(self.setup, "val")
+            self._targets = train, val, pd.concat([train_table, val_table], ignore_index=True)
+        return self._targets
+
+    def n_targets(self, task: str) -> tuple[int, int]:
+        """How many accepted train and val targets `task` has."""
+        train, val, _ = self.targets()
+        return len(train[task]), len(val[task])
+
+    def enough_targets(self, task: str) -> bool:
+        """True when `task` has `calibration_min_targets` train targets and at least one on val."""
+        n_train, n_val = self.n_targets(task)
+        return n_train >= self.setup.cfg.calibration_min_targets and n_val >= 1
+
+    def calibrate(self, cond: Condition, init: torch.Tensor, latent_basis: tuple[np.ndarray, torch.Tensor] | None,
+                  desc: str) -> dict[str, pd.DataFrame]:
+        """`calibration.calibrate` on the task's targets from `init`, cached by content (`_cached_calibration`)."""
+        train, val, _ = self.targets()
+        return _cached_calibration(self.setup.ctx, cond, init, latent_basis, train[cond.task], val[cond.task],
+                                   self.setup.cfg.calibration, desc)
+
+
+def fit_methods(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
+        dict[tuple[str, str], tuple], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Fit the vector of every fitting method (`SteeringMethod.fit`) for each task, at the configuration it is
+    reported at: the vectors by (task, method), the fitting histories, the latent weights before and after, and the
+    judged target responses."""
+    fitter = MethodFitter(setup)
+    fitting = setup.cfg.fitted_methods
     vectors, histories, weights = {}, [], []
-    for task in cfg.tasks:
-        cond = tuned.get((task, "saif"))
-        if cond is None:
+    for cond in reported_conditions(setup.cfg, tuned):
+        if cond.method not in fitting or cond.layer is None:  # a task whose lender found no configuration
             continue
-        top = source.latents(task, cond.layer, cond.position, cond.k)
-        latents = top["latent"].to_numpy()
-        saif_vector, _ = source.latent_vector(cond)
-        basis = ctx.saes[cond.layer].W_dec.detach().float().cpu()[torch.tensor(latents)]
-        enough = len(train[task]) >= cfg.calibration_min_targets and len(val[task]) >= 1
-        for name in cfg.calibrated_methods:
-            dense = METHODS[name].calibrates == "dense"
-            init = saif_vector.float() if dense else initial_weights(basis, top["weight"].to_numpy(),
-                                                                     float(saif_vector.norm()))
-            info = {"task": task, "method": name, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
-                    "position": cond.position, "n_train_targets": len(train[task]), "n_val_targets": len(val[task])}
-            if enough:
-                frames = _cached_calibration(ctx, cond, init, None if dense else (latents, basis), train[task],
-                                             val[task], cfg.calibration, desc=f"calibrate {name} {task}")
-                params = torch.tensor(frames["params"]["param"].to_numpy(), dtype=torch.float32)
-                active = frames["params"]["active"].to_numpy()
-                histories.append(frames["history"].assign(**info, calibrated=True))
-            else:
-                params, active = init, np.ones(len(init), dtype=bool)
-                histories.append(pd.DataFrame([{"round": 0, "train_nll": np.nan, "val_nll": np.nan,
-                                                "n_active": len(init), "best": True, **info, "calibrated": False}]))
-            vectors[(task, name)] = (params @ basis if not dense else params, 0 if dense else int(active.sum()))
-            if not dense:
-                weights.append(pd.DataFrame({**info, "rank": top["rank"].to_numpy(), "latent": latents,
-                                             "initial_weight": init.numpy(), "weight": params.numpy(),
-                                             "pruned": ~active, "calibrated": enough}))
-    targets = pd.concat([train_table, val_table], ignore_index=True)
+        fitted = METHODS[cond.method].fit(fitter, cond)
+        vectors[(cond.task, cond.method)] = (fitted.vector, fitted.n_latents)
+        histories.append(fitted.history)
+        if fitted.weights is not None:
+            weights.append(fitted.weights)
     empty = pd.DataFrame()
     return (vectors, pd.concat(histories, ignore_index=True) if histories else empty,
-            pd.concat(weights, ignore_index=True) if weights else empty, targets)
+            pd.concat(weights, ignore_index=True) if weights else empty,
+            fitter.targets()[2] if fitter._targets is not None else empty)
 
 
 def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
@@ -412,14 +459,15 @@ class SweepResult:
 
 def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     """Tune the tuned methods on val, evaluate every method on test, and write the tables."""
+    cfg = ctx.with_default_tasks(cfg)
     setup = build_setup(ctx, cfg)
     validate_setup(setup)
     searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods]
     tuned, judged = tune(setup, searches) if searches else ({}, [])
     calibration, weights = pd.DataFrame(), pd.DataFrame()
-    if cfg.calibrated_methods:
-        vectors, calibration, weights, targets = calibrate_vectors(setup, tuned)
-        setup.source = replace(setup.source, calibrated=vectors)
+    if cfg.fitted_methods:
+        vectors, calibration, weights, targets = fit_methods(setup, tuned)
+        setup.source = replace(setup.source, fitted=vectors)
     judged += evaluate_many(setup, reported_conditions(cfg, tuned), "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
@@ -428,10 +476,11 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms,
                          calibration, weights)
     out = ctx.run.stage(NAME)
-    if cfg.calibrated_methods:
+    if cfg.fitted_methods:
         write_table(calibration, out / "calibration.csv")
         write_table(weights, out / "calibrated_weights.csv")
         write_table(targets.drop(columns=["input_ids", "user_text"], errors="ignore"), out / "calibration_targets.parquet")
+    ctx.run.write_config(NAME, cfg)
     write_table(result.norms, out / "residual_norms.csv")
     write_table(result.sweep, out / "sweep.parquet")
     write_table(result.results, out / "results.csv")
