@@ -40,8 +40,10 @@ def sgemm_gflops(sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5) 
 
 def parameter_counts(hf_model) -> tuple[int, int]:
     """(parameters in the decoder blocks, parameters of the LM head)."""
-    body = sum(p.numel() for p in hf_model.model.layers.parameters())
-    return body, hf_model.lm_head.weight.numel()
+    from saif_utils.architectures import blocks, lm_head
+
+    body = sum(p.numel() for p in blocks(hf_model).parameters())
+    return body, lm_head(hf_model).weight.numel()
 
 
 @torch.inference_mode()

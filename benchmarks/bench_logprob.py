@@ -16,15 +16,16 @@ N_ROWS, N_CONT, LAYER = 16, 64, 15
 
 def full_vocab_logprob(model, prefix_ids, cont_ids, layer, vector):
     """The replaced path: the model's own [batch, seq, vocab] logits, float32 log-softmax, gather (one batch)."""
+    from saif_utils.architectures import blocks, lm_head
     from saif_utils.interventions import AddVector
     from saif_utils.models import length_buckets
 
     full = [list(p) + list(c) for p, c in zip(prefix_ids, cont_ids)]
     (batch,) = length_buckets(full, len(full), model.tokenizer.pad_token_id)
     with torch.inference_mode(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
-        resid = model.model.layers[layer].output
+        resid = blocks(model)[layer].output
         resid[:] += AddVector(vector).delta(resid)
-        logits = model.lm_head.output
+        logits = lm_head(model).output
         token_lp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0].save()
     width = batch.input_ids.shape[1]
     out = torch.empty(len(full))

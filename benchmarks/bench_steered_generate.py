@@ -14,6 +14,7 @@ def steered_vs_plain(model, ids: Sequence[Sequence[int]], layer: int, vector: to
                      sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Tokens/s of plain HF generate, a forward-hook steer and saif_utils' nnsight steer (exactly `n_new` tokens per
     prompt, all prompts in one batch), and the two ratios. `sync` waits for an asynchronous device before a clock read."""
+    from saif_utils.architectures import blocks
     from saif_utils.generation import generate_steered
     from saif_utils.models import length_buckets
 
@@ -29,7 +30,7 @@ def steered_vs_plain(model, ids: Sequence[Sequence[int]], layer: int, vector: to
         sync()
 
     def hooked():
-        handle = hf.model.layers[layer].register_forward_hook(lambda m, a, o: o + hook_vector)
+        handle = blocks(hf)[layer].register_forward_hook(lambda m, a, o: o + hook_vector)
         try:
             plain()
         finally:

@@ -27,7 +27,7 @@ ARCHITECTURES: list[Architecture] = [
     # Llama, Gemma-2, Mistral, Qwen2, SmolLM2, …
     Architecture("llama", blocks="model.layers", final_norm="model.norm", lm_head="lm_head"),
     Architecture("gpt2", blocks="transformer.h", final_norm="transformer.ln_f", lm_head="lm_head"),
-    Architecture("gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", lm_head="embed_out"),
+    Architecture("gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", lm_head="lm_head"),
 ]
 """Known layouts, tried in order; a plugin module adds its model's with `register_architecture`."""
 
@@ -54,13 +54,15 @@ def _get(root, path: str):
 
 
 def architecture_of(model) -> Architecture:
-    """The first known layout whose block list `model` has, or an error naming the paths looked for."""
+    """The first known layout whose blocks, final norm and unembedding `model` all has, or an error naming the paths
+    looked for."""
     known = tuple(ARCHITECTURES)
     for arch in known:
-        if _get(model, arch.blocks) is not None:
+        if all(_get(model, path) is not None for path in (arch.blocks, arch.final_norm, arch.lm_head)):
             return arch
     looked = ", ".join(f"{a.blocks} ({a.name})" for a in known)
-    raise ValueError(f"{type(model).__name__}: no decoder blocks at any known path ({looked}); register an "
+    raise ValueError(f"{type(model).__name__}: no known layout fits it (blocks looked for at {looked}, each with its "
+                     f"final norm and unembedding); register an "
                      f"Architecture with this model's block, final-norm and unembedding paths from a plugin module "
                      f"(saif_utils.architectures.register_architecture)")
 

@@ -104,17 +104,28 @@ def select_variants(variants: pd.DataFrame, tasks: dict, wanted: Sequence[str] |
     return variants[variants["base_task"].isin(keep)].reset_index(drop=True)
 
 
-def run(ctx: RunContext, cfg: DiscoveryConfig) -> DiscoveryResult:
-    """Build the contrastive prompts, score every latent, select the top-k, measure robustness, compute the
-    diff-in-means directions, and write them all into the stage folder."""
+def discover(ctx: RunContext, cfg: DiscoveryConfig, variants: pd.DataFrame | None = None,
+             passages: pd.DataFrame | None = None) -> DiscoveryResult:
+    """Build the contrastive prompts, score every latent, select the top-k, measure robustness and compute the
+    diff-in-means directions, in memory. `variants` and `passages` default to the run's data sources; passages are
+    sampled from the `train` split."""
     tasks = ctx.data.tasks()
-    variants = select_variants(ctx.data.variants(), tasks, cfg.tasks)
-    passages = sample_passages(ctx.data.passages(), "train", cfg.n_passages, cfg.seed)
+    variants = select_variants(ctx.data.variants() if variants is None else variants, tasks, cfg.tasks)
+    passages = sample_passages(ctx.data.passages() if passages is None else passages, "train", cfg.n_passages, cfg.seed)
     prompts = build_prompts(ctx.tokenizer, variants, passages, cfg.positions)
     frames = score_latents(ctx, prompts, tasks, cfg)
+    if frames["selected_latents"].empty:  # nothing later stages could steer or ablate with
+        raise ValueError(f"no latent of the SAEs at layers {sorted(ctx.saes)} fires more with the instruction than "
+                         f"without it for tasks {sorted(set(variants['base_task']))}: check that the SAEs were trained "
+                         f"on this model's residual stream at those layers")
     resid = read_prompt_residuals(ctx, prompts, cfg.read_at)
-    result = DiscoveryResult(prompts=prompts, **frames, summary=summary_table(frames),
-                             directions=diff_in_means(prompts, resid, cfg.positions))
+    return DiscoveryResult(prompts=prompts, **frames, summary=summary_table(frames),
+                           directions=diff_in_means(prompts, resid, cfg.positions))
+
+
+def run(ctx: RunContext, cfg: DiscoveryConfig) -> DiscoveryResult:
+    """`discover` on the run's data, with every table and the directions written into the stage folder."""
+    result = discover(ctx, cfg)
     out = ctx.run.stage(NAME)
     files = {"latent_scores.parquet": result.latent_scores, "selected_latents.csv": result.selected_latents,
              "robustness.csv": result.robustness, "breakdown_by_variant.csv": result.breakdown,
