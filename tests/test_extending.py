@@ -144,6 +144,19 @@ def test_bad_plugins_tasks_and_profile_files_are_refused_before_any_model_work(t
         {"task": "weather", "description": "Mention the weather.", "checker": "mentions_wether"}) + "\n")
     with pytest.raises(DataError, match="no checker named 'mentions_wether'; did you mean 'mentions_weather'"):
         DataSources(study["instructions_path"], None, tasks).check()
+    # A checker that raises on a response: the error names the task and the response.
+    from saif_utils.evaluation import Verdict, judge, load_tasks, register_checker
+
+    @register_checker("fragile")
+    def check_fragile(response, source=None):
+        return {"ok": Verdict(True, True)}[response]
+
+    fragile_tasks = {**load_tasks(), "fragile": load_tasks(tasks)["weather"].__class__("fragile", "Breaks.",
+                                                                                     checker="fragile")}
+    responses = pd.DataFrame({"task": "fragile", "response": ["ok", "not ok"], "source": "s",
+                              "response_id": ["r-1", "r-2"]})
+    with pytest.raises(RuntimeError, match=r"checker of task 'fragile' raised on response 'r-2' \('not ok'\): KeyError"):
+        judge(responses, fragile_tasks)
     # A target task without instruction variants.
     with pytest.raises(DataError, match=r"task\(s\) \['weather'\] have no instruction variants"):
         DataSources(None, None, study["tasks_path"]).check()
