@@ -25,8 +25,8 @@ N_ROWS = 64
 
 def sgemm_gflops(sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5) -> float:
     """This CPU's fp32 matrix-multiply peak: the fastest of `repeats` n×n×n products at each size, after a warm-up.
-    The best round, not the median: a floor needs the peak, and one median at n = 2048 read 178 GFLOP/s on a CPU
-    whose best rounds reach 198 (2026-12-02), which inflated the floor."""
+    The best round, not the median: a floor needs the peak, and a median reads below it whenever other work shares
+    the CPU, which would inflate the floor."""
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
