@@ -95,7 +95,8 @@ class RunContext:
     """The profile and what was loaded for it: model, SAEs, and the keys naming them in caches."""
 
     profile: Profile
-    run: RunDir
+    run: RunDir | None
+    """The run folder stages write into; None for an in-memory session (`api.load`)."""
     model: object
     model_key: str
     saes: dict[int, object]

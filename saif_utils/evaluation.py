@@ -83,10 +83,12 @@ CHECKERS: dict[str, Checker] = {}
 
 
 def register_checker(name: str) -> Callable[[Checker], Checker]:
-    """Decorator: register a checker under `name` (from this package or a user's plugin module)."""
+    """Decorator: register a checker under `name` (from this package or a user's plugin module). A module run again
+    (`importlib.reload`) replaces its own checker; another module's checker of the same name is refused."""
     def add(fn: Checker) -> Checker:
-        if name in CHECKERS and CHECKERS[name] is not fn:
-            raise ValueError(f"a checker named {name!r} is already registered ({CHECKERS[name].__module__})")
+        old = CHECKERS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"a checker named {name!r} is already registered ({old.__module__})")
         CHECKERS[name] = fn
         return fn
     return add

@@ -125,9 +125,11 @@ METHODS: dict[str, SteeringMethod] = {}
 
 
 def register(cls: type[SteeringMethod]) -> type[SteeringMethod]:
-    """Class decorator: add one instance of a method to `METHODS` under its `name`."""
-    if cls.name in METHODS:
-        raise ValueError(f"a steering method named {cls.name!r} is already registered")
+    """Class decorator: add one instance of a method to `METHODS` under its `name`. A module run again
+    (`importlib.reload`) replaces its own method; another class of the same name is refused."""
+    old = METHODS.get(cls.name)
+    if old is not None and (type(old).__module__, type(old).__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"a steering method named {cls.name!r} is already registered ({type(old).__module__})")
     if cls.borrows is not None and not METHODS.get(cls.borrows, SteeringMethod()).tuned:
         raise ValueError(f"{cls.name!r} borrows from {cls.borrows!r}, which is not a registered tuned method")
     METHODS[cls.name] = cls()

@@ -88,7 +88,7 @@ def user_study(root: Path) -> dict[str, str]:
             "instructions_path": str(root / "instructions")}
 
 
-def test_a_new_task_checker_and_method_from_a_user_module_run_in_the_pipeline(tiny_run, tmp_path):
+def test_a_new_task_checker_and_method_from_a_user_module_run_in_the_pipeline(tiny_run, tmp_path, restore_registries):
     """(a) a task judged by the user's checker and (b) a user-defined steering method, both from a module outside the
     repository, run through notebooks 02, 05 and 06 and show up in the results and the report."""
     src, _, _ = tiny_run
@@ -138,7 +138,12 @@ def test_bad_plugins_tasks_and_profile_files_are_refused_before_any_model_work(t
     assert "no_such_package_xyz" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
     # A task naming a checker nobody registered: refused when the tasks load, naming the close match.
-    load_plugins(study["plugins"])
+    (module,) = load_plugins(study["plugins"])
+    module.__spec__.loader.exec_module(module)  # run again (as a reload does): it replaces its own checker and method
+    copy = tmp_path / "copy_of_my_ext.py"
+    copy.write_text(Path(study["plugins"]).read_text())
+    with pytest.raises(PluginError, match="a checker named 'mentions_weather' is already registered"):
+        load_plugins(str(copy))
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text((DATA_DIR / "tasks.jsonl").read_text() + json.dumps(
         {"task": "weather", "description": "Mention the weather.", "checker": "mentions_wether"}) + "\n")
