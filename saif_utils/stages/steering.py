@@ -18,13 +18,7 @@ import torch
 from ..activations import mean_residual_norm
 from ..calibration import CalibrationConfig, Targets, calibrate
 from ..context import RunContext
-from ..data import (
-    POSITIONS,
-    check_position,
-    evaluation_prompts,
-    prompting_instructions,
-    sample_passages,
-)
+from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
 from ..evaluation import judge
 from ..interventions import AddVector
 from ..io import cached_frames, content_hash, sha256_file, write_table
@@ -383,6 +377,11 @@ class MethodFitter:
             self._targets = train, val, pd.concat([train_table, val_table], ignore_index=True)
         return self._targets
 
+    @property
+    def target_table(self) -> pd.DataFrame:
+        """The judged prompted responses behind the targets; empty when no method asked for targets."""
+        return self._targets[2] if self._targets is not None else pd.DataFrame()
+
     def n_targets(self, task: str) -> tuple[int, int]:
         """How many accepted train and val targets `task` has."""
         train, val, _ = self.targets()
@@ -419,8 +418,7 @@ def fit_methods(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
             weights.append(fitted.weights)
     empty = pd.DataFrame()
     return (vectors, pd.concat(histories, ignore_index=True) if histories else empty,
-            pd.concat(weights, ignore_index=True) if weights else empty,
-            fitter.targets()[2] if fitter._targets is not None else empty)
+            pd.concat(weights, ignore_index=True) if weights else empty, fitter.target_table)
 
 
 def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
