@@ -44,11 +44,9 @@ def load(profile: str | Path | Profile = "default", *, remote: bool = False, mod
     data.check()
     if model is None:
         prof = profile if isinstance(profile, Profile) else get_profile(str(profile), remote=remote)
+        model = load_model(prof)
         if saes is None:
-            model = load_model(prof)
             saes = {layer: entry["sae"] for layer, entry in profile_saes(model, prof).items()}
-        else:
-            model = load_model(prof)
         key = model_fingerprint(prof)
     else:
         model, key = _wrap_model(model, tokenizer)
