@@ -312,7 +312,10 @@ def _run_notebooks(profile: str, output_dir: Path, remote: bool, notebooks: list
             km = next(kernels)
             try:
                 with LiveStatus(notebook.stem, code_cells(notebook), last) as status:
-                    executed = run_notebook(notebook, output_dir, parameters, km=km, status=status)
+                    # Each notebook gets the parameters it declares (`check_parameters` refused any that none does).
+                    declared = notebook_parameters(notebook)
+                    executed = run_notebook(notebook, output_dir, {k: v for k, v in parameters.items() if k in declared},
+                                            km=km, status=status)
             except Exception as err:  # papermill's PapermillExecutionError carries the cell; else a setup error
                 report_failure(err, notebook, output_dir)
                 raise SystemExit(1) from None
