@@ -61,10 +61,10 @@ def load(profile: str | Path | Profile = "default", *, remote: bool = False, mod
 
 def _wrap_model(model, tokenizer) -> tuple[object, str]:
     """An nnsight wrapper around a transformers model (as is when already wrapped) and a content key of its weights."""
-    import hashlib
-
     from nnsight import TransformersModel
     from nnsight.intervention.envoy import Envoy
+
+    from .saes import sae_fingerprint
 
     if not isinstance(model, Envoy):
         if tokenizer is None:
@@ -73,11 +73,7 @@ def _wrap_model(model, tokenizer) -> tuple[object, str]:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # batched generation pads on the left
         model = TransformersModel(model.eval(), tokenizer=tokenizer, task="text-generation")
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model._module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return model, digest.hexdigest()[:16]
+    return model, sae_fingerprint(model._module)  # the same weights hash as an SAE's: any module's state dict
 
 
 def _profile_of(model, saes: Mapping[int, object], remote: bool) -> Profile:
