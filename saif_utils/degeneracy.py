@@ -35,7 +35,20 @@ DIGIT_MAX = 0.3
 """Share of the non-space characters that are digits from which a text is a number flood ('1.1.1.2.3.4…',
 '3-4-5-6-7-…'); dates and quantities in ordinary answers stay under 0.15."""
 TOP_WORD_MAX = 0.3
-"""Share of all words taken by the most frequent one (texts of ≥ 10 words): a token flood."""
+"""Share of all words taken by the most frequent one (texts of ≥ `TOP_WORD_MIN_WORDS` words): a token flood."""
+TOP_WORD_MIN_WORDS = 10
+TOP_FUNCTION_WORD_MIN_WORDS = 15
+"""A function word (`FUNCTION_WORDS`) counts as a flood only in texts of at least this many words: in a one-sentence
+answer 'the' reaches 30 % in fluent text ('The coffee cherry is the fruit of the coffee bean.', 3 of 10 words), while
+the floods of function words seen in this study ('A: A: A: …', 'The: 1. The: 2. …', 'la la la') run to 17 words and
+more."""
+FUNCTION_WORDS = frozenset(
+    "a an the of in on at to for by with from and or but as is are was were be it its this that these he she they we "
+    "i you his her their our my your not no so if then than there here "
+    "le la les l un une de des du d et en au aux à ce cette il elle ils elles on je tu nous vous que qu qui est sont "
+    "ne pas se s sa son ses".split())
+"""English and French articles, prepositions, conjunctions, pronouns and the commonest auxiliaries (as `words` splits
+them: "l'eau" → 'l', 'eau')."""
 REAL_WORD_MIN = 0.75
 """Share of words (≥ 2 letters) found in the word list of English, French or the text's detected language
 (`language.dictionary_share`) below which a text is gibberish or pseudo-words (texts of ≥ 4 such words)."""
@@ -121,8 +134,13 @@ def digit_share(text: str) -> float:
 
 
 def top_word_share(tokens: list[str]) -> float:
-    """Share of the most frequent word (0 for fewer than ten words)."""
-    return 0.0 if len(tokens) < 10 else Counter(tokens).most_common(1)[0][1] / len(tokens)
+    """Share of the most frequent word (0 for fewer than `TOP_WORD_MIN_WORDS` words); a function word is not counted
+    in texts shorter than `TOP_FUNCTION_WORD_MIN_WORDS`."""
+    if len(tokens) < TOP_WORD_MIN_WORDS:
+        return 0.0
+    counted = Counter(tokens if len(tokens) >= TOP_FUNCTION_WORD_MIN_WORDS
+                      else [t for t in tokens if t not in FUNCTION_WORDS])
+    return counted.most_common(1)[0][1] / len(tokens) if counted else 0.0
 
 
 def degeneracy_signals(text: str) -> DegeneracySignals:

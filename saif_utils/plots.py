@@ -222,6 +222,30 @@ def steering_results(results: pd.DataFrame, methods: Sequence[str]):
     return fig
 
 
+def recovered_share(results: pd.DataFrame, methods: Sequence[str], xlim: tuple[float, float] = (-0.5, 2.0)):
+    """Share of prompting's gain over no instruction that each steering method recovers on test (strict and loose,
+    paired 95 % bootstrap CIs, clipped to `xlim`); a task where prompting does not beat no instruction has no share."""
+    import matplotlib.pyplot as plt
+
+    steered = [m for m in methods if m not in ("no_instruction", "prompting")]
+    rows = results[results["method"].isin(steered)]
+    undefined = rows.groupby("task", sort=False)["strict_recovered"].apply(lambda s: s.isna().all())
+    rows = rows.assign(label=rows["task"].map(lambda t: f"{t} (undefined)" if undefined[t] else t)
+                       + " (n=" + rows["n"].astype(str) + ")")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * rows["label"].nunique() + 2.5), sharey=True)
+    for ax, score in zip(axes, ("strict", "loose")):
+        clipped = rows.assign(**{c: rows[c].clip(*xlim) for c in
+                                 (f"{score}_recovered", f"{score}_recovered_ci_low", f"{score}_recovered_ci_high")})
+        ci_dotplot(ax, clipped, f"{score}_recovered", "label", "method", steered, palette="tab10")
+        for x, style in ((0, "-"), (1, "--")):
+            ax.axvline(x, color="grey", lw=0.8, ls=style)
+        ax.set(xlabel=f"{score}: share of prompting's gain (0 = no instruction, 1 = prompting)", xlim=xlim)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=6, fontsize=8)
+    fig.suptitle("Steering read against prompting on the test passages (paired 95 % bootstrap CIs; undefined where "
+                 "prompting does not beat no instruction)")
+    return fig
+
+
 def accuracy_vs_k(k_rows: pd.DataFrame):
     """SAIF's val accuracy over k, one line per task with its 95 % CI."""
     import matplotlib.pyplot as plt

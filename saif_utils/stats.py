@@ -50,6 +50,51 @@ def ratio_ci(numer: Sequence[float], denom: Sequence[float], seed: int = 0, n_re
     return value, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def paired_diff_ci(values: Sequence[float], baseline: Sequence[float], seed: int = 0, n_resamples: int = 2000
+                   ) -> tuple[float, float, float]:
+    """(mean of values − baseline, 95 % CI low, high) over paired units (e.g. two methods on the same passages): the
+    per-unit differences are resampled, so each unit's two outcomes stay together and what the units share (an easy
+    passage, a hard one) cancels."""
+    values, baseline = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    if values.size == 0 or values.shape != baseline.shape:
+        raise ValueError(f"paired_diff_ci: need two equal-length non-empty samples, got {values.shape} and "
+                         f"{baseline.shape}")
+    return bootstrap_ci(values - baseline, seed=seed, n_resamples=n_resamples)
+
+
+def recovered_share_ci(values: Sequence[float], floor: Sequence[float], ceiling: Sequence[float], seed: int = 0,
+                       n_resamples: int = 2000) -> tuple[float, float, float]:
+    """(share of the ceiling's gain recovered, 95 % CI low, high): (mean(values) − mean(floor)) / (mean(ceiling) −
+    mean(floor)) over paired units, the three outcomes of a unit resampled together (scipy's percentile bootstrap).
+
+    NaN throughout where the ceiling does not beat the floor (the paired CI of ceiling − floor reaches 0): there is no
+    gain to share. A resample in which the ceiling's gain vanishes counts as +∞ when the values gained in it (−∞ when
+    they lost, 0 when neither), so such resamples widen the CI rather than being dropped.
+    """
+    from scipy.stats import bootstrap
+
+    values, floor, ceiling = (np.asarray(a, dtype=float) for a in (values, floor, ceiling))
+    if values.size == 0 or not values.shape == floor.shape == ceiling.shape:
+        raise ValueError(f"recovered_share_ci: need three equal-length non-empty samples, got {values.shape}, "
+                         f"{floor.shape} and {ceiling.shape}")
+    if paired_diff_ci(ceiling, floor, seed, n_resamples)[1] <= 0:
+        return np.nan, np.nan, np.nan
+    share = float((values - floor).mean() / (ceiling - floor).mean())
+    if np.all(values - floor == (values - floor)[0]) and np.all(ceiling - floor == (ceiling - floor)[0]):
+        return share, share, share
+
+    def statistic(v, f, c, axis):
+        gained, gain = (v - f).mean(axis), (c - f).mean(axis)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unbounded = np.where(gained == 0, 0.0, np.copysign(np.inf, gained))
+            return np.where(gain > 0, gained / np.where(gain > 0, gain, 1), unbounded)
+
+    with np.errstate(invalid="ignore"):  # the bootstrap's standard error of a distribution holding ±∞
+        res = bootstrap((values, floor, ceiling), statistic, paired=True, vectorized=True, n_resamples=n_resamples,
+                        confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed))
+    return share, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def accuracy_table(judged: pd.DataFrame, keys: Sequence[str], seed: int = 0) -> pd.DataFrame:
     """One row per group of `keys`: n, strict and loose accuracy (degenerate responses count as failures) and the
     checkers' raw accuracy (`checker_*`, loops pass), each with a 95 % bootstrap CI, the degenerate rate, and fluency.

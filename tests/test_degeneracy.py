@@ -27,6 +27,8 @@ DEGENERATE = {
                  "larger screen, will be in stores next month.",
     "cycling_list": "1. Rome's Colosseum\n2. Hadrian's Wall\n3. Hadrian's Wall\n4. Hadrian's Wall\n5. Colosseum",
     "counting": "1\n2\n3\n4\n5\n\nThe 4-5-6-7-8-9-10-11-12-13-14-15-16-17",
+    "function_word_flood": "1. A group of volunteers cleaned the beach on Saturday: 1. A group of volunteers: 2. A "
+                           "group of: 3. A: A: A: A: A: A: A: A: A:",
     "empty": "",
 }
 COHERENT = [
@@ -38,6 +40,10 @@ COHERENT = [
     "The library will be closed on Monday for repairs... It opens again on Tuesday at 9:00.",
     "Yes.",
     "猫在温暖的窗台上睡觉，它梦见了鱼。",
+    # One-sentence summaries in which a function word takes 3 of 10 words.
+    "The coffee cherry is the fruit of the coffee bean.",
+    "The coffee bean is the seed of the coffee cherry.",
+    "Silk is a product of a single species, a cocoon.",
 ]
 
 
@@ -60,6 +66,8 @@ def test_each_signal_measures_its_own_pattern():
     assert line_repeat_share("1. x\n2. x\n3. x\n4. y") == 0.5 and line_repeat_share("x\nx") == 0
     assert digit_share("1.2.3.4") == 4 / 7 and digit_share("In 1999 it rained.") < 0.3
     assert top_word_share(words("ocean " * 10)) == 1.0 and top_word_share(words("one two")) == 0
+    assert top_word_share(words("The coffee cherry is the fruit of the coffee bean.")) == 0.2, "'the' not counted"
+    assert top_word_share(words("the " * 15)) == 1.0, "function words count in longer texts"
     assert dictionary_share(words("the cat sat on the warm mat"), ("en",)) == 1.0
     assert dictionary_share(words("Thrumble vasquet orindal presh"), ("en", "fr")) == 0.0
 

@@ -1,4 +1,5 @@
 """The report: every claim's confirmed / not confirmed / not tested cases, and its tables as literal text."""
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -44,13 +45,19 @@ def _claims(sweep_rows, results):
 ACC, LAYER, K, POST, SIZES = ("SAIF steering reaches > 30 % strict accuracy", "The final layer steers best",
                               "An optimum near ~15 latents", "Post-instruction extraction steers better than pre",
                               "The method holds across SAE sizes")
+RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS = (
+    "SAIF recovers most of what prompting gains (share ≥ 0.75, CI low ≥ 0.5)",
+    "Precisely calibrated weights matter (SAIF calibrated beats SAIF, same layer, k, α)",
+    "SAIF + prompt beats prompting", "SAE latents beat activation differences (SAIF beats diff-in-means)")
 UNTESTED = "not tested on this profile"
+PAIRED_UNTESTED = {RECOVERED: UNTESTED, CALIBRATED: UNTESTED, PLUS_PROMPT: UNTESTED, LATENTS: UNTESTED}
 
 
 def test_every_claim_confirmed():
     rows = _staged("a", 29, 15, post=0.9, pre=0.4) + _staged("b", 29, 15, post=0.8, pre=0.5)
     status, measured = _claims(rows, _results({"a": (29, 15, "post"), "b": (29, 15, "post")}, {"a": 0.4, "b": 0.2}))
-    assert status == {ACC: "confirmed", LAYER: "confirmed", K: "confirmed", POST: "confirmed", SIZES: UNTESTED}
+    assert status == {ACC: "confirmed", LAYER: "confirmed", K: "confirmed", POST: "confirmed", SIZES: UNTESTED,
+                      **PAIRED_UNTESTED}
     assert measured[ACC].startswith("1 of 2 tasks above 0.30 — a 0.40 [0.00, 1.00] (n=16)")
     assert measured[LAYER].endswith("{'a': 29, 'b': 29}; final SAE layer 29")
     assert measured[K].endswith("{'a': 15, 'b': 15}; median 15")
@@ -61,7 +68,7 @@ def test_every_claim_not_confirmed():
     rows = _staged("a", 10, 5, post=0.3, pre=0.6) + _staged("b", 10, 5, post=0.4, pre=0.7)
     status, measured = _claims(rows, _results({"a": (10, 5, "pre"), "b": (10, 5, "pre")}, {"a": 0.1, "b": 0.3}))
     assert status == {ACC: "not confirmed", LAYER: "not confirmed", K: "not confirmed", POST: "not confirmed",
-                      SIZES: UNTESTED}
+                      SIZES: UNTESTED, **PAIRED_UNTESTED}
     assert measured[K].endswith("{'a': 5, 'b': 5}; median 5")
     assert measured[POST].endswith("a 0.30 vs 0.60; b 0.40 vs 0.70")
 
@@ -92,12 +99,16 @@ def test_steering_and_ablation_tables_as_literal_markdown():
         _row("json", None, None, None, None, 0.0, split="test", method="prompting", strict=0.125),
         _row("json", 15, None, 0.5, "pre", 0.0, split="test", method="diff_in_means", strict=0.0),
     ])
+    results.loc[0, ["strict_vs_prompting", "strict_vs_prompting_ci_low", "strict_vs_prompting_ci_high"]] = (
+        0.275, 0.05, 0.5)
+    results.loc[0, ["loose_recovered", "loose_recovered_ci_low", "loose_recovered_ci_high"]] = (1.5, 0.4, np.inf)
     assert steering_table(results).splitlines()[2:] == [
-        "| json | prompting | — | 16 | 0.12 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] | 0.00 [0.00, 0.00] |",
+        "| json | prompting | — | 16 | 0.12 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] | 0.00 [0.00, 0.00] "
+        "| — | — | — | — |",
         "| json | saif | L10, 5, 0.3, post | 16 | 0.40 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] "
-        "| 0.25 [0.00, 0.50] |",
+        "| 0.25 [0.00, 0.50] | 0.28 [0.05, 0.50] | — | — | 1.50 [0.40, ∞] |",
         "| json | diff_in_means | L15, —, 0.5, pre | 16 | 0.00 [0.00, 1.00] | 0.00 [0.00, 1.00] | 0.75 [0.50, 1.00] "
-        "| 0.00 [0.00, 0.00] |",
+        "| 0.00 [0.00, 0.00] | — | — | — | — |",
     ]
     ablation = pd.DataFrame([{"task": "summarize", "layer": 15, "condition": "selected", "n": 45, "strict_acc": 0.18,
                               "strict_ci_low": 0.07, "strict_ci_high": 0.29, "loose_acc": 0.2, "loose_ci_low": 0.1,
@@ -110,12 +121,14 @@ def test_steering_and_ablation_tables_as_literal_markdown():
     ]
 
 
-def _family(saif_low: dict[str, float], baseline: float = 0.1) -> pd.DataFrame:
-    """Test rows of one SAE family: SAIF with the given CI lower bounds, and the no-instruction baseline."""
-    rows = [_row(t, 10, 15, 0.5, "post", 0.0, split="test", strict=low + 0.1) | {"strict_ci_low": low}
-            for t, low in saif_low.items()]
+def _family(diff_low: dict[str, float], baseline: float = 0.1) -> pd.DataFrame:
+    """Test rows of one SAE family: SAIF with the given lower bounds of its paired CI against no instruction, and the
+    no-instruction baseline."""
+    rows = [_row(t, 10, 15, 0.5, "post", 0.0, split="test", strict=baseline + low + 0.1)
+            | {"strict_vs_no_instruction": low + 0.1, "strict_vs_no_instruction_ci_low": low,
+               "strict_vs_no_instruction_ci_high": low + 0.2} for t, low in diff_low.items()]
     rows += [_row(t, None, None, None, None, 0.0, split="test", method="no_instruction", strict=baseline)
-             for t in saif_low]
+             for t in diff_low]
     return pd.DataFrame(rows)
 
 
@@ -127,16 +140,62 @@ def test_sae_sizes_claim_needs_saif_above_baseline_in_every_family():
         table = claims_table(results, pd.DataFrame(rows), [10, 29], 15, families).set_index("paper's claim")
         return table.loc[SIZES, "status"], table.loc[SIZES, "measured here"]
 
-    both = {"8x": _family({"a": 0.3, "b": 0.05}), "4x": _family({"a": 0.2, "b": 0.3})}
+    both = {"8x": _family({"a": 0.2, "b": -0.05}), "4x": _family({"a": 0.1, "b": 0.2})}
     status, measured = judged(both)
     assert status == "confirmed" and "8x: beats no instruction on 1/2" in measured and "4x: beats no instruction on 2/2" in measured
-    status, _ = judged({"8x": _family({"a": 0.3, "b": 0.05}), "4x": _family({"a": 0.05, "b": 0.08})})
+    assert "a 0.30 [0.20, 0.40]" in measured, "the evidence is the paired difference"
+    status, _ = judged({"8x": _family({"a": 0.2, "b": -0.05}), "4x": _family({"a": -0.05, "b": -0.02})})
     assert status == "not confirmed", "the 4x family never beats the baseline"
     assert judged({"8x": both["8x"]})[0] == UNTESTED
+    unpaired = both["4x"].drop(columns=["strict_vs_no_instruction"])
+    status, measured = judged({"8x": both["8x"], "4x": unpaired})
+    assert status == UNTESTED and "['4x'] has no paired columns" in measured
 
 
-@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST, SIZES])
+@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST, SIZES, RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS])
 def test_claims_table_lists_each_claim_once(claim):
     rows = _staged("a", 29, 15, post=0.9, pre=0.4)
     table = claims_table(_results({"a": (29, 15, "post")}, {"a": 0.4}), pd.DataFrame(rows), [10, 29], 15)
     assert table["paper's claim"].tolist().count(claim) == 1
+
+
+def _paired(task, method, diff, low, high, baseline, **extra):
+    """A test row of `method` whose strict paired difference to `baseline` is `diff` [low, high]."""
+    name = f"strict_vs_{baseline}"
+    return _row(task, 10, 5, 0.5, "post", 0.0, split="test", method=method) | {
+        name: diff, f"{name}_ci_low": low, f"{name}_ci_high": high} | extra
+
+
+def test_paired_claims_read_beats_ties_loses_from_the_paired_ci():
+    rows = _staged("a", 29, 15, post=0.9, pre=0.4)
+    results = pd.DataFrame([_paired("a", "saif_plus_prompt", 0.2, 0.05, 0.35, "prompting"),
+                            _paired("b", "saif_plus_prompt", 0.1, -0.02, 0.2, "prompting"),
+                            _paired("c", "saif_plus_prompt", -0.2, -0.3, -0.1, "prompting")])
+    status, measured = _claims(rows, results)
+    assert status[PLUS_PROMPT] == "not confirmed", "beats on 1 of 3 tasks is not half"
+    assert measured[PLUS_PROMPT].startswith("strict saif_plus_prompt − prompting, paired over test passages: beats on "
+                                            "1, ties on 1, loses on 1 of 3 tasks — a 0.20 [0.05, 0.35] (beats, n=16)")
+    results.loc[1, "strict_vs_prompting_ci_low"] = 0.01
+    assert _claims(rows, results)[0][PLUS_PROMPT] == "confirmed"
+
+
+def test_recovered_claim_needs_the_share_and_its_lower_bound():
+    rows = _staged("a", 29, 15, post=0.9, pre=0.4)
+
+    def saif(task, strict, loose):
+        row = _row(task, 10, 5, 0.5, "post", 0.0, split="test")
+        for score, (share, low, high) in (("strict", strict), ("loose", loose)):
+            row |= {f"{score}_recovered": share, f"{score}_recovered_ci_low": low, f"{score}_recovered_ci_high": high}
+        return row
+
+    nan3 = (np.nan,) * 3
+    results = pd.DataFrame([saif("a", (0.8, 0.55, 1.1), (0.7, 0.4, 1.0)), saif("b", (0.9, 0.45, np.inf), nan3),
+                            saif("c", nan3, nan3)])
+    status, measured = _claims(rows, results)
+    assert status[RECOVERED] == "confirmed", "met on a (strict) of the two defined tasks"
+    assert measured[RECOVERED] == (
+        "met on 1 of 2 tasks where prompting beats no instruction (paired, n per task in results.csv) — a strict 0.80 "
+        "[0.55, 1.10], loose 0.70 [0.40, 1.00] (met on strict); b strict 0.90 [0.45, ∞]; c undefined (prompting does "
+        "not beat no instruction)")
+    results.loc[0, "strict_recovered_ci_low"] = 0.49
+    assert _claims(rows, results)[0][RECOVERED] == "not confirmed"

@@ -90,3 +90,31 @@ def test_setup_validation_names_tasks_layers_and_k_before_any_generation():
                                       {}, {}, SweepConfig(tasks=("json",), positions=("post",), k_grid=(1,), k_start=1))
     with pytest.raises(ValueError, match="no diff-in-means direction for json at layer 10, post"):
         validate_setup(missing_direction)
+
+
+def test_paired_comparisons_pair_passages_by_id_not_by_row_order():
+    from saif_utils.stages.steering import paired_comparisons
+
+    ids = [f"p{i:02d}" for i in range(40)]
+    floor = [False] * 40
+    ceiling = [i % 2 == 0 for i in range(40)]  # prompting follows on the even passages
+    saif = [i % 4 == 0 for i in range(40)]  # SAIF on half of those
+
+    def rows(method, passes, order):
+        return pd.DataFrame({"task": "t", "method": method, "split": "test", "passage_id": [ids[i] for i in order],
+                             "strict": [passes[i] for i in order], "loose": [passes[i] for i in order]})
+
+    forward, backward = list(range(40)), list(range(39, -1, -1))
+    generations = pd.concat([rows("no_instruction", floor, forward), rows("prompting", ceiling, backward),
+                             rows("saif", saif, forward), rows("saif", saif, forward).assign(split="val")])
+    table = paired_comparisons(generations).set_index("method")
+    saif_row = table.loc["saif"]
+    # Every passage SAIF follows, prompting follows too: SAIF − prompting is never positive on a passage, so its
+    # paired CI stays at or below 0; by row position the two would disagree on 30 of 40 passages.
+    assert saif_row["strict_vs_prompting"] == pytest.approx(-0.25)
+    assert saif_row["strict_vs_prompting_ci_high"] < 0
+    assert saif_row["strict_recovered"] == pytest.approx(0.5)
+    assert 0 < saif_row["strict_recovered_ci_low"] < 0.5 < saif_row["strict_recovered_ci_high"] < 1
+    assert pd.isna(saif_row["strict_vs_saif"]) and pd.isna(saif_row["strict_vs_diff_in_means"])
+    assert table.loc["prompting", "loose_recovered"] == 1.0
+    assert set(table.index) == {"no_instruction", "prompting", "saif"}

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saif_utils.stats import accuracy_table, bootstrap_ci, ratio_ci, selection_objective
+from saif_utils.stats import (accuracy_table, bootstrap_ci, paired_diff_ci, ratio_ci, recovered_share_ci,
+                              selection_objective)
 
 
 def test_bootstrap_ci_brackets_the_mean():
@@ -58,3 +59,37 @@ def test_round_significant_keeps_digits_zeros_signs_and_nan():
 
     got = round_significant([123456.0, 0.00123456, 0.0, float("nan"), -2.5e-9, 1.0000004], 3)
     np.testing.assert_array_equal(got, [123000.0, 0.00123, 0.0, np.nan, -2.5e-9, 1.0])
+
+
+def test_paired_diff_ci_keeps_each_units_two_outcomes_together():
+    # Two methods on the same 90 passages that differ on 6 of them (b passes where a fails): the paired CI of a − b
+    # lies below 0 and is narrow; resampling the two methods independently would give one ≈ ±0.15 wide around −0.07.
+    a = np.array([1.0, 0.0] * 45)
+    b = a.copy()
+    b[1:13:2] = 1.0
+    diff, low, high = paired_diff_ci(a, b)
+    assert diff == pytest.approx(-6 / 90)
+    assert high < 0 and high - low < 0.12
+    assert paired_diff_ci(b, b) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="equal-length non-empty"):
+        paired_diff_ci([1.0, 0.0], [1.0])
+
+
+def test_recovered_share_ci_is_read_between_floor_and_ceiling():
+    rng = np.random.default_rng(0)
+    floor = (rng.random(90) < 0.1).astype(float)
+    ceiling = np.maximum(floor, rng.random(90) < 0.6)
+    # The method passes exactly where the ceiling does: every resample of the triples recovers the whole gain.
+    assert recovered_share_ci(ceiling, floor, ceiling) == pytest.approx((1.0, 1.0, 1.0))
+    assert recovered_share_ci(floor, floor, ceiling) == pytest.approx((0.0, 0.0, 0.0))
+    half = np.where(np.arange(90) % 2 == 0, ceiling, floor)
+    share, low, high = recovered_share_ci(half, floor, ceiling)
+    assert share == pytest.approx((half - floor).sum() / (ceiling - floor).sum())
+    assert 0 < low < share < high < 1
+    # A ceiling that does not beat the floor (paired CI reaching 0) leaves the share undefined.
+    weak = floor.copy()
+    weak[np.flatnonzero(floor == 0)[:2]] = 1.0
+    assert np.isnan(recovered_share_ci(half, floor, weak)).all()
+    with pytest.raises(ValueError, match="equal-length non-empty"):
+        recovered_share_ci([1.0], [0.0, 1.0], [1.0])
+

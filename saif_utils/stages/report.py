@@ -27,14 +27,15 @@ from .steering import alpha_curve, k_curve, pre_post_pairs
 NAME = "06_report"
 PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas", "scipy", "numpy")
 NOT_TESTED = "not tested on this profile"
+PAIRED_COLUMNS = ("strict_vs_prompting", "strict_vs_diff_in_means", "strict_recovered", "loose_recovered")
 STATUSES = ("confirmed", "not confirmed", NOT_TESTED)
 FIGURES = {  # stage → figures shown in the report, in order
     "01_sae_loading": ("sae_quality.png", "sae_learning_curves.png"),
     "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
     "03_semantic_proximity": ("cosine_selected_vs_random.png",),
     "04_causal_ablation": ("ablation.png",),
-    "05_steering_sweeps": ("results.png", "layer_comparison.png", "accuracy_vs_k.png", "pre_vs_post.png",
-                           "calibration_rounds.png", "calibrated_weights.png"),
+    "05_steering_sweeps": ("results.png", "recovered_share.png", "layer_comparison.png", "accuracy_vs_k.png",
+                           "pre_vs_post.png", "calibration_rounds.png", "calibrated_weights.png"),
 }
 
 
@@ -44,14 +45,20 @@ def ci_cell(row, name: str) -> str:
     value = next(row[key] for key in (f"{name}_acc", f"{name}_rate", name) if key in row)
     if pd.isna(value):
         return "—"
-    return f"{value:.2f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]"
+    low, high = (f"{bound:.2f}" if np.isfinite(bound) else ("−∞" if bound < 0 else "∞")
+                 for bound in (row[f"{name}_ci_low"], row[f"{name}_ci_high"]))
+    return f"{value:.2f} [{low}, {high}]"
 
 
 def steering_table(results: pd.DataFrame) -> str:
     """Markdown: every task × method on test with its configuration, n, strict/loose accuracy (degenerate responses
-    fail), the checker's raw strict accuracy (degenerate responses pass) and the degenerate rate."""
+    fail), the checker's raw strict accuracy (degenerate responses pass), the degenerate rate, and the paired
+    comparisons (`steering.paired_comparisons`: differences to prompting and diff-in-means, share of prompting's gain;
+    '—' against itself, where undefined, or in a table written before they existed)."""
     lines = ["| task | method | config (layer, k, α, position) | n | strict [95 % CI] | loose [95 % CI] "
-             "| checker strict, degenerate pass | degenerate [95 % CI] |", "|---|---|---|---|---|---|---|---|"]
+             "| checker strict, degenerate pass | degenerate [95 % CI] | strict − prompting, paired "
+             "| strict − diff-in-means, paired | share of prompting's strict gain | … loose gain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     results = results.assign(order=results["method"].map(order)).sort_values(["task", "order"])
     for row in results.to_dict("records"):
@@ -60,7 +67,8 @@ def steering_table(results: pd.DataFrame) -> str:
             k = "—" if pd.isna(row["k"]) else int(row["k"])
             config = f"L{int(row['layer'])}, {k}, {row['alpha']:g}, {row['position']}"
         lines.append(f"| {row['task']} | {row['method']} | {config} | {row['n']} | {ci_cell(row, 'strict')} | "
-                     f"{ci_cell(row, 'loose')} | {ci_cell(row, 'checker_strict')} | {ci_cell(row, 'degenerate')} |")
+                     f"{ci_cell(row, 'loose')} | {ci_cell(row, 'checker_strict')} | {ci_cell(row, 'degenerate')} | "
+                     + " | ".join(ci_cell(row, name) if name in row else "—" for name in PAIRED_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -105,31 +113,95 @@ def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], 
     Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position,
     scored by the selection objective; `family_results` (SAE family → its run's `results.csv`, this run included)
     for the claim across SAE sizes."""
-    rows = [_claim_accuracy(results), _claim_final_layer(sweep, layers, k_start), _claim_k(sweep, results),
-            _claim_post_vs_pre(sweep, results), _claim_sae_sizes(family_results or {})]
+    rows = [_claim_accuracy(results), _claim_recovered(results), _claim_final_layer(sweep, layers, k_start),
+            _claim_k(sweep, results), _claim_post_vs_pre(sweep, results), _claim_sae_sizes(family_results or {}),
+            _claim_paired(results, "Precisely calibrated weights matter (SAIF calibrated beats SAIF, same layer, k, α)",
+                          "saif_calibrated", "saif"),
+            _claim_paired(results, "SAIF + prompt beats prompting", "saif_plus_prompt", "prompting"),
+            _claim_paired(results, "SAE latents beat activation differences (SAIF beats diff-in-means)", "saif",
+                          "diff_in_means")]
     return pd.DataFrame(rows, columns=["paper's claim", "status", "measured here"])
 
 
+def paired_verdict(row, name: str) -> str | None:
+    """'beats' / 'loses' when the paired 95 % CI of `name` (a difference) lies above / below 0, 'ties' when it holds
+    0; None when the difference is missing."""
+    if name not in row or pd.isna(row[name]):
+        return None
+    return "beats" if row[f"{name}_ci_low"] > 0 else "loses" if row[f"{name}_ci_high"] < 0 else "ties"
+
+
+def _claim_paired(results: pd.DataFrame, claim: str, method: str, baseline: str,
+                  score: str = "strict") -> tuple[str, str, str]:
+    """Holds when `method` beats `baseline` (paired CI of the per-passage difference above 0, `score` accuracy on
+    test) on at least half of the tasks both ran."""
+    name = f"{score}_vs_{baseline}"
+    rows = results[results["method"] == method]
+    verdicts = {row["task"]: (paired_verdict(row, name), row) for row in rows.to_dict("records")}
+    verdicts = {task: (verdict, row) for task, (verdict, row) in verdicts.items() if verdict is not None}
+    if not verdicts:
+        return claim, NOT_TESTED, f"{method} and {baseline} did not both run on test"
+    counts = {v: sum(verdict == v for verdict, _ in verdicts.values()) for v in ("beats", "ties", "loses")}
+    status = "confirmed" if 2 * counts["beats"] >= len(verdicts) else "not confirmed"
+    cells = "; ".join(f"{task} {ci_cell(row, name)} ({verdict}, n={row['n']})"
+                      for task, (verdict, row) in verdicts.items())
+    return claim, status, (f"{score} {method} − {baseline}, paired over test passages: beats on {counts['beats']}, "
+                           f"ties on {counts['ties']}, loses on {counts['loses']} of {len(verdicts)} tasks — {cells}")
+
+
+RECOVERED_GOAL = (0.75, 0.5)
+"""A method recovers most of prompting's gain when the share is ≥ 0.75 with the CI's lower bound ≥ 0.5."""
+
+
+def _claim_recovered(results: pd.DataFrame) -> tuple[str, str, str]:
+    """Holds when SAIF recovers most of prompting's gain (`RECOVERED_GOAL`, strict or loose) on at least half of the
+    tasks where prompting beats no instruction."""
+    claim = "SAIF recovers most of what prompting gains (share ≥ 0.75, CI low ≥ 0.5)"
+    rows = results[results["method"] == "saif"]
+    if "strict_recovered" not in rows or rows.empty:
+        return claim, NOT_TESTED, "no SAIF test rows with prompting and no instruction beside them"
+    share, floor = RECOVERED_GOAL
+    defined, met, cells = 0, 0, []
+    for row in rows.to_dict("records"):
+        scores = [s for s in ("strict", "loose") if pd.notna(row[f"{s}_recovered"])]
+        if not scores:
+            cells.append(f"{row['task']} undefined (prompting does not beat no instruction)")
+            continue
+        defined += 1
+        hits = [s for s in scores if row[f"{s}_recovered"] >= share and row[f"{s}_recovered_ci_low"] >= floor]
+        met += bool(hits)
+        cells.append(f"{row['task']} " + ", ".join(f"{s} {ci_cell(row, f'{s}_recovered')}" for s in scores)
+                     + (f" (met on {', '.join(hits)})" if hits else ""))
+    if not defined:
+        return claim, NOT_TESTED, "; ".join(cells)
+    status = "confirmed" if 2 * met >= defined else "not confirmed"
+    return claim, status, (f"met on {met} of {defined} tasks where prompting beats no instruction (paired, n per "
+                           f"task in results.csv) — " + "; ".join(cells))
+
+
 def _claim_sae_sizes(family_results: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
-    """Holds when, in every family, SAIF's strict accuracy beats no instruction (its 95 % CI above the baseline's
-    accuracy) on at least half of the tasks both families ran."""
+    """Holds when, in every family, SAIF's strict accuracy beats no instruction (the paired CI of their per-passage
+    difference above 0) on at least half of the tasks both families ran."""
     claim = "The method holds across SAE sizes"
     if len(family_results) < 2:
         return claim, NOT_TESTED, ("one SAE family run; run the other family's profile (e.g. `make reproduce "
                                    "PROFILE=default-4x`) into the same outputs folder")
+    unpaired = sorted(f for f, r in family_results.items() if "strict_vs_no_instruction" not in r)
+    if unpaired:
+        return claim, NOT_TESTED, f"results.csv of {unpaired} has no paired columns: rerun notebook 05 on that profile"
     tasks = sorted(set.intersection(*(set(r.loc[r["method"] == "saif", "task"]) for r in family_results.values())))
     if not tasks:
         return claim, NOT_TESTED, "the families share no SAIF task"
     wins, evidence = {}, []
     for family, results in family_results.items():
         by_method = results.set_index(["task", "method"])
-        beats = [t for t in tasks if by_method.loc[(t, "saif"), "strict_ci_low"]
-                 > by_method.loc[(t, "no_instruction"), "strict_acc"]]
+        beats = [t for t in tasks if paired_verdict(by_method.loc[(t, "saif")], "strict_vs_no_instruction") == "beats"]
         wins[family] = len(beats)
-        cells = ", ".join(f"{t} {ci_cell(by_method.loc[(t, 'saif')], 'strict')}" for t in tasks)
+        cells = ", ".join(f"{t} {ci_cell(by_method.loc[(t, 'saif')], 'strict_vs_no_instruction')}" for t in tasks)
         evidence.append(f"{family}: beats no instruction on {len(beats)}/{len(tasks)} ({cells})")
     status = "confirmed" if all(2 * n >= len(tasks) for n in wins.values()) else "not confirmed"
-    return claim, status, "SAIF strict on test, n per cell in results.csv — " + "; ".join(evidence)
+    return claim, status, ("SAIF − no instruction, strict on test, paired over passages (n per cell in results.csv) — "
+                           + "; ".join(evidence))
 
 
 def _saif_val(sweep: pd.DataFrame) -> pd.DataFrame:

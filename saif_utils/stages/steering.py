@@ -26,11 +26,17 @@ from ..methods import METHODS, Condition, VectorSource, get_method
 from ..models import chat_prompt
 from ..progress import tqdm
 from ..selection import DirectionKey, check_selection
-from ..stats import accuracy_table, selection_objective
+from ..stats import accuracy_table, paired_diff_ci, recovered_share_ci, selection_objective
 
 NAME = "05_steering_sweeps"
 SEARCHES = ("staged", "grid")
 CONDITION_KEYS = ["task", "method", "layer", "k", "alpha", "position", "split"]
+SCORES = ("strict", "loose")
+"""The judged outcomes compared per passage (degenerate responses fail both)."""
+FLOOR, CEILING = "no_instruction", "prompting"
+"""The methods a steering method's gain is read between: no instruction at all, and the instruction written out."""
+BASELINES = (FLOOR, CEILING, "diff_in_means", "saif")
+"""Every method on test is compared, passage by passage, with each of these."""
 
 
 @dataclass(frozen=True)
@@ -471,8 +477,9 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
     norms = pd.DataFrame({"layer": list(setup.source.norms), "mean_norm": list(setup.source.norms.values()),
                           "n_prompts": setup.n_norm_prompts})
-    result = SweepResult(sweep, sweep[sweep["split"] == "test"].reset_index(drop=True), generations, norms,
-                         calibration, weights)
+    test = sweep[sweep["split"] == "test"].merge(paired_comparisons(generations, cfg.seed), on=["task", "method"],
+                                                 how="left")
+    result = SweepResult(sweep, test, generations, norms, calibration, weights)
     out = ctx.run.stage(NAME)
     if cfg.fitted_methods:
         write_table(calibration, out / "calibration.csv")
@@ -484,6 +491,35 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     write_table(result.results, out / "results.csv")
     write_table(result.generations, out / "generations.parquet")
     return result
+
+
+def paired_comparisons(generations: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per task and method on test, each passage a unit: for every score in `SCORES`, the paired difference to each
+    method of `BASELINES` run on the task (`<score>_vs_<baseline>`, with `_ci_low` / `_ci_high`; NaN against itself)
+    and the share of prompting's gain over no instruction it recovers (`<score>_recovered`, with its CI; NaN where
+    prompting does not beat no instruction, `stats.recovered_share_ci`)."""
+    test = generations[generations["split"] == "test"]
+    rows = []
+    for task, group in test.groupby("task", sort=False):
+        per_passage = {score: group.pivot_table(index="passage_id", columns="method", values=score, aggfunc="mean")
+                       for score in SCORES}
+        for method in group["method"].unique():
+            row = {"task": task, "method": method}
+            for score, table in per_passage.items():
+                for baseline in BASELINES:
+                    name = f"{score}_vs_{baseline}"
+                    both = table[[method, baseline]].dropna() if baseline in table and baseline != method else None
+                    row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (
+                        (np.nan,) * 3 if both is None else paired_diff_ci(both[method], both[baseline], seed))
+                name = f"{score}_recovered"
+                if {FLOOR, CEILING} <= set(table):
+                    units = table[list(dict.fromkeys([method, FLOOR, CEILING]))].dropna()
+                    row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = recovered_share_ci(
+                        units[method], units[FLOOR], units[CEILING], seed)
+                else:
+                    row[name] = row[f"{name}_ci_low"] = row[f"{name}_ci_high"] = np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def nll_prefix(tokenizer) -> list[int]:
