@@ -3,8 +3,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saif_utils.stats import (accuracy_table, bootstrap_ci, paired_diff_ci, ratio_ci, recovered_share_ci,
-                              selection_objective)
+from saif_utils.stats import (
+    accuracy_table,
+    bootstrap_ci,
+    paired_diff_ci,
+    ratio_ci,
+    recovered_share_ci,
+    selection_objective,
+)
 
 
 def test_bootstrap_ci_brackets_the_mean():
