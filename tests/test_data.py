@@ -28,7 +28,7 @@ def test_shipped_data_meets_the_schema_and_sizes():
         assert base.loc[base["kind"] == "translation", "language"].nunique() >= 5, task
     assert {"keyword:ocean", "keyword:music"} <= set(variants["task"])
     assert variants["variant_id"].is_unique, "keyword sub-tasks need their own variant ids"
-    assert len(passages) >= 150 and (passages["split"] == "test").sum() >= 40
+    assert len(passages) >= 190 and (passages["split"] == "test").sum() >= 90
     assert passages.groupby("passage_id")["split"].nunique().max() == 1
 
 
@@ -108,3 +108,19 @@ def test_keyword_sub_tasks_get_distinct_prompts(tiny_model):
     assert positives["prompt_id"].is_unique and positives["task"].nunique() == 3
     for row in positives.itertuples():
         assert row.task.split(":")[1] in row.user_text
+
+
+def test_evaluation_passages_are_unseen_by_the_sae_corpora(tiny_model):
+    """No val or test passage, nor any of its sentences, is in a text the SAEs were trained on (either corpus)."""
+    import re
+
+    from saif_utils.corpus import CORPUS_VERSIONS, build_documents
+
+    passages = load_passages()
+    held = passages[passages["split"] != "train"]["text"]
+    sentences = {s for text in held for s in re.split(r"(?<=[.!?])\s+", text) if len(s) >= 30}
+    assert len(sentences) >= 2 * len(held) - 10
+    for version in CORPUS_VERSIONS:
+        corpus = "\n".join(doc.text for doc in build_documents(tiny_model.tokenizer, version=version)[0])
+        seen = sorted(s for s in sentences if s in corpus)
+        assert not seen, f"corpus {version} holds evaluation sentences: {seen[:3]}"

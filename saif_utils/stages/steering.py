@@ -65,8 +65,9 @@ class SweepConfig:
     """k used while layer and α are searched (staged search)."""
     n_val: int = 16
     """Validation passages used to choose the configuration."""
-    n_test: int = 45
-    """Test passages the chosen configurations are reported on."""
+    n_test: int = 90
+    """Test passages the chosen configurations are reported on (every method on the same ones, so that two methods are
+    compared passage by passage)."""
     max_new_tokens: int = 48
     """Greedy generation length limit (generation also stops at end-of-turn)."""
     gen_batch_size: int = 64
