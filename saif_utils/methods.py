@@ -47,10 +47,20 @@ class VectorSource:
     fitted: dict[tuple[str, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
     """Fitted vectors and their number of latents per (task, method) for the methods that fit one
     (`SteeringMethod.fit`), filled by the steering stage after the search."""
+    rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """Per ranking method (`SteeringMethod.rank`), its own order of latents — rows like `selected` (task, layer,
+    position, rank, latent, weight) — filled by the steering stage before the search."""
 
     def latents(self, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
         """The top-k selected latents (rank, latent, weight) of a task at a layer and extraction position."""
         return top_selected(self.selected, task, layer, position, k)
+
+    def ranked_latents(self, method: str, task: str, layer: int, position: str, k: int) -> pd.DataFrame:
+        """The top-k latents of a ranking method's own order at a task, layer and extraction position."""
+        if method not in self.rankings:
+            raise ValueError(f"no latent ranking for {method}: the steering stage ranks before the search "
+                             f"(steering.rank_methods)")
+        return top_selected(self.rankings[method], task, layer, position, k)
 
     def fitted_vector(self, cond: Condition) -> tuple[torch.Tensor, int]:
         """The fitted vector of a fitting method for the condition's task, and its number of latents."""
@@ -59,10 +69,12 @@ class VectorSource:
                              f"the search (steering.fit_methods)")
         return self.fitted[(cond.task, cond.method)]
 
-    def latent_vector(self, cond: Condition, draw: int = 0, random: bool = False) -> tuple[torch.Tensor, int]:
-        """α‖h̄‖·unit(Σ_j w_j W_dec[j]) over the condition's top-k latents — or, with `random`, over as many random
-        latents with the same weights (seeded by the condition and `draw`) — and the number of latents."""
-        top = self.latents(cond.task, cond.layer, cond.position, cond.k)
+    def latent_vector(self, cond: Condition, draw: int = 0, random: bool = False,
+                      top: pd.DataFrame | None = None) -> tuple[torch.Tensor, int]:
+        """α‖h̄‖·unit(Σ_j w_j W_dec[j]) over the condition's top-k selected latents (or the rows of `top`) — or, with
+        `random`, over as many random latents with the same weights (seeded by the condition and `draw`) — and the
+        number of latents."""
+        top = self.latents(cond.task, cond.layer, cond.position, cond.k) if top is None else top
         if top.empty:
             raise ValueError(f"no latent with a positive score for {cond.task} at layer {cond.layer}, {cond.position}")
         latents, weights = top["latent"].to_numpy(), top["weight"].to_numpy()
@@ -97,6 +109,21 @@ class SteeringMethod:
     def fits(self) -> bool:
         """True when the method learns its vector after the search (it overrides `fit`)."""
         return type(self).fit is not SteeringMethod.fit
+
+    @property
+    def ranks(self) -> bool:
+        """True when the method orders the latents itself before the search (it overrides `rank`)."""
+        return type(self).rank is not SteeringMethod.rank
+
+    def rank(self, fitter: MethodFitter, task: str, layer: int, position: str) -> pd.DataFrame:
+        """This method's own order of latents at one task, layer and position (rows like `selected_latents.csv`:
+        rank, latent, weight, and whatever the order was read from); only ranking methods override it, and read it
+        back with `source.ranked_latents`."""
+        raise TypeError(f"method {self.name!r} ranks nothing")
+
+    def latents(self, source: VectorSource, cond: Condition, k: int) -> pd.DataFrame:
+        """The top-k latents the method builds its vector from at `cond` (empty when it has none there)."""
+        return source.latents(cond.task, cond.layer, cond.position, k)
 
     def fit(self, fitter: MethodFitter, cond: Condition) -> Fitted:
         """Learn the vector added at `cond` (the configuration this method is reported at) from the fitter's train and
@@ -168,6 +195,27 @@ class Saif(SteeringMethod):
 
     def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
         return source.latent_vector(cond)
+
+
+@register
+class SaifOutput(SteeringMethod):
+    """SAIF's candidates (its top latents by input activation) re-ranked by their effect on the output: how much
+    adding each latent's decoder direction alone raises the likelihood of the model's own accepted prompted responses
+    on train passages, with the instruction absent (`MethodFitter.output_ranking`); the top k by that effect are
+    combined with SAIF's weights, as SAIF combines its own."""
+
+    name = "saif_output"
+    tuned = True
+    uses_latents = True
+
+    def rank(self, fitter: MethodFitter, task: str, layer: int, position: str) -> pd.DataFrame:
+        return fitter.output_ranking(task, layer, position)
+
+    def latents(self, source: VectorSource, cond: Condition, k: int) -> pd.DataFrame:
+        return source.ranked_latents(self.name, cond.task, cond.layer, cond.position, k)
+
+    def vector(self, source: VectorSource, cond: Condition, draw: int = 0) -> tuple[torch.Tensor, int]:
+        return source.latent_vector(cond, top=self.latents(source, cond, cond.k))
 
 
 @register

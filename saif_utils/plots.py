@@ -246,6 +246,38 @@ def recovered_share(results: pd.DataFrame, methods: Sequence[str], xlim: tuple[f
     return fig
 
 
+def decomposition(table: pd.DataFrame):
+    """Per task at SAIF's layer: the share of diff-in-means' squared norm inside the span of k decoder directions
+    (SAIF's top k, and the k that reconstruct it best), and val loose accuracy when steering with diff-in-means
+    projected on each span (the dashed line: diff-in-means itself, its CI shaded)."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(table["task"]))
+    spans = table[table["span"] != "diff_in_means"]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.4 * len(tasks), 6.5), sharex=True, squeeze=False)
+    for col, task in enumerate(tasks):
+        sub, full = spans[spans["task"] == task], table[(table["task"] == task) & (table["span"] == "diff_in_means")]
+        for span, colour in zip(("saif", "best"), ("tab:blue", "tab:orange")):
+            rows = sub[sub["span"] == span].sort_values("k")
+            axes[0, col].plot(rows["k"], rows["norm_share"], "o-", ms=3, color=colour, label=f"{span} span")
+        ci_lineplot(axes[1, col], sub.assign(series=sub["span"] + " span"), "k", "loose_acc", "series")
+        if len(full):
+            row = full.iloc[0]
+            axes[1, col].axhline(row["loose_acc"], color="grey", ls="--", lw=1, label="diff-in-means")
+            axes[1, col].axhspan(row["loose_ci_low"], row["loose_ci_high"], color="grey", alpha=0.1)
+        first = sub.iloc[0]
+        axes[0, col].set(title=f"{task} · L{int(first['layer'])}, {first['position']} (cos SAIF·DiM "
+                               f"{first['cosine_saif_dim']:.2f})", ylim=(-0.02, 1.02),
+                         ylabel="share of ‖diff-in-means‖²" if col == 0 else "")
+        axes[1, col].set(xscale="log", xlabel="k (decoder directions)", ylim=(-0.05, 1.05),
+                         ylabel=f"loose accuracy, val (n={int(first['n'])})" if col == 0 else "")
+        axes[0, col].grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8)
+    axes[1, -1].legend(fontsize=8)
+    fig.suptitle("How much of diff-in-means the SAE's decoder directions carry, and does SAIF pick them?")
+    return fig
+
+
 def accuracy_vs_k(k_rows: pd.DataFrame):
     """SAIF's val accuracy over k, one line per task with its 95 % CI."""
     import matplotlib.pyplot as plt

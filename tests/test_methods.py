@@ -8,8 +8,11 @@ from saif_utils.methods import METHODS, SteeringMethod, VectorSource, get_method
 
 
 def test_registry_flags_and_lookup():
-    assert list(METHODS) == ["no_instruction", "prompting", "saif", "diff_in_means", "random_latents",
+    assert list(METHODS) == ["no_instruction", "prompting", "saif", "saif_output", "diff_in_means", "random_latents",
                              "saif_plus_prompt", "saif_calibrated", "optimized_dense"]
+    assert [m for m, method in METHODS.items() if method.ranks] == ["saif_output"]
+    with pytest.raises(TypeError, match="method 'saif' ranks nothing"):
+        get_method("saif").rank(None, "json", 10, "post")
     assert {m: method.dense for m, method in METHODS.items() if method.fits} == {
         "saif_calibrated": False, "optimized_dense": True}
     with pytest.raises(TypeError, match="method 'saif' fits nothing"):
@@ -17,7 +20,7 @@ def test_registry_flags_and_lookup():
     with pytest.raises(ValueError, match="no fitted vector for saif_calibrated on json"):
         from saif_utils.methods import Condition
         get_method("saif_calibrated").vector(VectorSource({}, None, {}, {}), Condition("json", "saif_calibrated", 10))
-    assert [m for m, method in METHODS.items() if method.tuned] == ["saif", "diff_in_means"]
+    assert [m for m, method in METHODS.items() if method.tuned] == ["saif", "saif_output", "diff_in_means"]
     assert {m for m, method in METHODS.items() if method.instructed} == {"prompting", "saif_plus_prompt"}
     assert not get_method("no_instruction").steers and get_method("random_latents").steers
     with pytest.raises(ValueError, match=r"method='steer_harder'; allowed: \['no_instruction'"):

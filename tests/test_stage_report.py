@@ -45,12 +45,16 @@ def _claims(sweep_rows, results):
 ACC, LAYER, K, POST, SIZES = ("SAIF steering reaches > 30 % strict accuracy", "The final layer steers best",
                               "An optimum near ~15 latents", "Post-instruction extraction steers better than pre",
                               "The method holds across SAE sizes")
-RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS = (
+RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS, OUTPUT, DECOMPOSITION = (
     "SAIF recovers most of what prompting gains (share ≥ 0.75, CI low ≥ 0.5)",
     "Precisely calibrated weights matter (SAIF calibrated beats SAIF, same layer, k, α)",
-    "SAIF + prompt beats prompting", "SAE latents beat activation differences (SAIF beats diff-in-means)")
+    "SAIF + prompt beats prompting",
+    "SAE latents beat activation differences (the SAIF variant chosen on val beats diff-in-means)",
+    "Latents selected by their effect on the output steer better than latents selected by activation (saif_output "
+    "beats saif)",
+    "k SAE latents carry the diff-in-means direction (SAIF's k latents hold ≥ 50 % of its squared norm)")
 UNTESTED = "not tested on this profile"
-PAIRED_UNTESTED = {RECOVERED: UNTESTED, CALIBRATED: UNTESTED, PLUS_PROMPT: UNTESTED, LATENTS: UNTESTED}
+PAIRED_UNTESTED = {claim: UNTESTED for claim in (RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS, OUTPUT, DECOMPOSITION)}
 
 
 def test_every_claim_confirmed():
@@ -152,7 +156,8 @@ def test_sae_sizes_claim_needs_saif_above_baseline_in_every_family():
     assert status == UNTESTED and "['4x'] has no paired columns" in measured
 
 
-@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST, SIZES, RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS])
+@pytest.mark.parametrize("claim", [ACC, LAYER, K, POST, SIZES, RECOVERED, CALIBRATED, PLUS_PROMPT, LATENTS, OUTPUT,
+                                   DECOMPOSITION])
 def test_claims_table_lists_each_claim_once(claim):
     rows = _staged("a", 29, 15, post=0.9, pre=0.4)
     table = claims_table(_results({"a": (29, 15, "post")}, {"a": 0.4}), pd.DataFrame(rows), [10, 29], 15)
@@ -199,3 +204,43 @@ def test_recovered_claim_needs_the_share_and_its_lower_bound():
         "not beat no instruction)")
     results.loc[0, "strict_recovered_ci_low"] = 0.49
     assert _claims(rows, results)[0][RECOVERED] == "not confirmed"
+
+
+def test_the_variant_chosen_on_val_is_compared_with_diff_in_means():
+    # Task a: saif_output has the better val objective at its reported configuration; task b: saif.
+    val = [_row("a", 10, 5, 0.5, "post", 0.6), _row("a", 10, 5, 0.5, "post", 0.9, method="saif_output"),
+           _row("a", 10, 15, 0.5, "post", 1.5, method="saif_output"),  # not the reported k
+           _row("b", 10, 5, 0.5, "post", 0.8), _row("b", 10, 5, 0.5, "post", 0.2, method="saif_output")]
+    results = pd.DataFrame([_paired("a", "saif", -0.2, -0.3, -0.1, "diff_in_means"),
+                            _paired("a", "saif_output", 0.2, 0.1, 0.3, "diff_in_means"),
+                            _paired("b", "saif", 0.1, -0.1, 0.3, "diff_in_means"),
+                            _paired("b", "saif_output", 0.3, 0.2, 0.4, "diff_in_means")])
+    from saif_utils.stages.report import chosen_variants
+
+    assert chosen_variants(results, pd.DataFrame(val)) == {"a": "saif_output", "b": "saif"}
+    status, measured = _claims(val, results)
+    assert status[LATENTS] == "confirmed", "beats on a, ties on b"
+    assert measured[LATENTS].endswith("a (saif_output) 0.20 [0.10, 0.30] (beats, n=16); b (saif) 0.10 [-0.10, 0.30] "
+                                      "(ties, n=16)")
+
+
+def test_decomposition_claim_reads_the_span_of_saifs_own_k():
+    def rows(task, saif_share, best_share, k=15):
+        keys = {"task": task, "layer": 20, "position": "post", "alpha": 0.5, "cosine_saif_dim": 0.3, "saif_k": k}
+        return [keys | {"span": "diff_in_means", "k": np.nan, "norm_share": 1.0},
+                keys | {"span": "saif", "k": k, "norm_share": saif_share},
+                keys | {"span": "best", "k": k, "norm_share": best_share},
+                keys | {"span": "best", "k": 60, "norm_share": 0.9}]
+
+    table = pd.DataFrame(rows("a", 0.55, 0.7) + rows("b", 0.2, 0.6, k=5))
+    claims = claims_table(pd.DataFrame([_row("a", 10, 5, 0.5, "post", 0.0, split="test")]), pd.DataFrame(
+        _staged("a", 29, 15, post=0.9, pre=0.4)), [10, 29], 15, decomposition=table).set_index("paper's claim")
+    assert claims.loc[DECOMPOSITION, "status"] == "confirmed"
+    assert claims.loc[DECOMPOSITION, "measured here"].endswith(
+        "met on 1 of 2 tasks — a (L20): SAIF's 15 latents carry 55%, the best 15 70%, the best 60 90%; cos(SAIF, "
+        "diff-in-means) 0.30; b (L20): SAIF's 5 latents carry 20%, the best 5 60%, the best 60 90%; cos(SAIF, "
+        "diff-in-means) 0.30")
+    table.loc[table["task"] == "a", "norm_share"] = 0.4
+    assert claims_table(pd.DataFrame([_row("a", 10, 5, 0.5, "post", 0.0, split="test")]), pd.DataFrame(
+        _staged("a", 29, 15, post=0.9, pre=0.4)), [10, 29], 15, decomposition=table).set_index(
+        "paper's claim").loc[DECOMPOSITION, "status"] == "not confirmed"

@@ -118,3 +118,34 @@ def test_paired_comparisons_pair_passages_by_id_not_by_row_order():
     assert pd.isna(saif_row["strict_vs_saif"]) and pd.isna(saif_row["strict_vs_diff_in_means"])
     assert table.loc["prompting", "loose_recovered"] == 1.0
     assert set(table.index) == {"no_instruction", "prompting", "saif"}
+
+
+def test_output_ranking_scores_each_latent_by_its_effect_on_the_targets_likelihood(tiny_run, tmp_path):
+    """saif_output's score is the fall in the targets' mean NLL per unit added along the latent's direction: a finite
+    step along the top latent lowers the NLL by that much, and the order follows the score."""
+    import shutil
+
+    import torch
+
+    from saif_utils.calibration import target_nll
+    from saif_utils.context import open_run
+    from saif_utils.stages import steering
+
+    for stage in ("01_sae_loading", "02_feature_discovery"):
+        shutil.copytree(tiny_run[0] / stage, tmp_path / stage)
+    ctx = open_run("tiny", tmp_path)
+    setup = steering.build_setup(ctx, ctx.stage_config(steering.SweepConfig, tasks=("summarize",), layers=(6,)),
+                                 splits=("train", "val"))
+    fitter = steering.MethodFitter(setup)
+    ranking = fitter.output_ranking("summarize", 6, "post")
+    pool = fitter.candidates("summarize", 6, "post")
+    assert (ranking["ranked_by"] == "output").all() and len(ranking) >= 2
+    assert set(ranking["latent"]) <= set(pool["latent"]) and (ranking["output_score"] > 0).all()
+    assert ranking["output_score"].is_monotonic_decreasing and ranking["rank"].tolist() == list(range(1, len(ranking) + 1))
+    train = fitter.targets()[0]["summarize"]
+    decoder = ctx.saes[6].W_dec.detach().float()
+    base = target_nll(ctx.model, 6, torch.zeros(decoder.shape[1]), None, train, 16)[0]
+    for row in (ranking.iloc[0], ranking.iloc[-1]):
+        step = 0.5 * decoder[int(row["latent"])] / decoder[int(row["latent"])].norm()
+        fall = base - target_nll(ctx.model, 6, step, None, train, 16)[0]
+        assert fall / 0.5 == pytest.approx(row["output_score"], rel=0.05), row["latent"]

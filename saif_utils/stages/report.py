@@ -34,8 +34,8 @@ FIGURES = {  # stage → figures shown in the report, in order
     "02_feature_discovery": ("top_latents_by_language.png", "consistency_vs_sensitivity.png"),
     "03_semantic_proximity": ("cosine_selected_vs_random.png",),
     "04_causal_ablation": ("ablation.png",),
-    "05_steering_sweeps": ("results.png", "recovered_share.png", "layer_comparison.png", "accuracy_vs_k.png",
-                           "pre_vs_post.png", "calibration_rounds.png", "calibrated_weights.png"),
+    "05_steering_sweeps": ("results.png", "recovered_share.png", "decomposition.png", "layer_comparison.png",
+                           "accuracy_vs_k.png", "pre_vs_post.png", "calibration_rounds.png", "calibrated_weights.png"),
 }
 
 
@@ -107,20 +107,46 @@ def _argmax_per_task(rows: pd.DataFrame, column: str) -> dict[str, int]:
 
 
 def claims_table(results: pd.DataFrame, sweep: pd.DataFrame, layers: list[int], k_start: int,
-                 family_results: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+                 family_results: dict[str, pd.DataFrame] | None = None,
+                 decomposition: pd.DataFrame | None = None) -> pd.DataFrame:
     """Our measurements beside the paper's headline claims, each confirmed / not confirmed / not tested here.
 
-    Sources: `results.csv` (test) for accuracy; the SAIF rows of `sweep.parquet` (val) for layer, k and position,
-    scored by the selection objective; `family_results` (SAE family → its run's `results.csv`, this run included)
-    for the claim across SAE sizes."""
+    Sources: `results.csv` (test) for accuracy and the paired comparisons; the SAIF rows of `sweep.parquet` (val) for
+    layer, k and position, scored by the selection objective, and for the SAIF variant chosen per task;
+    `family_results` (SAE family → its run's `results.csv`, this run included) for the claim across SAE sizes;
+    `decomposition` (`decomposition.csv`) for the share of diff-in-means that SAIF's latents carry."""
     rows = [_claim_accuracy(results), _claim_recovered(results), _claim_final_layer(sweep, layers, k_start),
             _claim_k(sweep, results), _claim_post_vs_pre(sweep, results), _claim_sae_sizes(family_results or {}),
             _claim_paired(results, "Precisely calibrated weights matter (SAIF calibrated beats SAIF, same layer, k, α)",
                           "saif_calibrated", "saif"),
             _claim_paired(results, "SAIF + prompt beats prompting", "saif_plus_prompt", "prompting"),
-            _claim_paired(results, "SAE latents beat activation differences (SAIF beats diff-in-means)", "saif",
-                          "diff_in_means")]
+            _claim_paired(results, "SAE latents beat activation differences (the SAIF variant chosen on val beats "
+                          "diff-in-means)", chosen_variants(results, sweep), "diff_in_means"),
+            _claim_paired(results, "Latents selected by their effect on the output steer better than latents "
+                          "selected by activation (saif_output beats saif)", "saif_output", "saif"),
+            _claim_decomposition(decomposition)]
     return pd.DataFrame(rows, columns=["paper's claim", "status", "measured here"])
+
+
+SAIF_VARIANTS = ("saif", "saif_output", "saif_calibrated")
+"""The methods built from SAE latents chosen for the instruction, among which one is chosen per task on val."""
+
+
+def chosen_variants(results: pd.DataFrame, sweep: pd.DataFrame) -> dict[str, str]:
+    """Per task, the SAIF variant (`SAIF_VARIANTS`) with the best val selection objective at the configuration it
+    is reported at (ties → the first in `SAIF_VARIANTS`)."""
+    val = sweep[sweep["split"] == "val"]
+    best: dict[str, tuple[float, str]] = {}
+    for row in results[results["method"].isin(SAIF_VARIANTS)].to_dict("records"):
+        same = val[(val["task"] == row["task"]) & (val["method"] == row["method"]) & (val["layer"] == row["layer"])
+                   & (val["alpha"] == row["alpha"]) & (val["position"] == row["position"])]
+        same = same[same["k"] == row["k"]] if pd.notna(row["k"]) else same
+        if same.empty:
+            continue
+        objective = float(selection_objective(same).max())
+        if row["task"] not in best or objective > best[row["task"]][0]:
+            best[row["task"]] = (objective, row["method"])
+    return {task: method for task, (_, method) in best.items()}
 
 
 def paired_verdict(row, name: str) -> str | None:
@@ -131,22 +157,51 @@ def paired_verdict(row, name: str) -> str | None:
     return "beats" if row[f"{name}_ci_low"] > 0 else "loses" if row[f"{name}_ci_high"] < 0 else "ties"
 
 
-def _claim_paired(results: pd.DataFrame, claim: str, method: str, baseline: str,
+def _claim_paired(results: pd.DataFrame, claim: str, method: str | dict[str, str], baseline: str,
                   score: str = "strict") -> tuple[str, str, str]:
-    """Holds when `method` beats `baseline` (paired CI of the per-passage difference above 0, `score` accuracy on
-    test) on at least half of the tasks both ran."""
+    """Holds when `method` (one name, or one per task) beats `baseline` (paired CI of the per-passage difference
+    above 0, `score` accuracy on test) on at least half of the tasks both ran."""
     name = f"{score}_vs_{baseline}"
-    rows = results[results["method"] == method]
+    per_task = isinstance(method, dict)
+    rows = (results[[(t, m) in method.items() for t, m in zip(results["task"], results["method"])]] if per_task
+            else results[results["method"] == method])
     verdicts = {row["task"]: (paired_verdict(row, name), row) for row in rows.to_dict("records")}
     verdicts = {task: (verdict, row) for task, (verdict, row) in verdicts.items() if verdict is not None}
+    label = "the chosen variant" if per_task else method
     if not verdicts:
-        return claim, NOT_TESTED, f"{method} and {baseline} did not both run on test"
+        return claim, NOT_TESTED, f"{label} and {baseline} did not both run on test"
     counts = {v: sum(verdict == v for verdict, _ in verdicts.values()) for v in ("beats", "ties", "loses")}
     status = "confirmed" if 2 * counts["beats"] >= len(verdicts) else "not confirmed"
-    cells = "; ".join(f"{task} {ci_cell(row, name)} ({verdict}, n={row['n']})"
-                      for task, (verdict, row) in verdicts.items())
-    return claim, status, (f"{score} {method} − {baseline}, paired over test passages: beats on {counts['beats']}, "
+    cells = "; ".join(task + (f" ({row['method']})" if per_task else "") + f" {ci_cell(row, name)} ({verdict}, "
+                      f"n={row['n']})" for task, (verdict, row) in verdicts.items())
+    return claim, status, (f"{score} {label} − {baseline}, paired over test passages: beats on {counts['beats']}, "
                            f"ties on {counts['ties']}, loses on {counts['loses']} of {len(verdicts)} tasks — {cells}")
+
+
+DECOMPOSITION_SHARE = 0.5
+"""SAIF's latents carry the diff-in-means direction when their span holds at least this share of its squared norm."""
+
+
+def _claim_decomposition(decomposition: pd.DataFrame | None) -> tuple[str, str, str]:
+    """Holds when, on at least half of the tasks, the span of SAIF's k latents (its chosen k, at its chosen layer)
+    carries `DECOMPOSITION_SHARE` of diff-in-means' squared norm."""
+    claim = "k SAE latents carry the diff-in-means direction (SAIF's k latents hold ≥ 50 % of its squared norm)"
+    if decomposition is None or decomposition.empty:
+        return claim, NOT_TESTED, "no decomposition (notebook 05 with diff_in_means and saif both tuned)"
+    met, cells = 0, []
+    for task, rows in decomposition.groupby("task", sort=False):
+        k = int(rows["saif_k"].iloc[0])
+        share = rows.set_index(["span", "k"])["norm_share"]
+        saif_share, best_share = share.get(("saif", k), np.nan), share.get(("best", k), np.nan)
+        met += bool(saif_share >= DECOMPOSITION_SHARE)
+        largest = rows.loc[rows["span"] == "best", "k"].max()
+        cells.append(f"{task} (L{int(rows['layer'].iloc[0])}): SAIF's {k} latents carry {saif_share:.0%}, the best "
+                     f"{k} {best_share:.0%}, the best {int(largest)} {share.get(('best', largest), np.nan):.0%}; "
+                     f"cos(SAIF, diff-in-means) {rows['cosine_saif_dim'].iloc[0]:.2f}")
+    n_tasks = decomposition["task"].nunique()
+    status = "confirmed" if 2 * met >= n_tasks else "not confirmed"
+    return claim, status, (f"share of diff-in-means' squared norm in the span of k decoder directions (SAIF's chosen "
+                           f"k), met on {met} of {n_tasks} tasks — " + "; ".join(cells))
 
 
 RECOVERED_GOAL = (0.75, 0.5)
@@ -445,8 +500,10 @@ def run(profile: Profile, run_dir: RunDir, date: str | None = None) -> ReportRes
     results = run_dir.table("05_steering_sweeps", "results.csv")
     sweep = run_dir.table("05_steering_sweeps", "sweep.parquet")
     swept_with = run_dir.config("05_steering_sweeps")  # what 05 ran with, not what the profile would give today
+    decomposition = run_dir.root / "05_steering_sweeps" / "decomposition.csv"
     claims = claims_table(results, sweep, sorted(saes), swept_with["k_start"],
-                          family_results(profile, run_dir.root, results))
+                          family_results(profile, run_dir.root, results),
+                          pd.read_csv(decomposition) if decomposition.is_file() else None)
     env = environment(profile, model_fingerprint(profile), {layer: sae_fingerprint(s) for layer, s in saes.items()})
     write_table(claims, out / "claims.csv")
     write_table(env, out / "environment.csv")

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 
 from ..activations import mean_residual_norm
-from ..calibration import CalibrationConfig, Targets, calibrate
+from ..calibration import CalibrationConfig, Targets, calibrate, frozen_weights, summed_gradient
 from ..context import RunContext
 from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
+from ..decomposition import SPAN_KS, best_latents, cosine, project_on_span, span_share, unit_rows
 from ..evaluation import judge
 from ..interventions import AddVector
 from ..io import cached_frames, content_hash, sha256_file, write_table
@@ -27,6 +28,7 @@ from ..models import chat_prompt
 from ..progress import tqdm
 from ..selection import DirectionKey, check_selection
 from ..stats import accuracy_table, paired_diff_ci, recovered_share_ci, selection_objective
+from ..vectors import scale_direction
 
 NAME = "05_steering_sweeps"
 SEARCHES = ("staged", "grid")
@@ -91,6 +93,11 @@ class SweepConfig:
     """Calibration stops after this many rounds without a better validation NLL."""
     calibration_lr: float = 0.05
     """Adam step relative to the initial parameters' RMS."""
+    output_pool: int = 100
+    """SAIF's top candidates (positive score, by SAIF's rank) that `saif_output` re-ranks by their effect on the
+    output."""
+    decomposition_ks: tuple[int, ...] = SPAN_KS
+    """Numbers of decoder directions diff-in-means is projected on in the decomposition (empty: no decomposition)."""
 
     def __post_init__(self) -> None:
         if self.methods is None:  # resolved when the config is made, so methods registered by plugins take part
@@ -119,7 +126,7 @@ class SweepConfig:
         for position in self.positions:
             check_position(position, "positions")
         for name in ("n_val", "n_test", "max_new_tokens", "gen_batch_size", "n_random_draws", "calibration_n_train",
-                     "calibration_min_targets", "calibration_rounds", "calibration_patience"):
+                     "calibration_min_targets", "calibration_rounds", "calibration_patience", "output_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
 
@@ -127,6 +134,11 @@ class SweepConfig:
     def tuned_methods(self) -> tuple[str, ...]:
         """The methods whose configuration is searched on val."""
         return tuple(m for m in self.methods if METHODS[m].tuned)
+
+    @property
+    def ranking_methods(self) -> tuple[str, ...]:
+        """The methods that order the latents themselves before the search (`SteeringMethod.rank`)."""
+        return tuple(m for m in self.methods if METHODS[m].ranks)
 
     @property
     def fitted_methods(self) -> tuple[str, ...]:
@@ -232,11 +244,15 @@ def generation_job(setup: SteeringSetup, cond: Condition, split: str) -> Generat
 
 
 def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> list[pd.DataFrame]:
-    """Generate for every prompt of `split` under each condition, judge each response and score its fluency. The
-    prompts of every condition at one layer are generated in shared batches (each row with its own vector), which
-    keeps batches full when a split has few passages."""
+    """Generate for every prompt of `split` under each condition, judge each response and score its fluency."""
+    return evaluate_jobs(setup, [generation_job(setup, cond, split) for cond in conds], split)
+
+
+def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str) -> list[pd.DataFrame]:
+    """Run every job's generations, judge each response and score its fluency: one judged table per job. The prompts
+    of every job at one layer are generated in shared batches (each row with its own vector), which keeps batches
+    full when a split has few passages."""
     cfg, ctx = setup.cfg, setup.ctx
-    jobs = [generation_job(setup, cond, split) for cond in conds]
     new_ids: list[list] = [[None] * len(job.prompts) for job in jobs]
     by_layer: dict = {}
     for c, job in enumerate(jobs):
@@ -315,7 +331,7 @@ def tune(setup: SteeringSetup, searches: list[Search]) -> tuple[dict[Search, Con
                         getattr(cond, f) if getattr(cond, f) is not None else getattr(prev, f)
                         for f in ("layer", "k", "alpha", "position")))
                 no_latents = (get_method(method).uses_latents
-                              and setup.source.latents(task, cond.layer, cond.position, 1).empty)
+                              and get_method(method).latents(setup.source, cond, 1).empty)
                 seen = cond in todo or any(s["cond"] == cond for s in summaries[(task, method)])
                 if not (no_latents or seen):
                     todo.append(cond)
@@ -370,6 +386,7 @@ class MethodFitter:
     def __init__(self, setup: SteeringSetup):
         self.setup = setup
         self._targets: tuple[dict[str, Targets], dict[str, Targets], pd.DataFrame] | None = None
+        self._latent_scores: pd.DataFrame | None = None
 
     @property
     def source(self) -> VectorSource:
@@ -399,6 +416,55 @@ class MethodFitter:
         n_train, n_val = self.n_targets(task)
         return n_train >= self.setup.cfg.calibration_min_targets and n_val >= 1
 
+    def candidates(self, task: str, layer: int, position: str, n: int | None = None) -> pd.DataFrame:
+        """SAIF's top `n` (default `output_pool`) latents with a positive score at a task, layer and position, by
+        SAIF's rank: latent, weight (SAIF's, the mean activation difference) and saif_rank."""
+        if self._latent_scores is None:
+            scores = self.setup.ctx.run.table("02_feature_discovery", "latent_scores.parquet")
+            self._latent_scores = scores[(scores["contrast"] == "content") & (scores["score"] > 0)]
+        rows = self._latent_scores
+        rows = rows[(rows["task"] == task) & (rows["layer"] == layer) & (rows["position"] == position)]
+        return (rows.nsmallest(n or self.setup.cfg.output_pool, "rank")[["latent", "mean_diff", "rank"]]
+                .rename(columns={"mean_diff": "weight", "rank": "saif_rank"}).reset_index(drop=True))
+
+    def output_gradient(self, task: str, layer: int) -> torch.Tensor:
+        """d(mean NLL per response token)/d v at v = 0, v a vector added at block `layer`'s output, over the task's
+        train targets (the instruction absent from their prompts): `[d_model]`, cached by content."""
+        ctx, cfg = self.setup.ctx, self.setup.cfg
+        train, _, _ = self.targets()
+        targets = train[task]
+        d_model = int(ctx.saes[layer].W_dec.shape[1])
+        key = {"model": ctx.model_key, "layer": layer, "d_model": d_model,
+               "targets": content_hash([targets.prompt_ids, targets.response_ids]),
+               "grad_rows": cfg.calibration.grad_rows, "code": sha256_file(summed_gradient.__code__.co_filename)[:16]}
+
+        def compute() -> dict[str, pd.DataFrame]:
+            with frozen_weights(ctx.model._module):
+                grad, n_tokens = summed_gradient(ctx.model, layer, torch.zeros(d_model), None, targets,
+                                                 cfg.calibration.grad_rows, ctx.remote)
+            return {"gradient": pd.DataFrame({"grad": (grad / n_tokens).numpy()})}
+
+        frame = cached_frames("output_gradient", key, compute)["gradient"]
+        return torch.tensor(frame["grad"].to_numpy(), dtype=torch.float32)
+
+    def output_ranking(self, task: str, layer: int, position: str) -> pd.DataFrame:
+        """SAIF's candidates (`candidates`) ordered by their effect on the output: `output_score`, the first-order
+        fall in the mean NLL of the task's accepted prompted responses (the instruction absent) per unit of vector
+        added along the latent's unit decoder direction, −∇·d_j — one backward pass scores every candidate, and it is
+        the exact change for a small step. Latents that would lower the likelihood are dropped. A task with fewer
+        than `calibration_min_targets` train targets keeps SAIF's order (`ranked_by` says which)."""
+        pool = self.candidates(task, layer, position)
+        keys = {"task": task, "layer": layer, "position": position}
+        if not self.enough_targets(task):
+            return pool.assign(rank=pool["saif_rank"], output_score=np.nan, ranked_by="activation (too few targets)",
+                               **keys)
+        decoder = self.setup.ctx.saes[layer].W_dec.detach().float().cpu()[torch.tensor(pool["latent"].to_numpy())]
+        directions = decoder / decoder.norm(dim=1, keepdim=True)
+        scored = pool.assign(output_score=(-(directions @ self.output_gradient(task, layer))).numpy())
+        scored = scored[scored["output_score"] > 0].sort_values(["output_score", "saif_rank"],
+                                                                ascending=[False, True], kind="stable")
+        return scored.assign(rank=np.arange(1, len(scored) + 1), ranked_by="output", **keys).reset_index(drop=True)
+
     def calibrate(self, cond: Condition, init: torch.Tensor, latent_basis: tuple[np.ndarray, torch.Tensor] | None,
                   desc: str) -> dict[str, pd.DataFrame]:
         """`calibration.calibrate` on the task's targets from `init`, cached by content (`_cached_calibration`)."""
@@ -407,12 +473,21 @@ class MethodFitter:
                                    self.setup.cfg.calibration, desc)
 
 
-def fit_methods(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
-        dict[tuple[str, str], tuple], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def rank_methods(setup: SteeringSetup, fitter: MethodFitter) -> dict[str, pd.DataFrame]:
+    """Every ranking method's own order of latents (`SteeringMethod.rank`) at each task, swept layer and position."""
+    cfg, rankings = setup.cfg, {}
+    for name in cfg.ranking_methods:
+        jobs = list(itertools.product(cfg.tasks, setup.layers, cfg.positions))
+        parts = [METHODS[name].rank(fitter, task, layer, position)
+                 for task, layer, position in tqdm(jobs, desc=f"ranking latents for {name}", leave=False)]
+        rankings[name] = pd.concat(parts, ignore_index=True)
+    return rankings
+
+
+def fit_methods(setup: SteeringSetup, tuned: dict[Search, Condition], fitter: MethodFitter) -> tuple[
+        dict[tuple[str, str], tuple], pd.DataFrame, pd.DataFrame]:
     """Fit the vector of every fitting method (`SteeringMethod.fit`) for each task, at the configuration it is
-    reported at: the vectors by (task, method), the fitting histories, the latent weights before and after, and the
-    judged target responses."""
-    fitter = MethodFitter(setup)
+    reported at: the vectors by (task, method), the fitting histories, and the latent weights before and after."""
     fitting = setup.cfg.fitted_methods
     vectors, histories, weights = {}, [], []
     for cond in reported_conditions(setup.cfg, tuned):
@@ -425,7 +500,7 @@ def fit_methods(setup: SteeringSetup, tuned: dict[Search, Condition]) -> tuple[
             weights.append(fitted.weights)
     empty = pd.DataFrame()
     return (vectors, pd.concat(histories, ignore_index=True) if histories else empty,
-            pd.concat(weights, ignore_index=True) if weights else empty, fitter.target_table)
+            pd.concat(weights, ignore_index=True) if weights else empty)
 
 
 def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
@@ -448,11 +523,62 @@ def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
     return cached_frames("calibration", key, compute)
 
 
+SPANS = ("saif", "best")
+"""The decomposition's spans: SAIF's top-k latents by its own rank, and the k that reconstruct diff-in-means best."""
+
+
+def decompose(setup: SteeringSetup, tuned: dict[Search, Condition], fitter: MethodFitter
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per task at SAIF's chosen layer and position: the cosine of SAIF's vector with diff-in-means, the share of
+    diff-in-means' squared norm inside the span of SAIF's top-k decoder directions and inside that of the k which
+    reconstruct it best (`decomposition.best_latents`), for each k of `decomposition_ks` and SAIF's own k; and val
+    accuracy when
+    steering with diff-in-means projected on each span (rescaled to diff-in-means' chosen α, so only the direction
+    changes), beside diff-in-means itself at that layer. Returns the table and the judged val responses."""
+    cfg, source = setup.cfg, setup.source
+    prompts = setup.prompts("val", None)
+    rows, jobs = [], []
+    for task in cfg.tasks:
+        saif, dim = tuned.get((task, "saif")), tuned.get((task, "diff_in_means"))
+        if saif is None or dim is None or not cfg.decomposition_ks:
+            continue
+        layer, position = saif.layer, saif.position
+        direction = source.directions[DirectionKey(task, layer, position)].float()
+        decoder = source.saes[layer].W_dec.detach().float().cpu()
+        saif_order = fitter.candidates(task, layer, position, max(*cfg.decomposition_ks, saif.k))["latent"].to_numpy()
+        keys = {"task": task, "layer": layer, "position": position, "alpha": dim.alpha,
+                "cosine_saif_dim": cosine(source.latent_vector(saif)[0], direction), "saif_k": saif.k}
+        vectors = [({"span": "diff_in_means", "k": np.nan, "n_latents": 0, "norm_share": 1.0}, direction)]
+        for k in sorted({*cfg.decomposition_ks, saif.k}):
+            spans = {"saif": saif_order[:k], "best": best_latents(direction, decoder, min(k, len(decoder)))}
+            for span, latents in spans.items():
+                if len(latents) < k:  # SAIF has fewer positive-score latents than k here
+                    continue
+                basis = unit_rows(decoder[torch.as_tensor(latents)])
+                vectors.append(({"span": span, "k": k, "n_latents": len(latents),
+                                 "norm_share": span_share(direction, basis)}, project_on_span(direction, basis)))
+        for info, vector in vectors:
+            edit = AddVector(scale_direction(vector, dim.alpha, source.norms[layer]))
+            cond = Condition(task, "diff_in_means", layer, None if np.isnan(info["k"]) else int(info["k"]), dim.alpha,
+                             position)
+            jobs.append(GenerationJob(cond, prompts, np.zeros(len(prompts), int), [edit] * len(prompts),
+                                      info["n_latents"]))
+            rows.append(keys | info)
+    if not jobs:
+        return pd.DataFrame(), pd.DataFrame()
+    tables = evaluate_jobs(setup, jobs, "val")
+    judged = pd.concat([t.assign(span=row["span"]) for t, row in zip(tables, rows)], ignore_index=True)
+    accuracy = accuracy_table(judged, ["task", "span", "k"], cfg.seed)  # k NaN: diff-in-means itself
+    table = pd.DataFrame(rows).merge(accuracy, on=["task", "span", "k"], how="left")
+    return table, judged
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """`sweep`: one row per evaluated condition and split; `results`: the test rows (the reported configuration of
     every task × method); `generations`: every prompt, condition and judged response; `norms`: the residual scale;
-    `calibration` / `calibrated_weights`: the calibrating methods' rounds and SAIF's latent weights before and after."""
+    `calibration` / `calibrated_weights`: the calibrating methods' rounds and SAIF's latent weights before and after;
+    `latent_rankings`: the ranking methods' orders of latents."""
 
     sweep: pd.DataFrame
     results: pd.DataFrame
@@ -460,6 +586,10 @@ class SweepResult:
     norms: pd.DataFrame
     calibration: pd.DataFrame
     calibrated_weights: pd.DataFrame
+    latent_rankings: pd.DataFrame
+    """The ranking methods' own orders of latents (`method` column), e.g. saif_output's by effect on the output."""
+    decomposition: pd.DataFrame
+    """Diff-in-means against spans of decoder directions at SAIF's layer (`decompose`)."""
 
 
 def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
@@ -467,12 +597,19 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     cfg = ctx.with_default_tasks(cfg)
     setup = build_setup(ctx, cfg)
     validate_setup(setup)
+    fitter = MethodFitter(setup)
+    rankings = rank_methods(setup, fitter)
+    setup.source = replace(setup.source, rankings=rankings)
     searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods]
     tuned, judged = tune(setup, searches) if searches else ({}, [])
+    decomposition, decomposition_judged = decompose(setup, tuned, fitter)
     calibration, weights = pd.DataFrame(), pd.DataFrame()
     if cfg.fitted_methods:
-        vectors, calibration, weights, targets = fit_methods(setup, tuned)
+        vectors, calibration, weights = fit_methods(setup, tuned, fitter)
         setup.source = replace(setup.source, fitted=vectors)
+        # on val too, so that a variant can be chosen among SAIF's on val like the tuned ones
+        fitted = [c for c in reported_conditions(cfg, tuned) if (c.task, c.method) in vectors]
+        judged += evaluate_many(setup, fitted, "val")
     judged += evaluate_many(setup, reported_conditions(cfg, tuned), "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
@@ -480,12 +617,21 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
                           "n_prompts": setup.n_norm_prompts})
     test = sweep[sweep["split"] == "test"].merge(paired_comparisons(generations, cfg.seed), on=["task", "method"],
                                                  how="left")
-    result = SweepResult(sweep, test, generations, norms, calibration, weights)
+    ranked = pd.concat([r.assign(method=name) for name, r in rankings.items()], ignore_index=True) if rankings \
+        else pd.DataFrame()
+    result = SweepResult(sweep, test, generations, norms, calibration, weights, ranked, decomposition)
     out = ctx.run.stage(NAME)
     if cfg.fitted_methods:
         write_table(calibration, out / "calibration.csv")
         write_table(weights, out / "calibrated_weights.csv")
-        write_table(targets.drop(columns=["input_ids", "user_text"], errors="ignore"), out / "calibration_targets.parquet")
+    if len(fitter.target_table):
+        write_table(fitter.target_table.drop(columns=["input_ids", "user_text"], errors="ignore"),
+                    out / "calibration_targets.parquet")
+    if len(ranked):
+        write_table(ranked, out / "latent_rankings.csv")
+    if len(decomposition):
+        write_table(decomposition, out / "decomposition.csv")
+        write_table(decomposition_judged.drop(columns=["input_ids", "user_text"]), out / "decomposition_generations.parquet")
     ctx.run.write_config(NAME, cfg)
     write_table(result.norms, out / "residual_norms.csv")
     write_table(result.sweep, out / "sweep.parquet")
