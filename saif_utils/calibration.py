@@ -4,9 +4,10 @@ gives high likelihood to its own instruction-following responses.
 The vector is `params @ basis`: for `saif_calibrated` the basis is the decoder rows of the k selected latents and the
 parameters are their weights (the SAE's directions stay fixed); for `optimized_dense` the basis is the identity and
 every residual coordinate is free (the upper bound on what any vector at that layer can do under this objective).
-The model and the SAE stay frozen. Each round is one seeded pass of Adam over the train targets; the validation
-targets only decide when to stop and which round's parameters to keep. Between rounds, latents whose weight fell
-below a fraction of the largest are pruned (fixed at zero).
+The model and the SAE stay frozen. Each round is one seeded pass of Adam over the train targets, in fixed
+minibatches visited in a new order each round; rounds go on until the validation NLL has not improved for `patience`
+rounds (`max_rounds` only caps a run that never settles), and the round with the best validation NLL is kept.
+Between rounds, latents whose weight fell below a fraction of the largest are pruned (fixed at zero).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class Targets:
 class CalibrationConfig:
     """How the parameters are refined."""
 
-    max_rounds: int = 8
-    """Upper bound on rounds (one Adam pass over the train targets each)."""
+    max_rounds: int = 30
+    """Cap on rounds (one Adam pass over the train targets each) for a run whose validation NLL never settles; the
+    history says whether a run stopped by `patience` (converged) or by this cap."""
     patience: int = 2
     """Stop after this many rounds without a better validation NLL."""
     lr: float = 0.05
@@ -197,12 +199,15 @@ def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | No
 
 
 def summed_gradient(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
-                    rows_per_pass: int, remote: bool = False) -> tuple[torch.Tensor, int]:
+                    rows_per_pass: int, remote: bool = False, below: Sequence[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, int]:
     """d(summed NLL of `targets`)/d params, backpropagated `rows_per_pass` targets at a time (the NLL is a sum over
-    targets, so the chunks' gradients add up to the whole batch's), and the number of response tokens."""
+    targets, so the chunks' gradients add up to the whole batch's), and the number of response tokens. `below`:
+    `block_outputs(model, layer, targets, rows_per_pass)`, which then skips the blocks up to `layer`."""
     grad, n_tokens = torch.zeros_like(params), 0
-    for chunk in targets.batches(rows_per_pass):
-        part = steered_nll(model, layer, params, basis, chunk, backward=True, remote=remote)
+    for c, chunk in enumerate(targets.batches(rows_per_pass)):
+        part = steered_nll(model, layer, params, basis, chunk, backward=True, remote=remote,
+                           below=None if below is None else below[c])
         grad, n_tokens = grad + part.grad, n_tokens + part.n_tokens
     return grad, n_tokens
 
@@ -220,7 +225,8 @@ class Calibration:
     params: torch.Tensor
     history: pd.DataFrame
     """One row per round (0 = the initial vector): train_nll, val_nll (each with a 95 % CI over targets), n_active,
-    best."""
+    n_steps (Adam steps so far), best, and converged (the run stopped because val stopped improving, not at the
+    round cap)."""
     active: torch.Tensor
 
 
@@ -236,13 +242,18 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
     rms = float(params.detach().pow(2).mean().sqrt())
     optimiser = torch.optim.Adam([params], lr=cfg.lr * rms)
     order = torch.Generator().manual_seed(cfg.seed)
-    # Every round evaluates the same batches, and the vector enters after block `layer`: what the blocks up to it
-    # compute is read once here and reused (bitwise the same NLL; the default's evaluations cost 0.2–0.5× as much).
-    # The shuffled training batches differ each round, so they run whole. On NDIF the server recomputes rather than
-    # receive these activations with every request.
+    # Fixed minibatches (a seeded draw, then only their order changes between rounds): every evaluation and every
+    # backward chunk then reads the same targets, and the vector enters after block `layer`, so what the blocks up to
+    # it compute is read once here and reused (bitwise the same NLL; the default's evaluations cost 0.2–0.5× as much,
+    # and a training step skips those blocks too). On NDIF the server recomputes rather than receive these
+    # activations with every request.
+    train = train.subset(torch.randperm(len(train), generator=order).tolist())
+    minibatches = [train.subset(range(start, min(start + cfg.batch_size, len(train))))
+                   for start in range(0, len(train), cfg.batch_size)]
     splits = {"train": train, "val": val}
     below = {split: None if remote else block_outputs(model, layer, targets, cfg.batch_size)
              for split, targets in splits.items()}
+    chunks_below = [None if remote else block_outputs(model, layer, batch, cfg.grad_rows) for batch in minibatches]
 
     def evaluate() -> dict:
         row = {"n_active": int(active.sum()) if active is not None else params.numel()}
@@ -253,20 +264,21 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
             row |= {f"{split}_nll": mean, f"{split}_nll_ci_low": low, f"{split}_nll_ci_high": high}
         return row
 
-    history = [{"round": 0} | evaluate()]
+    history = [{"round": 0, "n_steps": 0} | evaluate()]
     best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_nll"], active, 0
+    n_steps, converged = 0, False
     with frozen_weights(model._module):
         for round_no in tqdm(range(1, cfg.max_rounds + 1), desc=desc, leave=False):
-            permutation = torch.randperm(len(train), generator=order).tolist()
-            for start in range(0, len(train), cfg.batch_size):
-                batch = train.subset(permutation[start:start + cfg.batch_size])
-                grad, n_tokens = summed_gradient(model, layer, params, basis, batch, cfg.grad_rows, remote)
+            for b in torch.randperm(len(minibatches), generator=order).tolist():
+                grad, n_tokens = summed_gradient(model, layer, params, basis, minibatches[b], cfg.grad_rows, remote,
+                                                 chunks_below[b])
                 params.grad = grad / n_tokens  # the step follows the batch's mean per-token NLL
                 optimiser.step()
+                n_steps += 1
                 if active is not None:
                     with torch.no_grad():
                         params[~active] = 0.0
-            history.append({"round": round_no} | evaluate())
+            history.append({"round": round_no, "n_steps": n_steps} | evaluate())
             if history[-1]["val_nll"] < best_val:
                 best_params, best_val, since_best = params.detach().clone(), history[-1]["val_nll"], 0
                 best_active = active.clone() if active is not None else None
@@ -277,9 +289,11 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                     active &= params.abs() >= cfg.prune_fraction * params.abs().max()
                     params[~active] = 0.0
             if since_best >= cfg.patience:
+                converged = True
                 break
     table = pd.DataFrame(history)
     table["best"] = table["val_nll"] == best_val
+    table["converged"] = converged
     kept = best_active if best_active is not None else torch.ones_like(best_params, dtype=torch.bool)
     return Calibration(best_params, table, kept)
 

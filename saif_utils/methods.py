@@ -286,8 +286,9 @@ class CalibratedMethod(SteeringMethod):
             history = frames["history"].assign(**info, calibrated=True)
         else:  # too few accepted targets: SAIF's vector, and a history that says so
             params, active = init, np.ones(len(init), dtype=bool)
-            history = pd.DataFrame([{"round": 0, "train_nll": np.nan, "val_nll": np.nan, "n_active": len(init),
-                                     "best": True, **info, "calibrated": False}])
+            history = pd.DataFrame([{"round": 0, "n_steps": 0, "train_nll": np.nan, "val_nll": np.nan,
+                                     "n_active": len(init), "best": True, "converged": False, **info,
+                                     "calibrated": False}])
         if self.dense:
             return Fitted(params, 0, history)
         weights = pd.DataFrame({**info, "rank": top["rank"].to_numpy(), "latent": latents,

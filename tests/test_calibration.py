@@ -84,6 +84,10 @@ def test_a_gradient_in_chunks_equals_the_whole_batch_gradient(tiny_model, target
         grad, n_tokens = summed_gradient(tiny_model, LAYER, weights, basis, train, rows_per_pass)
         assert n_tokens == whole.n_tokens
         assert torch.allclose(grad, whole.grad, rtol=1e-5, atol=1e-6 * float(whole.grad.abs().max()))
+    # a training step that skips the blocks below the layer (calibrate's fixed minibatches) has the same gradient
+    below = block_outputs(tiny_model, LAYER, train, batch_size=4)
+    grad, _ = summed_gradient(tiny_model, LAYER, weights, basis, train, 4, below=below)
+    assert torch.allclose(grad, whole.grad, rtol=1e-5, atol=1e-6 * float(whole.grad.abs().max()))
 
 
 def test_an_evaluation_records_no_autograd_graph_even_with_trainable_weights(tiny_model, targets, basis):
@@ -117,6 +121,7 @@ def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model
     result = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
     history = result.history
     assert list(history["round"]) == [0, 1, 2, 3]
+    assert list(history["n_steps"]) == [0, 2, 4, 6], "6 train targets in minibatches of 3: two steps a round"
     assert history["train_nll"].iloc[1] < history["train_nll"].iloc[0], "the first round did not lower the train NLL"
     best = history[history["best"]].iloc[0]
     assert best["val_nll"] == history["val_nll"].min() <= history["val_nll"].iloc[0]
@@ -133,6 +138,20 @@ def test_calibration_descends_keeps_the_best_round_prunes_and_repeats(tiny_model
     assert all(p.grad is None for p in tiny_model._module.parameters()), "the model's weights must not learn"
     again = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
     assert torch.equal(result.params, again.params) and history.equals(again.history)
+
+
+def test_calibration_runs_until_the_val_nll_stops_improving(tiny_model, targets, basis):
+    """With a round cap far away, the run stops `patience` rounds after its best val NLL and says it converged; a run
+    cut by the cap says it did not."""
+    train, val = targets
+    init = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    cfg = CalibrationConfig(max_rounds=40, patience=1, lr=2.0, batch_size=3, prune_fraction=0.0)
+    history = calibrate(tiny_model, LAYER, init, basis, train, val, cfg).history
+    best_round = int(history.loc[history["best"], "round"].iloc[0])
+    assert history["round"].iloc[-1] == best_round + 1 < 40 and history["converged"].all()
+    assert (history["val_nll"].iloc[best_round + 1:] >= history["val_nll"].iloc[best_round]).all()
+    capped = calibrate(tiny_model, LAYER, init, basis, train, val, CalibrationConfig(max_rounds=1, patience=5, lr=0.3))
+    assert list(capped.history["round"]) == [0, 1] and not capped.history["converged"].any()
 
 
 def test_dense_calibration_moves_every_coordinate(tiny_model, targets):

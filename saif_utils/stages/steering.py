@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..activations import mean_residual_norm
-from ..calibration import CalibrationConfig, Targets, calibrate, frozen_weights, summed_gradient
+from ..calibration import CalibrationConfig, Targets, calibrate, frozen_weights, summed_gradient, target_nll
 from ..context import RunContext
 from ..data import POSITIONS, check_position, evaluation_prompts, prompting_instructions, sample_passages
 from ..decomposition import SPAN_KS, best_latents, cosine, project_on_span, span_share, unit_rows
@@ -27,7 +27,7 @@ from ..methods import METHODS, Condition, VectorSource, get_method
 from ..models import chat_prompt
 from ..progress import tqdm
 from ..selection import DirectionKey, check_selection
-from ..stats import accuracy_table, paired_diff_ci, recovered_share_ci, selection_objective
+from ..stats import accuracy_table, paired_diff_ci, ratio_ci, recovered_share_ci, selection_objective
 from ..vectors import scale_direction
 
 NAME = "05_steering_sweeps"
@@ -83,12 +83,21 @@ class SweepConfig:
     """Variant id suffix of the instruction used for prompting (e.g. translate_fr-en-00)."""
     seed: int = 0
     """Seed for passage samples and random latents."""
-    calibration_n_train: int = 48
-    """Train passages whose prompted responses (those the judge accepts) are the calibration targets."""
+    calibration_n_train: int = 8
+    """Train passages each instruction variant of a task is written on: the prompted responses the judge accepts are
+    the targets calibration fits and `saif_output` ranks by (every variant, so no one wording sets them)."""
+    calibration_n_val: int = 4
+    """Val passages each variant is written on for the validation targets (which stop calibration)."""
+    calibration_max_targets: tuple[int, int] = (96, 48)
+    """At most this many accepted (train, val) targets per task are kept (a seeded sample): what a calibration round
+    costs grows with them."""
+    calibration_tasks: tuple[str, ...] | None = None
+    """Of `tasks`, those the fitting methods (`saif_calibrated`, `optimized_dense`) fit and report on; None → every
+    task."""
     calibration_min_targets: int = 4
     """Fewer accepted train targets than this (or none on val) leaves a task's vector uncalibrated."""
-    calibration_rounds: int = 8
-    """Upper bound on calibration rounds (one Adam pass over the train targets each)."""
+    calibration_rounds: int = 30
+    """Cap on calibration rounds (one Adam pass over the train targets each) for a run that never settles."""
     calibration_patience: int = 2
     """Calibration stops after this many rounds without a better validation NLL."""
     calibration_lr: float = 0.05
@@ -125,8 +134,12 @@ class SweepConfig:
             raise ValueError(f"alpha_grid contains {bad_alpha}; every α must be a finite number")
         for position in self.positions:
             check_position(position, "positions")
+        if len(self.calibration_max_targets) != 2 or min(self.calibration_max_targets) < 1:
+            raise ValueError(f"calibration_max_targets={self.calibration_max_targets} must be two counts ≥ 1 "
+                             f"(train, val)")
         for name in ("n_val", "n_test", "max_new_tokens", "gen_batch_size", "n_random_draws", "calibration_n_train",
-                     "calibration_min_targets", "calibration_rounds", "calibration_patience", "output_pool"):
+                     "calibration_n_val", "calibration_min_targets", "calibration_rounds", "calibration_patience",
+                     "output_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
 
@@ -144,6 +157,10 @@ class SweepConfig:
     def fitted_methods(self) -> tuple[str, ...]:
         """The methods that learn their vector after the search (`SteeringMethod.fit`)."""
         return tuple(m for m in self.methods if METHODS[m].fits)
+
+    def calibrates(self, task: str) -> bool:
+        """True when the fitting methods fit `task` (`calibration_tasks`)."""
+        return self.calibration_tasks is None or task in self.calibration_tasks
 
     @property
     def calibration(self) -> CalibrationConfig:
@@ -248,10 +265,11 @@ def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> l
     return evaluate_jobs(setup, [generation_job(setup, cond, split) for cond in conds], split)
 
 
-def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str) -> list[pd.DataFrame]:
-    """Run every job's generations, judge each response and score its fluency: one judged table per job. The prompts
-    of every job at one layer are generated in shared batches (each row with its own vector), which keeps batches
-    full when a split has few passages."""
+def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str, keep_ids: bool = False
+                  ) -> list[pd.DataFrame]:
+    """Run every job's generations, judge each response and score its fluency: one judged table per job (with
+    `keep_ids`, each response's token ids in `response_ids`). The prompts of every job at one layer are generated in
+    shared batches (each row with its own vector), which keeps batches full when a split has few passages."""
     cfg, ctx = setup.cfg, setup.ctx
     new_ids: list[list] = [[None] * len(job.prompts) for job in jobs]
     by_layer: dict = {}
@@ -269,6 +287,8 @@ def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str) -
     tok, tables, start, tasks = ctx.tokenizer, [], 0, ctx.data.tasks()
     for job, ids in zip(jobs, new_ids):
         cond, prompts, draws, n_latents = job.cond, job.prompts, job.draws, job.n_latents
+        if keep_ids:
+            prompts = prompts.assign(response_ids=[list(g) for g in ids])
         responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
                                    n_new_tokens=[len(g) for g in ids], draw=draws, n_latents=n_latents,
                                    **cond.__dict__, split=split, nll=nll[start:start + len(ids)])
@@ -350,11 +370,13 @@ def tune(setup: SteeringSetup, searches: list[Search]) -> tuple[dict[Search, Con
 
 def reported_conditions(cfg: SweepConfig, tuned: dict[Search, Condition]) -> list[Condition]:
     """What each task × method is reported at: a tuned method at its chosen configuration, a borrowing method at its
-    lender's, an untuned one with no configuration."""
+    lender's, an untuned one with no configuration; a fitting method only on the tasks it fits (`calibration_tasks`)."""
     conds = []
     for task in cfg.tasks:
         for name in cfg.methods:
             method = METHODS[name]
+            if method.fits and not cfg.calibrates(task):
+                continue
             lender = tuned.get((task, method.borrows or name))
             if method.steers and lender is not None:
                 conds.append(Condition(task, name, lender.layer, lender.k, lender.alpha, lender.position))
@@ -363,20 +385,36 @@ def reported_conditions(cfg: SweepConfig, tuned: dict[Search, Condition]) -> lis
     return conds
 
 
-def calibration_targets(setup: SteeringSetup, split: str) -> tuple[dict[str, Targets], pd.DataFrame]:
-    """Per task, the model's own prompted responses on `split` that the judge accepts (strict: the checker passes and
-    the response is not degenerate), paired with the same passage's prompt without the instruction; and the judged
-    table of every prompted response."""
+def calibration_targets(setup: SteeringSetup, split: str, tasks: tuple[str, ...]
+                        ) -> tuple[dict[str, Targets], pd.DataFrame]:
+    """Per task, the model's own responses to every instruction variant of the task written after each passage of
+    `split` (`calibration_n_train` / `calibration_n_val` of them) that the judge accepts (strict: the checker passes
+    and the response is not degenerate), each paired with the same passage's prompt without the instruction — at most
+    `calibration_max_targets` of them, a seeded sample; and the judged table of every prompted response (`kept` marks
+    the targets)."""
     cfg, ctx = setup.cfg, setup.ctx
-    tables = evaluate_many(setup, [Condition(task, "prompting") for task in cfg.tasks], split)
-    targets = {}
-    for task, table in zip(cfg.tasks, tables):
-        instructed = setup.prompts(split, task)
-        responses = ctx.generate(list(instructed["input_ids"]), None, None, cfg.max_new_tokens, cfg.gen_batch_size)
-        keep = [i for i, ok in enumerate(table["strict"]) if ok and responses[i]]
-        bare = setup.prompts(split, None)["input_ids"]
-        targets[task] = Targets([list(bare.iloc[i]) for i in keep], [list(responses[i]) for i in keep])
-    return targets, pd.concat(tables, ignore_index=True)
+    passages = setup.passages[split] if split == "train" else setup.passages[split].head(cfg.calibration_n_val)
+    variants = ctx.data.variants()
+    jobs = []
+    for task in tasks:
+        for variant in variants[variants["task"] == task].drop_duplicates("variant_id").itertuples():
+            prompts = evaluation_prompts(ctx.tokenizer, passages, variant.text, "post").assign(
+                variant_id=variant.variant_id)
+            jobs.append(GenerationJob(Condition(task, "prompting"), prompts, np.zeros(len(prompts), int),
+                                      [None] * len(prompts), 0))
+    tables = evaluate_jobs(setup, jobs, split, keep_ids=True)
+    bare = dict(zip(passages["passage_id"], evaluation_prompts(ctx.tokenizer, passages)["input_ids"]))
+    cap = cfg.calibration_max_targets[0 if split == "train" else 1]
+    targets, judged = {}, []
+    for task in tasks:
+        table = pd.concat([t for t, job in zip(tables, jobs) if job.cond.task == task], ignore_index=True)
+        accepted = table[table["strict"] & (table["n_new_tokens"] > 0)]
+        if len(accepted) > cap:
+            accepted = accepted.sample(n=cap, random_state=cfg.seed).sort_index()
+        targets[task] = Targets([list(bare[p]) for p in accepted["passage_id"]],
+                                [list(ids) for ids in accepted["response_ids"]])
+        judged.append(table.assign(kept=table.index.isin(accepted.index)))
+    return targets, pd.concat(judged, ignore_index=True).drop(columns=["response_ids"])
 
 
 class MethodFitter:
@@ -385,7 +423,7 @@ class MethodFitter:
 
     def __init__(self, setup: SteeringSetup):
         self.setup = setup
-        self._targets: tuple[dict[str, Targets], dict[str, Targets], pd.DataFrame] | None = None
+        self._targets: dict[str, tuple[dict[str, Targets], pd.DataFrame]] = {}
         self._latent_scores: pd.DataFrame | None = None
 
     @property
@@ -393,23 +431,28 @@ class MethodFitter:
         """What steering vectors are built from."""
         return self.setup.source
 
-    def targets(self) -> tuple[dict[str, Targets], dict[str, Targets], pd.DataFrame]:
-        """Train and val targets per task, and the judged table of every prompted response behind them."""
-        if self._targets is None:
-            train, train_table = calibration_targets(self.setup, "train")
-            val, val_table = calibration_targets(self.setup, "val")
-            self._targets = train, val, pd.concat([train_table, val_table], ignore_index=True)
-        return self._targets
+    def targets(self, split: str) -> dict[str, Targets]:
+        """The accepted prompted responses per task on `split` ('train': every task; 'val': the tasks calibration
+        fits), generated on first use."""
+        if split not in self._targets:
+            cfg = self.setup.cfg
+            tasks = cfg.tasks if split == "train" else tuple(t for t in cfg.tasks if cfg.calibrates(t))
+            self._targets[split] = calibration_targets(self.setup, split, tasks)
+        return self._targets[split][0]
 
     @property
     def target_table(self) -> pd.DataFrame:
         """The judged prompted responses behind the targets; empty when no method asked for targets."""
-        return self._targets[2] if self._targets is not None else pd.DataFrame()
+        tables = [table for _, table in self._targets.values()]
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
     def n_targets(self, task: str) -> tuple[int, int]:
         """How many accepted train and val targets `task` has."""
-        train, val, _ = self.targets()
-        return len(train[task]), len(val[task])
+        return len(self.targets("train")[task]), len(self.targets("val").get(task, ()))
+
+    def enough_train_targets(self, task: str) -> bool:
+        """True when `task` has `calibration_min_targets` train targets."""
+        return len(self.targets("train")[task]) >= self.setup.cfg.calibration_min_targets
 
     def enough_targets(self, task: str) -> bool:
         """True when `task` has `calibration_min_targets` train targets and at least one on val."""
@@ -431,8 +474,7 @@ class MethodFitter:
         """d(mean NLL per response token)/d v at v = 0, v a vector added at block `layer`'s output, over the task's
         train targets (the instruction absent from their prompts): `[d_model]`, cached by content."""
         ctx, cfg = self.setup.ctx, self.setup.cfg
-        train, _, _ = self.targets()
-        targets = train[task]
+        targets = self.targets("train")[task]
         d_model = int(ctx.saes[layer].W_dec.shape[1])
         key = {"model": ctx.model_key, "layer": layer, "d_model": d_model,
                "targets": content_hash([targets.prompt_ids, targets.response_ids]),
@@ -455,7 +497,7 @@ class MethodFitter:
         than `calibration_min_targets` train targets keeps SAIF's order (`ranked_by` says which)."""
         pool = self.candidates(task, layer, position)
         keys = {"task": task, "layer": layer, "position": position}
-        if not self.enough_targets(task):
+        if not self.enough_train_targets(task):
             return pool.assign(rank=pool["saif_rank"], output_score=np.nan, ranked_by="activation (too few targets)",
                                **keys)
         decoder = self.setup.ctx.saes[layer].W_dec.detach().float().cpu()[torch.tensor(pool["latent"].to_numpy())]
@@ -468,9 +510,8 @@ class MethodFitter:
     def calibrate(self, cond: Condition, init: torch.Tensor, latent_basis: tuple[np.ndarray, torch.Tensor] | None,
                   desc: str) -> dict[str, pd.DataFrame]:
         """`calibration.calibrate` on the task's targets from `init`, cached by content (`_cached_calibration`)."""
-        train, val, _ = self.targets()
-        return _cached_calibration(self.setup.ctx, cond, init, latent_basis, train[cond.task], val[cond.task],
-                                   self.setup.cfg.calibration, desc)
+        return _cached_calibration(self.setup.ctx, cond, init, latent_basis, self.targets("train")[cond.task],
+                                   self.targets("val")[cond.task], self.setup.cfg.calibration, desc)
 
 
 def rank_methods(setup: SteeringSetup, fitter: MethodFitter) -> dict[str, pd.DataFrame]:
@@ -521,6 +562,62 @@ def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
                 "params": pd.DataFrame({"param": result.params.numpy(), "active": result.active.numpy()})}
 
     return cached_frames("calibration", key, compute)
+
+
+def calibration_diagnosis(setup: SteeringSetup, tuned: dict[Search, Condition], fitter: MethodFitter,
+                          calibration: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
+    """Does the calibration objective track following? Per calibrated task, the val NLL of the accepted prompted
+    responses (the objective, with a 95 % CI over targets) beside val accuracy, for SAIF (calibration's start), each
+    calibrated method at its best round and diff-in-means at its own chosen configuration. If diff-in-means has the
+    worse objective but the better accuracy, the objective, not the optimiser, is what limits calibration."""
+    ctx, cfg = setup.ctx, setup.cfg
+    if calibration.empty or not calibration["calibrated"].any():
+        return pd.DataFrame()
+    val_rows = sweep[sweep["split"] == "val"]
+    rows = []
+    for task, history in calibration[calibration["calibrated"]].groupby("task", sort=False):
+        targets = fitter.targets("val")[task]
+        nll = {"saif": history[history["round"] == 0].iloc[0]}
+        nll |= {method: h[h["best"]].iloc[0] for method, h in history.groupby("method", sort=False)}
+        dim = tuned.get((task, "diff_in_means"))
+        if dim is not None:
+            vector, _ = get_method("diff_in_means").vector(setup.source, dim)
+            mean, row_nll, row_tokens = target_nll(ctx.model, dim.layer, vector, None, targets, cfg.calibration.batch_size,
+                                                   ctx.remote)
+            _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)
+            nll["diff_in_means"] = {"val_nll": mean, "val_nll_ci_low": low, "val_nll_ci_high": high}
+        for cond in reported_conditions(cfg, tuned):
+            if cond.task != task or cond.method not in nll:
+                continue
+            acc = val_rows[(val_rows["task"] == task) & (val_rows["method"] == cond.method)
+                           & (val_rows["layer"] == cond.layer) & (val_rows["alpha"] == cond.alpha)
+                           & (val_rows["position"] == cond.position)]
+            acc = acc[acc["k"] == cond.k] if cond.k is not None else acc
+            objective = nll[cond.method]
+            rows.append({"task": task, "method": cond.method, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
+                         "position": cond.position, "n_val_targets": len(targets),
+                         **{c: objective[c] for c in ("val_nll", "val_nll_ci_low", "val_nll_ci_high")},
+                         **(acc.iloc[0][["n", "strict_acc", "strict_ci_low", "strict_ci_high", "loose_acc",
+                                         "loose_ci_low", "loose_ci_high"]].to_dict() if len(acc) else {})})
+    return pd.DataFrame(rows)
+
+
+def objective_verdicts(diagnosis: pd.DataFrame) -> list[str]:
+    """One sentence per task: whether diff-in-means has the worse calibration objective but the better val accuracy
+    than the best calibrated method (then the objective, not the optimiser, limits calibration), with the numbers."""
+    lines = []
+    for task, rows in diagnosis.groupby("task", sort=False):
+        by_method = rows.set_index("method")
+        calibrated = by_method[by_method.index.isin([m for m in METHODS if METHODS[m].fits])]
+        if "diff_in_means" not in by_method.index or calibrated.empty or "loose_acc" not in by_method:
+            continue
+        dim, best = by_method.loc["diff_in_means"], calibrated.sort_values("val_nll").iloc[0]
+        limited = dim["val_nll"] > best["val_nll"] and dim["loose_acc"] > best["loose_acc"]
+        lines.append(f"{task}: diff-in-means val NLL {dim['val_nll']:.3f} vs {best.name} {best['val_nll']:.3f}; val "
+                     f"loose accuracy {dim['loose_acc']:.2f} vs {best['loose_acc']:.2f} (n={int(dim['n'])}) — "
+                     + ("the objective, not the optimiser, is the limit: a worse NLL steers better"
+                        if limited else "no sign that the objective misleads here"))
+    return lines
 
 
 SPANS = ("saif", "best")
@@ -590,6 +687,8 @@ class SweepResult:
     """The ranking methods' own orders of latents (`method` column), e.g. saif_output's by effect on the output."""
     decomposition: pd.DataFrame
     """Diff-in-means against spans of decoder directions at SAIF's layer (`decompose`)."""
+    calibration_diagnosis: pd.DataFrame
+    """The calibration objective beside val accuracy, diff-in-means included (`calibration_diagnosis`)."""
 
 
 def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
@@ -613,17 +712,20 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     judged += evaluate_many(setup, reported_conditions(cfg, tuned), "test")
     generations = pd.concat(judged, ignore_index=True)
     sweep = accuracy_table(generations, CONDITION_KEYS + ["n_latents"], cfg.seed)
+    diagnosis = calibration_diagnosis(setup, tuned, fitter, calibration, sweep)
     norms = pd.DataFrame({"layer": list(setup.source.norms), "mean_norm": list(setup.source.norms.values()),
                           "n_prompts": setup.n_norm_prompts})
     test = sweep[sweep["split"] == "test"].merge(paired_comparisons(generations, cfg.seed), on=["task", "method"],
                                                  how="left")
     ranked = pd.concat([r.assign(method=name) for name, r in rankings.items()], ignore_index=True) if rankings \
         else pd.DataFrame()
-    result = SweepResult(sweep, test, generations, norms, calibration, weights, ranked, decomposition)
+    result = SweepResult(sweep, test, generations, norms, calibration, weights, ranked, decomposition, diagnosis)
     out = ctx.run.stage(NAME)
     if cfg.fitted_methods:
         write_table(calibration, out / "calibration.csv")
         write_table(weights, out / "calibrated_weights.csv")
+    if len(diagnosis):
+        write_table(diagnosis, out / "calibration_diagnosis.csv")
     if len(fitter.target_table):
         write_table(fitter.target_table.drop(columns=["input_ids", "user_text"], errors="ignore"),
                     out / "calibration_targets.parquet")
