@@ -582,8 +582,8 @@ def calibration_diagnosis(setup: SteeringSetup, tuned: dict[Search, Condition], 
         dim = tuned.get((task, "diff_in_means"))
         if dim is not None:
             vector, _ = get_method("diff_in_means").vector(setup.source, dim)
-            mean, row_nll, row_tokens = target_nll(ctx.model, dim.layer, vector, None, targets, cfg.calibration.batch_size,
-                                                   ctx.remote)
+            mean, row_nll, row_tokens = target_nll(ctx.model, dim.layer, vector, None, targets,
+                                                   cfg.calibration.batch_size, ctx.remote)
             _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)
             nll["diff_in_means"] = {"val_nll": mean, "val_nll_ci_low": low, "val_nll_ci_high": high}
         for cond in reported_conditions(cfg, tuned):
@@ -733,7 +733,8 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
         write_table(ranked, out / "latent_rankings.csv")
     if len(decomposition):
         write_table(decomposition, out / "decomposition.csv")
-        write_table(decomposition_judged.drop(columns=["input_ids", "user_text"]), out / "decomposition_generations.parquet")
+        write_table(decomposition_judged.drop(columns=["input_ids", "user_text"]),
+                    out / "decomposition_generations.parquet")
     ctx.run.write_config(NAME, cfg)
     write_table(result.norms, out / "residual_norms.csv")
     write_table(result.sweep, out / "sweep.parquet")
