@@ -1,10 +1,12 @@
-"""The cost of one calibration (`saif_calibrated`: k = 15 latent weights refined for the default's 8 rounds) as a ratio
-to one sweep stage (the staged search's first stage for one task and method: 5 layers × 3 α = 15 conditions on 16 val
-prompts, greedy generation of up to 48 tokens), both at the default profile's sizes on its model, side by side.
+"""The cost of one calibration (`saif_calibrated`: k = 15 latent weights refined for 8 rounds) as a ratio to one sweep
+stage (the staged search's first stage for one task and method: 5 layers × 3 α = 15 conditions on 16 val prompts,
+greedy generation of up to 48 tokens), both at the default profile's sizes on its model, side by side.
 
 Calibration targets are no-instruction prompts of train passages teacher-forced on 40-token responses taken from the
 passages' own text (the study uses the model's accepted prompted answers, of similar length: the same compute, other
-tokens), 24 train and 11 val as the default study had for summarize. All 8 rounds run (no early stop): the upper bound.
+tokens), as many as the default profile keeps at most: 96 train and 48 val. 8 rounds run (no early stop); a
+calibration now runs until its val NLL settles, and `calibration.csv` says how many rounds each took, so its cost is
+this one's × rounds / 8.
 
 Beside it, one evaluation of the train and val targets (what every round starts with) reusing the blocks below the
 steered layer (`block_outputs`, as `calibrate` does) against the full forward, at layers 15 and 25.
@@ -18,7 +20,7 @@ import torch
 from common import content_prompts, default_model, median_seconds, report
 
 LAYERS, ALPHAS, N_VAL, MAX_NEW = (10, 15, 20, 25, 29), (0.3, 0.5, 0.7), 16, 48
-K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER = 15, 24, 11, 40, 15
+K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER, N_ROUNDS = 15, 96, 48, 40, 15, 8
 
 
 def calibration_targets(tokenizer, n: int, split: str):
@@ -33,10 +35,10 @@ def calibration_targets(tokenizer, n: int, split: str):
 
 
 def one_calibration(model, basis: torch.Tensor, weights: torch.Tensor, train, val) -> float:
-    """Seconds for one `calibrate` of `weights` over `basis` with every round run."""
+    """Seconds for one `calibrate` of `weights` over `basis` with `N_ROUNDS` rounds run."""
     from saif_utils.calibration import CalibrationConfig, calibrate
 
-    cfg = CalibrationConfig(patience=CalibrationConfig().max_rounds)  # never stop early: the full 8 rounds
+    cfg = CalibrationConfig(max_rounds=N_ROUNDS, patience=N_ROUNDS)  # never stop early
     start = time.perf_counter()
     calibrate(model, LAYER, weights, basis, train, val, cfg, desc="bench calibration")
     return time.perf_counter() - start
@@ -94,7 +96,7 @@ def main() -> None:
     reuse = evaluation_reuse(model, basis, weights, train, val)
     report("calibration", {"calibration_s": calibration_s, "sweep_stage_s": stage_s,
                            "calibration_over_sweep_stage": calibration_s / stage_s, **reuse,
-                           "n_rounds": 8, "n_train_targets": len(train), "n_val_targets": len(val),
+                           "n_rounds": N_ROUNDS, "n_train_targets": len(train), "n_val_targets": len(val),
                            "n_stage_generations": len(LAYERS) * len(ALPHAS) * len(prompts)})
 
 

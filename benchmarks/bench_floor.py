@@ -134,13 +134,14 @@ def calibration_flops(run_dir: Path, plain: dict[str, int], instructed: dict[str
     if not (out_dir / "calibration_targets.parquet").is_file():
         return {}
     judged = pd.read_parquet(out_dir / "calibration_targets.parquet")
+    # the prompting wording's length stands in for every variant's (they differ by a few tokens)
     prompt = [instructed[t][p] for t, p in zip(judged["task"], judged["passage_id"])]
     new = judged["n_new_tokens"].to_numpy()
     out = {"05 calibration targets": generating(prompt, new, body, head) + fluency(new, body, head)}
     history = pd.read_csv(out_dir / "calibration.csv")
     runs = history[history["calibrated"]].groupby(["task", "method"]).agg(rounds=("round", "max"),
                                                                           layer=("layer", "first"))
-    accepted = judged[judged["strict"] & (judged["n_new_tokens"] > 0)]
+    accepted = judged[judged["kept"]] if "kept" in judged else judged[judged["strict"] & (judged["n_new_tokens"] > 0)]
     flops = 0.0
     for (task, _), run in runs.iterrows():
         below = body * (run.layer + 1) / n_layers  # blocks 0..layer: once per target

@@ -187,7 +187,20 @@ def test_05_writes_sweeps_results_and_generations(tiny_run, tiny_profile):
 
     for task, group in results.groupby("task"):
         assert sorted(group["method"]) == sorted(METHODS), task
-    assert (results["split"] == "test").all() and (sweep[sweep["split"] == "val"]["method"].isin(["saif", "diff_in_means"])).all()
+    on_val = {m for m, method in METHODS.items() if method.tuned or method.fits}  # fitted ones, for the variant choice
+    assert (results["split"] == "test").all() and sweep[sweep["split"] == "val"]["method"].isin(on_val).all()
+    assert on_val <= set(sweep.loc[sweep["split"] == "val", "method"])
+    paired = ["strict_vs_no_instruction", "strict_vs_prompting", "strict_vs_diff_in_means", "strict_vs_saif",
+              "strict_recovered", "loose_recovered"]
+    assert {c + s for c in paired for s in ("", "_ci_low", "_ci_high")} <= set(results.columns)
+    assert results.loc[results["method"] == "saif", "strict_vs_no_instruction"].notna().all()
+    rankings = pd.read_csv(stage / "latent_rankings.csv")
+    assert set(rankings["method"]) == {"saif_output"} and set(rankings["task"]) == set(results["task"])
+    decomposition = pd.read_csv(stage / "decomposition.csv")
+    assert {"saif", "best", "diff_in_means"} <= set(decomposition["span"]) and decomposition["n"].gt(0).all()
+    assert decomposition["norm_share"].between(0, 1 + 1e-6).all()
+    calibration = pd.read_csv(stage / "calibration.csv")
+    assert {"n_steps", "converged"} <= set(calibration.columns)
     # the configuration reported on test is one that was evaluated on val
     val = sweep[sweep["split"] == "val"]
     for row in results[results["method"] == "saif"].itertuples():
@@ -202,7 +215,7 @@ def test_05_writes_sweeps_results_and_generations(tiny_run, tiny_profile):
     assert {"passage_id", "response", "strict", "loose", "nll", "method", "split"} <= set(gens.columns)
     assert set(gens[gens["split"] == "test"]["passage_id"]).isdisjoint(gens[gens["split"] == "val"]["passage_id"])
     for name in ("results.png", "accuracy_vs_k.png", "accuracy_fluency_vs_alpha.png", "layer_comparison.png",
-                 "residual_norms.csv"):
+                 "residual_norms.csv", "recovered_share.png", "decomposition.png"):
         assert (stage / name).is_file(), name
 
 
@@ -213,7 +226,7 @@ def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
     report = (run / "report.md").read_text()
     assert (run / "report.html").read_text().startswith("<!doctype html>")
     claims = pd.read_csv(run / "06_report" / "claims.csv")
-    assert len(claims) == 5 and set(claims["status"]) <= set(STATUSES)
+    assert len(claims) == 11 and set(claims["status"]) <= set(STATUSES)
     for claim, status in zip(claims["paper's claim"], claims["status"]):
         assert f"| {claim} | {status} |" in report
     # every steering and ablation accuracy in the report is the one in the stage's CSV
