@@ -22,7 +22,7 @@ import torch
 
 from .architectures import blocks, final_norm
 from .interventions import AddVector
-from .logits import scored_token_logprob
+from .logits import coarse_kl, scored_token_logprob
 from .models import length_buckets, residual_batches, server_errors, trim_heap
 from .progress import tqdm
 from .stats import ratio_ci
@@ -30,23 +30,32 @@ from .stats import ratio_ci
 
 @dataclass(frozen=True)
 class Targets:
-    """Teacher-forcing pairs: prompts without the instruction and the responses the model gave with it."""
+    """Teacher-forcing pairs: prompts without the instruction and the responses the model gave with it; optionally the
+    prompts with the instruction (`teacher_prompt_ids`) and, read from them, the prompted model's next-token
+    distribution along each response (`teacher`: per target its top-K token ids and log-probabilities [len, K])."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
+    teacher_prompt_ids: list[list[int]] | None = None
+    teacher: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) != len(self.response_ids):
             raise ValueError(f"{len(self.prompt_ids)} prompts but {len(self.response_ids)} responses")
         if any(len(r) == 0 for r in self.response_ids):
             raise ValueError("a calibration target has an empty response; drop it before calibrating")
+        for name in ("teacher_prompt_ids", "teacher"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != len(self.prompt_ids):
+                raise ValueError(f"{len(self.prompt_ids)} prompts but {len(getattr(self, name))} {name}")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     def subset(self, rows: Sequence[int]) -> Targets:
         """The targets at `rows`."""
-        return Targets([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows])
+        pick = (lambda values: None if values is None else [values[i] for i in rows])  # noqa: E731
+        return Targets(pick(self.prompt_ids), pick(self.response_ids), pick(self.teacher_prompt_ids),
+                       pick(self.teacher))
 
     def sequences(self) -> list[list[int]]:
         """Each target's prompt followed by its response: what the model reads."""
@@ -56,6 +65,9 @@ class Targets:
         """Consecutive subsets of `batch_size` targets (the last may be smaller)."""
         for start in range(0, len(self), batch_size):
             yield self.subset(range(start, min(start + batch_size, len(self))))
+
+
+OBJECTIVES = ("nll", "kl")
 
 
 @dataclass(frozen=True)
@@ -79,10 +91,17 @@ class CalibrationConfig:
     """After a round, latents with |weight| below this fraction of the largest are fixed at zero (latent basis only)."""
     seed: int = 0
     """Seed of the batch order."""
+    objective: str = "nll"
+    """What the steered model is fitted to: 'nll', the likelihood of the prompted responses; 'kl', the KL divergence
+    from the prompted model's next-token distributions along the same responses (`teacher_top_k` tokens each)."""
+    teacher_top_k: int = 256
+    """Tokens of the prompted model's distribution kept per position for the 'kl' objective (the rest is one bucket)."""
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1 or self.patience < 1 or self.batch_size < 1 or self.grad_rows < 1:
             raise ValueError("max_rounds, patience, batch_size and grad_rows must be ≥ 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}; allowed: {list(OBJECTIVES)}")
         if not (self.lr > 0 and 0 <= self.prune_fraction < 1):
             raise ValueError(f"lr={self.lr} must be > 0 and prune_fraction={self.prune_fraction} in [0, 1)")
 
@@ -124,8 +143,48 @@ def block_outputs(model, layer: int, targets: Targets, batch_size: int) -> list[
     return outputs
 
 
+def response_mask(batch, response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[B, width − 1] bool: the logit columns of each batch row that predict its response tokens (left padding: a
+    row's response fills its last len(response) columns, and logit column j predicts token j + 1)."""
+    width = batch.input_ids.shape[1]
+    predicts = torch.zeros(len(batch.rows), width - 1, dtype=torch.bool)
+    for r, i in enumerate(batch.rows):
+        predicts[r, width - 1 - len(response_ids[i]):] = True
+    return predicts
+
+
+def with_teacher(model, targets: Targets, top_k: int, batch_size: int, remote: bool = False) -> Targets:
+    """`targets` with `teacher` filled: the prompted model's top-`top_k` next-token log-probabilities at each response
+    token, read with the instruction in the prompt (`teacher_prompt_ids`) and no edit."""
+    from .logits import LOGIT_CHUNK, vocab_logprobs
+
+    if targets.teacher_prompt_ids is None:
+        raise ValueError("the 'kl' objective needs the prompts with the instruction (Targets.teacher_prompt_ids)")
+    sequences = [list(p) + list(r) for p, r in zip(targets.teacher_prompt_ids, targets.response_ids)]
+    top_k = min(top_k, len(model.tokenizer))  # the logits are at least as wide as the tokenizer's vocabulary
+    teacher: list = [None] * len(targets)
+    for batch in length_buckets(sequences, batch_size, model.tokenizer.pad_token_id):
+        predicts = response_mask(batch, targets.response_ids)
+        with torch.no_grad(), server_errors(remote, "reading the prompted model's distributions"), \
+                model.trace(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                            remote=remote) as tracer:
+            normed = final_norm(model).output
+            hidden = normed[:, :-1][predicts.to(normed.device)]
+            tops = [vocab_logprobs(model, hidden[start:start + LOGIT_CHUNK]).topk(top_k, dim=-1)
+                    for start in range(0, hidden.shape[0], LOGIT_CHUNK)]
+            logp = torch.cat([t.values for t in tops]).cpu().save()
+            idx = torch.cat([t.indices for t in tops]).cpu().save()
+            tracer.stop()
+        trim_heap()
+        for i, part_idx, part_logp in zip(batch.rows, idx.split(predicts.sum(1).tolist()),
+                                          logp.split(predicts.sum(1).tolist())):
+            teacher[i] = (part_idx.clone(), part_logp.clone())
+    return Targets(targets.prompt_ids, targets.response_ids, targets.teacher_prompt_ids, teacher)
+
+
 def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
-                backward: bool = False, remote: bool = False, below: torch.Tensor | None = None) -> SteeredNLL:
+                backward: bool = False, remote: bool = False, below: torch.Tensor | None = None,
+                objective: str = "nll") -> SteeredNLL:
     """Summed negative log-likelihood of the responses (teacher-forced) with the vector `params @ basis` (`basis` None:
     `params` is the vector) added to decoder block `layer`'s output at every position, as steered generation adds it;
     the number of response tokens; with `backward` the gradient of the sum with respect to `params`; and per target.
@@ -135,18 +194,22 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
 
     `below`, block `layer`'s unedited output over these targets (`block_outputs` with one batch), skips blocks
     0 … `layer`: the vector enters after them, so they would recompute it exactly, and the NLL is bitwise the same
-    without their cost."""
+    without their cost.
+
+    With `objective` 'kl' the summed quantity is instead KL(prompted ‖ steered) at each response token
+    (`logits.coarse_kl` against `targets.teacher`, see `with_teacher`)."""
     full = targets.sequences()
     batch = next(iter(length_buckets(full, len(full), model.tokenizer.pad_token_id)))
-    width = batch.input_ids.shape[1]
     if below is not None and below.shape[:2] != batch.input_ids.shape:
         raise ValueError(f"below has shape {tuple(below.shape)}, but these targets batch to "
                          f"{tuple(batch.input_ids.shape)}: pass block_outputs of these targets, batched as here")
-    # logit column j predicts token j + 1; a row's response fills its last len(response) columns (left padding)
-    predicts = torch.zeros(len(full), width - 1, dtype=torch.bool)
-    for r, i in enumerate(batch.rows):
-        predicts[r, width - 1 - len(targets.response_ids[i]):] = True
+    if objective == "kl" and targets.teacher is None:
+        raise ValueError("the 'kl' objective needs the prompted model's distributions: Targets from with_teacher")
+    predicts = response_mask(batch, targets.response_ids)
     next_ids = batch.input_ids[:, 1:][predicts]
+    if objective == "kl":  # in the order the predictions flatten: batch row by row
+        teacher_idx = torch.cat([targets.teacher[i][0] for i in batch.rows])
+        teacher_logp = torch.cat([targets.teacher[i][1] for i in batch.rows])
     grad = None
     # Without `backward` no graph at all: the model's weights require grad outside `frozen_weights` (the round-0
     # evaluation), and the graph of a 16-target batch through every block held ≈ 2 GB of activations.
@@ -165,7 +228,10 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
             blocks(model)[layer].skip(stand_in + AddVector(vector).delta(stand_in))
         normed = final_norm(model).output
         hidden = normed[:, :-1][predicts.to(normed.device)]
-        token_nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
+        if objective == "kl":
+            token_nll = coarse_kl(model, hidden, teacher_idx.to(hidden.device), teacher_logp.to(hidden.device))
+        else:
+            token_nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
         nll = token_nll.sum()  # bit-identical to summing first and negating after: negation is exact
         if backward:
             grad = torch.autograd.grad(nll, leaf)[0].cpu().save()
@@ -182,16 +248,16 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
 
 
 def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
-               remote: bool = False, below: Sequence[torch.Tensor] | None = None
+               remote: bool = False, below: Sequence[torch.Tensor] | None = None, objective: str = "nll"
                ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`, and each target's
-    summed NLL and response length (for a confidence interval over targets). `below`: `block_outputs(model, layer,
-    targets, batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
+    """Mean NLL (or, with `objective` 'kl', KL) per response token over all targets (no gradient) with the vector
+    `params @ basis`, and each target's sum and response length (for a confidence interval over targets). `below`:
+    `block_outputs(model, layer, targets, batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
     total, n, row_nll, row_tokens = 0.0, 0, [], []
     with torch.no_grad():
         for b, part_targets in enumerate(targets.batches(batch_size)):
             part = steered_nll(model, layer, params, basis, part_targets, remote=remote,
-                               below=None if below is None else below[b])
+                               below=None if below is None else below[b], objective=objective)
             total, n = total + part.total, n + part.n_tokens
             row_nll.append(part.row_nll)
             row_tokens.append(part.row_tokens)
@@ -199,15 +265,15 @@ def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | No
 
 
 def summed_gradient(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
-                    rows_per_pass: int, remote: bool = False, below: Sequence[torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, int]:
+                    rows_per_pass: int, remote: bool = False, below: Sequence[torch.Tensor] | None = None,
+                    objective: str = "nll") -> tuple[torch.Tensor, int]:
     """d(summed NLL of `targets`)/d params, backpropagated `rows_per_pass` targets at a time (the NLL is a sum over
     targets, so the chunks' gradients add up to the whole batch's), and the number of response tokens. `below`:
     `block_outputs(model, layer, targets, rows_per_pass)`, which then skips the blocks up to `layer`."""
     grad, n_tokens = torch.zeros_like(params), 0
     for c, chunk in enumerate(targets.batches(rows_per_pass)):
         part = steered_nll(model, layer, params, basis, chunk, backward=True, remote=remote,
-                           below=None if below is None else below[c])
+                           below=None if below is None else below[c], objective=objective)
         grad, n_tokens = grad + part.grad, n_tokens + part.n_tokens
     return grad, n_tokens
 
@@ -225,18 +291,22 @@ class Calibration:
     params: torch.Tensor
     history: pd.DataFrame
     """One row per round (0 = the initial vector): train_nll, val_nll (each with a 95 % CI over targets), n_active,
-    n_steps (Adam steps so far), best, and converged (the run stopped because val stopped improving, not at the
-    round cap)."""
+    train_objective, val_objective (what is minimised: the NLL itself, or the KL), n_steps (Adam steps so far), best,
+    and converged (the run stopped because val stopped improving, not at the round cap)."""
     active: torch.Tensor
 
 
 def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None, train: Targets, val: Targets,
               cfg: CalibrationConfig, remote: bool = False, desc: str = "calibrating") -> Calibration:
     """Refine `init` (k latent weights over the rows of `basis` `[k, d]`, or with `basis` None a `[d]` vector) to
-    minimise the steered NLL of `train`; keep the round with the lowest NLL on `val`, stop after `cfg.patience`
-    rounds without improvement."""
+    minimise `cfg.objective` on `train` (the steered NLL, or the KL from the prompted model); keep the round with the
+    lowest objective on `val`, stop after `cfg.patience` rounds without improvement. The history holds the NLL of
+    both splits whatever the objective, and the objective itself (`train_objective`, `val_objective`)."""
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"calibration needs train and val targets (got {len(train)} and {len(val)})")
+    if cfg.objective == "kl":  # the prompted model's distributions, read once
+        train, val = (with_teacher(model, targets, cfg.teacher_top_k, cfg.batch_size, remote)
+                      for targets in (train, val))
     params = init.detach().float().clone().requires_grad_(True)
     active = torch.ones_like(params, dtype=torch.bool) if basis is not None else None
     rms = float(params.detach().pow(2).mean().sqrt())
@@ -262,16 +332,18 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                                                    below[split])
             _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)
             row |= {f"{split}_nll": mean, f"{split}_nll_ci_low": low, f"{split}_nll_ci_high": high}
+            row[f"{split}_objective"] = mean if cfg.objective == "nll" else target_nll(
+                model, layer, params, basis, targets, cfg.batch_size, remote, below[split], cfg.objective)[0]
         return row
 
     history = [{"round": 0, "n_steps": 0} | evaluate()]
-    best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_nll"], active, 0
+    best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_objective"], active, 0
     n_steps, converged = 0, False
     with frozen_weights(model._module):
         for round_no in tqdm(range(1, cfg.max_rounds + 1), desc=desc, leave=False):
             for b in torch.randperm(len(minibatches), generator=order).tolist():
                 grad, n_tokens = summed_gradient(model, layer, params, basis, minibatches[b], cfg.grad_rows, remote,
-                                                 chunks_below[b])
+                                                 chunks_below[b], cfg.objective)
                 params.grad = grad / n_tokens  # the step follows the batch's mean per-token NLL
                 optimiser.step()
                 n_steps += 1
@@ -279,8 +351,8 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                     with torch.no_grad():
                         params[~active] = 0.0
             history.append({"round": round_no, "n_steps": n_steps} | evaluate())
-            if history[-1]["val_nll"] < best_val:
-                best_params, best_val, since_best = params.detach().clone(), history[-1]["val_nll"], 0
+            if history[-1]["val_objective"] < best_val:
+                best_params, best_val, since_best = params.detach().clone(), history[-1]["val_objective"], 0
                 best_active = active.clone() if active is not None else None
             else:
                 since_best += 1
@@ -292,7 +364,7 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                 converged = True
                 break
     table = pd.DataFrame(history)
-    table["best"] = table["val_nll"] == best_val
+    table["best"] = table["val_objective"] == best_val
     table["converged"] = converged
     kept = best_active if best_active is not None else torch.ones_like(best_params, dtype=torch.bool)
     return Calibration(best_params, table, kept)

@@ -30,3 +30,21 @@ def scored_token_logprob(model, hidden: torch.Tensor, targets: torch.Tensor, chu
     no [N, vocab] tensor is ever built."""
     return torch.cat([vocab_logprobs(model, hidden[start:start + chunk]).gather(-1, targets[start:start + chunk, None])[:, 0]
                       for start in range(0, hidden.shape[0], chunk)])
+
+
+def coarse_kl(model, hidden: torch.Tensor, teacher_idx: torch.Tensor, teacher_logp: torch.Tensor,
+              chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """KL(teacher ‖ model) at each row of the final-norm hidden states `hidden` [N, d], the teacher given by its top
+    tokens `teacher_idx` [N, K] and their log-probabilities `teacher_logp` [N, K]: both distributions are coarsened
+    to those K tokens plus one bucket for the rest of the vocabulary (a lower bound on the full KL, tight when the
+    teacher's mass sits in its top K), `chunk` positions at a time."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        student = vocab_logprobs(model, hidden[rows]).gather(-1, teacher_idx[rows])
+        teacher = teacher_logp[rows]
+        rest_teacher = (1 - teacher.exp().sum(-1)).clamp_min(1e-12)
+        rest_student = (1 - student.exp().sum(-1)).clamp_min(1e-12)
+        out.append((teacher.exp() * (teacher - student)).sum(-1)
+                   + rest_teacher * (rest_teacher.log() - rest_student.log()))
+    return torch.cat(out)

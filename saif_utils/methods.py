@@ -263,6 +263,9 @@ class CalibratedMethod(SteeringMethod):
     borrows = "saif"
     dense: ClassVar[bool] = False
     """Refine a free d_model vector instead of the weights of SAIF's latents."""
+    objective: ClassVar[str] = "nll"
+    """What is fitted (`calibration.CalibrationConfig.objective`): the likelihood of the accepted prompted responses,
+    or the KL from the prompted model's next-token distributions along them."""
 
     def fit(self, fitter: MethodFitter, cond: Condition) -> Fitted:
         from .calibration import initial_weights
@@ -280,7 +283,7 @@ class CalibratedMethod(SteeringMethod):
         enough = fitter.enough_targets(cond.task)
         if enough:
             frames = fitter.calibrate(cond, init, None if self.dense else (latents, basis),
-                                      desc=f"calibrate {self.name} {cond.task}")
+                                      desc=f"calibrate {self.name} {cond.task}", objective=self.objective)
             params = torch.tensor(frames["params"]["param"].to_numpy(), dtype=torch.float32)
             active = frames["params"]["active"].to_numpy()
             history = frames["history"].assign(**info, calibrated=True)
@@ -306,6 +309,16 @@ class SaifCalibrated(CalibratedMethod):
 
     name = "saif_calibrated"
     uses_latents = True
+
+
+@register
+class SaifCalibratedKL(CalibratedMethod):
+    """`saif_calibrated` with the other objective: the KL from the prompted model's next-token distributions along the
+    accepted responses, rather than their likelihood (does the objective, not the optimiser, limit calibration?)."""
+
+    name = "saif_calibrated_kl"
+    uses_latents = True
+    objective = "kl"
 
 
 @register

@@ -154,6 +154,38 @@ def test_calibration_runs_until_the_val_nll_stops_improving(tiny_model, targets,
     assert list(capped.history["round"]) == [0, 1] and not capped.history["converged"].any()
 
 
+def test_kl_objective_is_zero_against_itself_and_descends(tiny_model, targets, basis):
+    """With the teacher read from the same prompts and no vector, the KL is 0 at every response token (the teacher's
+    distributions line up with the steered model's predictions); a vector moves it above 0; a KL calibration from
+    the instructed prompts lowers its own val objective."""
+    from saif_utils.calibration import with_teacher
+
+    train, val = targets
+    own = with_teacher(tiny_model, Targets(train.prompt_ids, train.response_ids, train.prompt_ids), 64, 4)
+    assert [len(t[0]) for t in own.teacher] == [len(r) for r in own.response_ids]
+    zero = steered_nll(tiny_model, LAYER, torch.zeros(5), basis, own, objective="kl")
+    assert abs(zero.total) < 1e-3 * zero.n_tokens
+    pushed = steered_nll(tiny_model, LAYER, torch.tensor([40.0, 0, 0, 0, 0]), basis, own, objective="kl")
+    assert pushed.total > 0.05 * pushed.n_tokens
+    with pytest.raises(ValueError, match="needs the prompted model's distributions"):
+        steered_nll(tiny_model, LAYER, torch.zeros(5), basis, train, objective="kl")
+    with pytest.raises(ValueError, match="needs the prompts with the instruction"):
+        with_teacher(tiny_model, train, 64, 4)
+
+    tok = tiny_model.tokenizer
+    instructed = tok([chat_prompt(tok, f"{p}\n\nTranslate this into French.") for p in PASSAGES],
+                     add_special_tokens=False)["input_ids"]
+    kl_train = Targets(train.prompt_ids, train.response_ids, instructed[:6])
+    kl_val = Targets(val.prompt_ids, val.response_ids, instructed[6:8])
+    cfg = CalibrationConfig(max_rounds=3, patience=3, lr=0.3, batch_size=3, objective="kl", teacher_top_k=64)
+    history = calibrate(tiny_model, LAYER, torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5]), basis, kl_train, kl_val,
+                        cfg).history
+    assert history["train_objective"].iloc[1] < history["train_objective"].iloc[0]
+    assert (history["val_objective"] != history["val_nll"]).all(), "the history keeps the NLL beside the KL"
+    best = history[history["best"]].iloc[0]
+    assert best["val_objective"] == history["val_objective"].min()
+
+
 def test_dense_calibration_moves_every_coordinate(tiny_model, targets):
     train, val = targets
     init = torch.randn(576, generator=torch.Generator().manual_seed(2))
@@ -172,3 +204,5 @@ def test_bad_input_fails_fast(tiny_model, targets, basis):
         CalibrationConfig(max_rounds=0)
     with pytest.raises(ValueError, match="grad_rows must be ≥ 1"):
         CalibrationConfig(grad_rows=0)
+    with pytest.raises(ValueError, match=r"objective='likelihood'; allowed: \['nll', 'kl'\]"):
+        CalibrationConfig(objective="likelihood")

@@ -9,12 +9,12 @@ from saif_utils.methods import METHODS, SteeringMethod, VectorSource, get_method
 
 def test_registry_flags_and_lookup():
     assert list(METHODS) == ["no_instruction", "prompting", "saif", "saif_output", "diff_in_means", "random_latents",
-                             "saif_plus_prompt", "saif_calibrated", "optimized_dense"]
+                             "saif_plus_prompt", "saif_calibrated", "saif_calibrated_kl", "optimized_dense"]
     assert [m for m, method in METHODS.items() if method.ranks] == ["saif_output"]
     with pytest.raises(TypeError, match="method 'saif' ranks nothing"):
         get_method("saif").rank(None, "json", 10, "post")
-    assert {m: method.dense for m, method in METHODS.items() if method.fits} == {
-        "saif_calibrated": False, "optimized_dense": True}
+    assert {m: (method.dense, method.objective) for m, method in METHODS.items() if method.fits} == {
+        "saif_calibrated": (False, "nll"), "saif_calibrated_kl": (False, "kl"), "optimized_dense": (True, "nll")}
     with pytest.raises(TypeError, match="method 'saif' fits nothing"):
         get_method("saif").fit(None, None)
     with pytest.raises(ValueError, match="no fitted vector for saif_calibrated on json"):

@@ -16,9 +16,10 @@ from .steering import SteeringSetup, SweepConfig, build_setup
 
 NAME = "07_playground"
 def steering_methods() -> tuple[str, ...]:
-    """Methods the playground steers with: those that add a vector to the bare content without fitting it first
-    (plugins' methods included, once loaded)."""
-    return tuple(name for name, method in METHODS.items() if method.steers and not method.instructed and not method.fits)
+    """Methods the playground steers with: those that add a vector to the bare content without fitting it or ranking
+    latents first (plugins' methods included, once loaded)."""
+    return tuple(name for name, method in METHODS.items()
+                 if method.steers and not method.instructed and not method.fits and not method.ranks)
 
 
 def compare_responses(setup: SteeringSetup, content: str, task: str, method: str, layer: int, k: int, alpha: float,

@@ -268,7 +268,7 @@ def evaluate_many(setup: SteeringSetup, conds: list[Condition], split: str) -> l
 def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str, keep_ids: bool = False
                   ) -> list[pd.DataFrame]:
     """Run every job's generations, judge each response and score its fluency: one judged table per job (with
-    `keep_ids`, each response's token ids in `response_ids`). The prompts of every job at one layer are generated in
+    `keep_ids`, the token ids of each response and of its prompt in `response_ids` and `prompt_ids`). The prompts of every job at one layer are generated in
     shared batches (each row with its own vector), which keeps batches full when a split has few passages."""
     cfg, ctx = setup.cfg, setup.ctx
     new_ids: list[list] = [[None] * len(job.prompts) for job in jobs]
@@ -288,7 +288,7 @@ def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str, k
     for job, ids in zip(jobs, new_ids):
         cond, prompts, draws, n_latents = job.cond, job.prompts, job.draws, job.n_latents
         if keep_ids:
-            prompts = prompts.assign(response_ids=[list(g) for g in ids])
+            prompts = prompts.assign(response_ids=[list(g) for g in ids], prompt_ids=list(prompts["input_ids"]))
         responses = prompts.assign(response=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
                                    n_new_tokens=[len(g) for g in ids], draw=draws, n_latents=n_latents,
                                    **cond.__dict__, split=split, nll=nll[start:start + len(ids)])
@@ -412,9 +412,10 @@ def calibration_targets(setup: SteeringSetup, split: str, tasks: tuple[str, ...]
         if len(accepted) > cap:
             accepted = accepted.sample(n=cap, random_state=cfg.seed).sort_index()
         targets[task] = Targets([list(bare[p]) for p in accepted["passage_id"]],
-                                [list(ids) for ids in accepted["response_ids"]])
+                                [list(ids) for ids in accepted["response_ids"]],
+                                [list(ids) for ids in accepted["prompt_ids"]])
         judged.append(table.assign(kept=table.index.isin(accepted.index)))
-    return targets, pd.concat(judged, ignore_index=True).drop(columns=["response_ids"])
+    return targets, pd.concat(judged, ignore_index=True).drop(columns=["response_ids", "prompt_ids"])
 
 
 class MethodFitter:
@@ -508,10 +509,12 @@ class MethodFitter:
         return scored.assign(rank=np.arange(1, len(scored) + 1), ranked_by="output", **keys).reset_index(drop=True)
 
     def calibrate(self, cond: Condition, init: torch.Tensor, latent_basis: tuple[np.ndarray, torch.Tensor] | None,
-                  desc: str) -> dict[str, pd.DataFrame]:
-        """`calibration.calibrate` on the task's targets from `init`, cached by content (`_cached_calibration`)."""
+                  desc: str, objective: str = "nll") -> dict[str, pd.DataFrame]:
+        """`calibration.calibrate` on the task's targets from `init` with `objective`, cached by content
+        (`_cached_calibration`)."""
         return _cached_calibration(self.setup.ctx, cond, init, latent_basis, self.targets("train")[cond.task],
-                                   self.targets("val")[cond.task], self.setup.cfg.calibration, desc)
+                                   self.targets("val")[cond.task],
+                                   replace(self.setup.cfg.calibration, objective=objective), desc)
 
 
 def rank_methods(setup: SteeringSetup, fitter: MethodFitter) -> dict[str, pd.DataFrame]:
@@ -551,8 +554,8 @@ def _cached_calibration(ctx: RunContext, cond: Condition, init: torch.Tensor,
     `latent_basis` is (latents, their decoder rows), None for a dense vector."""
     key = {"model": ctx.model_key, "sae": ctx.sae_keys[cond.layer], "layer": cond.layer,
            "latents": None if latent_basis is None else latent_basis[0].tolist(), "init": content_hash(init.tolist()),
-           "train": content_hash([train.prompt_ids, train.response_ids]),
-           "val": content_hash([val.prompt_ids, val.response_ids]),
+           "train": content_hash([train.prompt_ids, train.response_ids, train.teacher_prompt_ids]),
+           "val": content_hash([val.prompt_ids, val.response_ids, val.teacher_prompt_ids]),
            "config": asdict(cfg), "code": sha256_file(calibrate.__code__.co_filename)[:16]}
 
     def compute() -> dict[str, pd.DataFrame]:
