@@ -313,17 +313,20 @@ def reconstruction_metrics(sae, acts: np.ndarray, batch_size: int = 4096, length
 
 
 @torch.inference_mode()
-def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[int]], batch_size: int = 8,
-                          skip_first: int = 1, remote: bool = False) -> dict[int, dict]:
-    """Per layer: next-token cross-entropy without and with that layer's SAE reconstruction replacing the residual,
-    with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean KL(clean ‖ spliced), over
-    every real token after the first `skip_first` (the splice and the ablation skip them too). `per_text` holds each
-    text's sums of the same quantities and its number of predictions, the units a confidence interval resamples."""
+def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_size: int = 8,
+                          skip_first: int = 1, remote: bool = False, layers: dict | None = None) -> dict:
+    """Per SAE (keyed by its layer, or by any label with `layers` giving each label's layer — e.g. (family, layer), so
+    that several families share one clean pass): next-token cross-entropy without and with the SAE's reconstruction
+    replacing the residual, with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean
+    KL(clean ‖ spliced), over every real token after the first `skip_first` (the splice and the ablation skip them
+    too). `per_text` holds each text's sums of the same quantities and its number of predictions, the units a
+    confidence interval resamples."""
     from .interventions import SAEWeights
     from .logits import LOGIT_CHUNK, vocab_logprobs
 
+    layer_of = layers or {label: label for label in saes}
     # On NDIF the splice runs on the server, which has no sae-lens: the SAE's maths travels as plain tensors.
-    reconstruct = {layer: SAEWeights.of(sae).reconstruct if remote else sae for layer, sae in saes.items()}
+    reconstruct = {label: SAEWeights.of(sae).reconstruct if remote else sae for label, sae in saes.items()}
 
     def final_hidden(inputs, keep, layer=None, splice=None, sae=None):
         """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`
@@ -366,29 +369,38 @@ def spliced_cross_entropy(model, saes: dict[int, object], token_ids: list[list[i
         return per_prediction
 
     names = ("ce_clean", "ce_spliced", "ce_zero", "kl")
-    per_text = {layer: {name: np.zeros(len(token_ids)) for name in (*names, "n")} for layer in saes}
+    per_text = {label: {name: np.zeros(len(token_ids)) for name in (*names, "n")} for label in saes}
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
-    for batch in tqdm(batches, desc=f"spliced CE ({len(saes)} SAEs)", leave=False, disable=len(batches) < 4):
+    # One step per forward pass (clean, then spliced and zeroed per SAE) and per scoring: a batch alone takes minutes.
+    progress = tqdm(total=len(batches) * (2 + 2 * len(saes)), desc=f"spliced CE ({len(saes)} SAEs, "
+                    f"{len(batches)} batches)", leave=False)
+    for batch in batches:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         splice = real_token_mask(batch, token_ids, skip_first)[..., None]  # [B, S, 1]
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
         clean = final_hidden(inputs, keep)
-        edited = {layer: (final_hidden(inputs, keep, layer, splice, reconstruct[layer]),
-                          final_hidden(inputs, keep, layer, splice))
-                  for layer in saes}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
+        progress.update()
+        edited = {}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
+        for label in saes:
+            spliced = final_hidden(inputs, keep, layer_of[label], splice, reconstruct[label])
+            progress.update()
+            edited[label] = (spliced, final_hidden(inputs, keep, layer_of[label], splice))
+            progress.update()
         scored = scores(clean, edited, targets)
+        progress.update()
         text = np.repeat(np.asarray(batch.rows), keep.sum(1).numpy())  # the text each prediction belongs to
-        for layer, sums in per_text.items():
+        for label, sums in per_text.items():
             for name in names:
-                values = scored[name] if name == "ce_clean" else scored[layer, name]
+                values = scored[name] if name == "ce_clean" else scored[label, name]
                 sums[name] += np.bincount(text, values.double().numpy(), len(token_ids))
             sums["n"] += np.bincount(text, minlength=len(token_ids))
         trim_heap()
+    progress.close()
     out = {}
-    for layer, sums in per_text.items():
+    for label, sums in per_text.items():
         n_pred = int(sums["n"].sum())
-        out[layer] = {name: float(sums[name].sum()) / n_pred for name in names} | {"n_predictions": n_pred,
+        out[label] = {name: float(sums[name].sum()) / n_pred for name in names} | {"n_predictions": n_pred,
                                                                                     "per_text": sums}
     return out
 
@@ -532,57 +544,67 @@ def heldout_token_ids(tokenizer, profile: Profile) -> list[list[int]]:
     return kept
 
 
-def sae_metrics_table(model, profile: Profile, saes: dict[int, dict], eval_ids: list[list[int]],
+def sae_metrics_table(model, profile: Profile, families: dict[str, dict[int, dict]], eval_ids: list[list[int]],
                       n_ce_tokens: int = 8000):
-    """One row per SAE layer: reconstruction metrics on the held-out texts `eval_ids` and spliced next-token CE/KL.
+    """One row per SAE family and layer (`family` column, families in the order given): reconstruction metrics on the
+    held-out texts `eval_ids` and spliced next-token CE/KL. Every family is read from one pass over the held-out
+    residuals and one clean pass per CE batch.
 
-    Returns `(metrics, firing)`: the metrics DataFrame and a tidy `(layer, latent, firing_freq)` DataFrame.
+    Returns `(metrics, firing)`: the metrics DataFrame and a tidy `(family, layer, latent, firing_freq)` DataFrame.
     """
     # Cached by everything the numbers depend on, so a warm rerun skips the forward passes.
-    key = {"model": model_fingerprint(profile), "saes": {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()},
-           "sources": {layer: e["source"] for layer, e in saes.items()}, "eval_ids": content_hash(eval_ids),
-           "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size,
+    key = {"model": model_fingerprint(profile),
+           "families": {name: {layer: sae_fingerprint(e["sae"]) for layer, e in saes.items()}
+                        for name, saes in families.items()},
+           "sources": {name: {layer: e["source"] for layer, e in saes.items()} for name, saes in families.items()},
+           "eval_ids": content_hash(eval_ids), "n_ce_tokens": n_ce_tokens, "batch_size": profile.batch_size,
            "code": sha256_file(__file__)[:16]}  # any change to the metrics code recomputes them
     frames = cached_frames("sae_metrics", key, lambda: dict(zip(
-        ("metrics", "firing"), _sae_metrics(model, profile, saes, eval_ids, n_ce_tokens))))
+        ("metrics", "firing"), _sae_metrics(model, profile, families, eval_ids, n_ce_tokens))))
     return frames["metrics"], frames["firing"]
 
 
-def _sae_metrics(model, profile: Profile, saes: dict[int, dict], eval_ids: list[list[int]], n_ce_tokens: int):
+def _sae_metrics(model, profile: Profile, families: dict[str, dict[int, dict]], eval_ids: list[list[int]],
+                 n_ce_tokens: int):
     """`sae_metrics_table` without the cache."""
     import pandas as pd
 
     skip_first = SKIP_FIRST  # as in training: the attention sink is neither encoded nor spliced
-    # Reconstruction sums per batch of residuals, every layer's SAE in one read: no [n_tokens, d] array per layer.
-    sums = {layer: ReconstructionSums(entry["sae"], len(eval_ids)) for layer, entry in saes.items()}
-    for batch, resid in residual_batches(model, eval_ids, list(saes), profile.batch_size, profile.remote,
+    entries = {(family, layer): entry for family, saes in families.items() for layer, entry in saes.items()}
+    # Reconstruction sums per batch of residuals, every SAE of every family in one read: no [n_tokens, d] array.
+    sums = {label: ReconstructionSums(entry["sae"], len(eval_ids)) for label, entry in entries.items()}
+    layers = sorted({layer for _, layer in entries})
+    for batch, resid in residual_batches(model, eval_ids, layers, profile.batch_size, profile.remote,
                                          "held-out activations"):
         real = real_token_mask(batch, eval_ids, skip_first)
         text = np.repeat(np.asarray(batch.rows), real.sum(1).numpy())  # row-major, as the mask flattens
-        for layer, acts in resid.items():
-            sums[layer].add(acts[real], text)
+        for (_, layer), layer_sums in sums.items():
+            layer_sums.add(resid[layer][real], text)
     ce_ids, n_tok = [], 0
     for ids in eval_ids:
         if n_tok >= n_ce_tokens:
             break
         ce_ids.append(ids)
         n_tok += len(ids) - skip_first
-    ce = spliced_cross_entropy(model, {layer: e["sae"] for layer, e in saes.items()}, ce_ids,
-                               batch_size=profile.batch_size, skip_first=skip_first, remote=profile.remote)
+    ce = spliced_cross_entropy(model, {label: e["sae"] for label, e in entries.items()}, ce_ids,
+                               batch_size=profile.batch_size, skip_first=skip_first, remote=profile.remote,
+                               layers={label: label[1] for label in entries})
     rows, firing = [], []
-    for layer, entry in saes.items():
+    for (family, layer), entry in entries.items():
         sae = entry["sae"]
-        rec = sums[layer].metrics()
-        rows.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
+        rec = sums[family, layer].metrics()
+        score = ce[family, layer]
+        rows.append({"family": family, "layer": layer, "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None),
                      "n_tokens": rec["n_tokens"], "n_texts": len(eval_ids), "l0": rec["l0"],
-                     "dead_frac": rec["dead_frac"], "ce_clean": ce[layer]["ce_clean"],
-                     "ce_spliced": ce[layer]["ce_spliced"], "ce_zero_ablated": ce[layer]["ce_zero"],
-                     "kl": ce[layer]["kl"], "n_ce_predictions": ce[layer]["n_predictions"],
+                     "dead_frac": rec["dead_frac"], "ce_clean": score["ce_clean"],
+                     "ce_spliced": score["ce_spliced"], "ce_zero_ablated": score["ce_zero"],
+                     "kl": score["kl"], "n_ce_predictions": score["n_predictions"],
                      "n_ce_texts": len(ce_ids), "source": entry["source"]}
-                    | _metric_cis(rec["per_text"], ce[layer]["per_text"]))
-        firing.append(pd.DataFrame({"layer": layer, "latent": range(sae.cfg.d_sae), "firing_freq": rec["firing_freq"]}))
-    columns = ["layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean", "ce_spliced",
-               "ce_zero_ablated", "kl", "n_ce_predictions", "source", "ce_increase", "ce_recovered"]
+                    | _metric_cis(rec["per_text"], score["per_text"]))
+        firing.append(pd.DataFrame({"family": family, "layer": layer, "latent": range(sae.cfg.d_sae),
+                                    "firing_freq": rec["firing_freq"]}))
+    columns = ["family", "layer", "d_sae", "k", "n_tokens", "explained_variance", "l0", "dead_frac", "ce_clean",
+               "ce_spliced", "ce_zero_ablated", "kl", "n_ce_predictions", "source", "ce_increase", "ce_recovered"]
     metrics = pd.DataFrame(rows)
     metrics = metrics[columns + [c for c in metrics if c not in columns]]
     ce_ok = ((metrics["ce_increase"] <= METRIC_TARGETS["ce_increase"])

@@ -27,3 +27,14 @@ def test_sae_metrics_has_a_row_per_family_and_layer(tmp_path, tiny_profile):
     assert written["n_tokens"].nunique() == 1 and written["n_ce_predictions"].nunique() == 1
     assert written["ce_clean"].nunique() == 1
     assert sorted(result.saes) == [3, 6] and set(result.firing["layer"]) == {3, 6}, "downstream: the family in use"
+    # One residual read and one clean CE pass serve both families: each family measured alone gives the same numbers.
+    from saif_utils.models import load_model
+    from saif_utils.saes import heldout_token_ids, profile_saes, sae_metrics_table
+
+    model = load_model(profile)
+    eval_ids = heldout_token_ids(model.tokenizer, profile)
+    for name, position in (("wide", slice(0, 2)), ("narrow", slice(2, 3))):
+        alone, _ = sae_metrics_table(model, profile, {name: profile_saes(model, with_family(profile, name))},
+                                     eval_ids, n_ce_tokens=128)
+        together = result.metrics.iloc[position].reset_index(drop=True)
+        pd.testing.assert_frame_equal(alone.drop(columns="source"), together.drop(columns="source"))  # cache/trained

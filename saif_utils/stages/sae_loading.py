@@ -48,16 +48,12 @@ def run(profile: Profile, run_dir: RunDir, cfg: SAELoadingConfig) -> SAELoadingR
     model = load_model(profile)
     saes = profile_saes(model, profile, retrain=cfg.retrain_sae)
     eval_ids = heldout_token_ids(model.tokenizer, profile)
-    metrics, firing = sae_metrics_table(model, profile, saes, eval_ids, n_ce_tokens=cfg.n_ce_tokens)
-    metrics.insert(0, "family", profile.sae_family or "")
-    per_family = [metrics]
+    families = {profile.sae_family or "": saes}  # the family in use first, then the profile's others
     for family in profile.sae_families:
         if family.name != profile.sae_family:
-            other = with_family(profile, family.name)
-            other_metrics, _ = sae_metrics_table(model, other, profile_saes(model, other), eval_ids,
-                                                 n_ce_tokens=cfg.n_ce_tokens)
-            per_family.append(other_metrics.assign(family=family.name))
-    metrics = pd.concat(per_family, ignore_index=True)
+            families[family.name] = profile_saes(model, with_family(profile, family.name))
+    metrics, firing = sae_metrics_table(model, profile, families, eval_ids, n_ce_tokens=cfg.n_ce_tokens)
+    firing = firing[firing["family"] == (profile.sae_family or "")].drop(columns="family").reset_index(drop=True)
     out = run_dir.stage(NAME)
     write_table(metrics, out / "sae_metrics.csv")
     write_table(firing, out / "latent_firing.parquet")
