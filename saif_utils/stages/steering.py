@@ -615,6 +615,8 @@ def objective_verdicts(diagnosis: pd.DataFrame) -> list[str]:
         if "diff_in_means" not in by_method.index or calibrated.empty or "loose_acc" not in by_method:
             continue
         dim, best = by_method.loc["diff_in_means"], calibrated.sort_values("val_nll").iloc[0]
+        if pd.isna(dim["loose_acc"]) or pd.isna(best["loose_acc"]):
+            continue
         limited = dim["val_nll"] > best["val_nll"] and dim["loose_acc"] > best["loose_acc"]
         lines.append(f"{task}: diff-in-means val NLL {dim['val_nll']:.3f} vs {best.name} {best['val_nll']:.3f}; val "
                      f"loose accuracy {dim['loose_acc']:.2f} vs {best['loose_acc']:.2f} (n={int(dim['n'])}) — "
@@ -736,8 +738,7 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
         write_table(ranked, out / "latent_rankings.csv")
     if len(decomposition):
         write_table(decomposition, out / "decomposition.csv")
-        write_table(decomposition_judged.drop(columns=["input_ids", "user_text"]),
-                    out / "decomposition_generations.parquet")
+        write_table(decomposition_judged, out / "decomposition_generations.parquet")
     ctx.run.write_config(NAME, cfg)
     write_table(result.norms, out / "residual_norms.csv")
     write_table(result.sweep, out / "sweep.parquet")
