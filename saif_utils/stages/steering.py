@@ -656,7 +656,7 @@ def decompose(setup: SteeringSetup, tuned: dict[Search, Condition], fitter: Meth
             for span, latents in spans.items():
                 if len(latents) < k:  # SAIF has fewer positive-score latents than k here
                     continue
-                basis = unit_rows(decoder[torch.as_tensor(latents)])
+                basis = unit_rows(decoder[torch.tensor(latents, dtype=torch.long)])
                 vectors.append(({"span": span, "k": k, "n_latents": len(latents),
                                  "norm_share": span_share(direction, basis)}, project_on_span(direction, basis)))
         for info, vector in vectors:
