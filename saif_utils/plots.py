@@ -266,11 +266,14 @@ def decomposition(table: pd.DataFrame):
             axes[1, col].axhline(row["loose_acc"], color="grey", ls="--", lw=1, label="diff-in-means")
             axes[1, col].axhspan(row["loose_ci_low"], row["loose_ci_high"], color="grey", alpha=0.1)
         first = sub.iloc[0]
-        axes[0, col].set(title=f"{task} · L{int(first['layer'])}, {first['position']} (cos SAIF·DiM "
-                               f"{first['cosine_saif_dim']:.2f})", ylim=(-0.02, 1.02),
+        axes[0, col].set(title=f"{task}\nL{int(first['layer'])}, {first['position']} · cos(SAIF, DiM) "
+                               f"{first['cosine_saif_dim']:.2f}", ylim=(-0.02, 1.02),
                          ylabel="share of ‖diff-in-means‖²" if col == 0 else "")
+        ks = sorted(int(k) for k in sub["k"].unique())
         axes[1, col].set(xscale="log", xlabel="k (decoder directions)", ylim=(-0.05, 1.05),
                          ylabel=f"loose accuracy, val (n={int(first['n'])})" if col == 0 else "")
+        axes[1, col].set_xticks(ks, [str(k) for k in ks])
+        axes[1, col].minorticks_off()
         axes[0, col].grid(alpha=0.3)
     axes[0, -1].legend(fontsize=8)
     axes[1, -1].legend(fontsize=8)
