@@ -143,7 +143,7 @@ def test_output_ranking_scores_each_latent_by_its_effect_on_the_targets_likeliho
     assert set(ranking["latent"]) <= set(pool["latent"]) and (ranking["output_score"] > 0).all()
     assert ranking["output_score"].is_monotonic_decreasing
     assert ranking["rank"].tolist() == list(range(1, len(ranking) + 1))
-    train = fitter.targets()[0]["summarize"]
+    train = fitter.targets("train")["summarize"]
     decoder = ctx.saes[6].W_dec.detach().float()
     base = target_nll(ctx.model, 6, torch.zeros(decoder.shape[1]), None, train, 16)[0]
     for row in (ranking.iloc[0], ranking.iloc[-1]):
