@@ -457,8 +457,7 @@ class MethodFitter:
 
     def enough_targets(self, task: str) -> bool:
         """True when `task` has `calibration_min_targets` train targets and at least one on val."""
-        n_train, n_val = self.n_targets(task)
-        return n_train >= self.setup.cfg.calibration_min_targets and n_val >= 1
+        return self.enough_train_targets(task) and self.n_targets(task)[1] >= 1
 
     def candidates(self, task: str, layer: int, position: str, n: int | None = None) -> pd.DataFrame:
         """SAIF's top `n` (default `output_pool`) latents with a positive score at a task, layer and position, by
