@@ -241,6 +241,12 @@ def test_06_report_traces_every_headline_number_to_a_table(tiny_run):
                   "05_steering_sweeps"):
         assert f"| {stage} |" in report, f"run time of {stage} missing from the report"
     assert "![results.png](05_steering_sweeps/results.png)" in report
+    # the decomposition's and the calibration diagnosis' numbers are the ones in their tables
+    for row in pd.read_csv(run / "05_steering_sweeps" / "decomposition.csv").to_dict("records"):
+        k = "—" if pd.isna(row["k"]) else int(row["k"])
+        assert f"| {row['span']} | {k} | {row['norm_share']:.2f} | {row['n']} |" in report, row
+    for row in pd.read_csv(run / "05_steering_sweeps" / "calibration_diagnosis.csv").to_dict("records"):
+        assert f"| {row['method']} | {row['n_val_targets']} | {row['val_nll']:.3f} [" in report, row
     links = re.findall(r"\]\((03_semantic_proximity/dashboards/[^)#]+)(#layer-\d+)?\)", report)
     pages = {f"03_semantic_proximity/dashboards/{p.name}" for p in (run / "03_semantic_proximity" / "dashboards")
              .glob("*.html") if p.name != "index.html"}

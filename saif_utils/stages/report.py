@@ -22,7 +22,7 @@ from ..paths import REPO_ROOT
 from ..profiles import PROFILES, Profile
 from ..saes import sae_fingerprint
 from ..stats import selection_objective
-from .steering import alpha_curve, k_curve, pre_post_pairs
+from .steering import alpha_curve, k_curve, pre_post_pairs, rows_at
 
 NAME = "06_report"
 PACKAGES = ("torch", "transformers", "nnsight", "sae-lens", "papermill", "pandas", "scipy", "numpy")
@@ -83,6 +83,32 @@ def ablation_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def decomposition_table(table: pd.DataFrame) -> str:
+    """Markdown: per task at SAIF's layer, the cosine of SAIF's vector with diff-in-means, then per span and k the
+    share of diff-in-means' squared norm the span carries and val accuracy steering with the projection."""
+    lines = ["| task | layer | cos(SAIF, DiM) | span | k | share of ‖DiM‖² | n | val strict [95 % CI] "
+             "| val loose [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        k = "—" if pd.isna(row["k"]) else int(row["k"])
+        lines.append(f"| {row['task']} | L{int(row['layer'])} | {row['cosine_saif_dim']:.2f} | {row['span']} | {k} | "
+                     f"{row['norm_share']:.2f} | {row['n']} | {ci_cell(row, 'strict')} | {ci_cell(row, 'loose')} |")
+    return "\n".join(lines)
+
+
+def diagnosis_table(table: pd.DataFrame) -> str:
+    """Markdown: per calibrated task and method, the calibration objective on val (NLL of the accepted prompted
+    responses, instruction absent) beside val accuracy."""
+    lines = ["| task | method | val targets | val NLL [95 % CI] | n | val strict [95 % CI] | val loose [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        nll = f"{row['val_nll']:.3f} [{row['val_nll_ci_low']:.3f}, {row['val_nll_ci_high']:.3f}]"
+        n = "—" if pd.isna(row.get("n")) else int(row["n"])
+        acc = [ci_cell(row, name) if f"{name}_acc" in row else "—" for name in ("strict", "loose")]
+        lines.append(f"| {row['task']} | {row['method']} | {row['n_val_targets']} | {nll} | {n} | {acc[0]} | "
+                     f"{acc[1]} |")
+    return "\n".join(lines)
+
+
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
     """A plain markdown table of a DataFrame (floats formatted with `floatfmt`)."""
     def fmt(value) -> str:
@@ -138,9 +164,7 @@ def chosen_variants(results: pd.DataFrame, sweep: pd.DataFrame) -> dict[str, str
     val = sweep[sweep["split"] == "val"]
     best: dict[str, tuple[float, str]] = {}
     for row in results[results["method"].isin(SAIF_VARIANTS)].to_dict("records"):
-        same = val[(val["task"] == row["task"]) & (val["method"] == row["method"]) & (val["layer"] == row["layer"])
-                   & (val["alpha"] == row["alpha"]) & (val["position"] == row["position"])]
-        same = same[same["k"] == row["k"]] if pd.notna(row["k"]) else same
+        same = rows_at(val, row["task"], row["method"], row["layer"], row["alpha"], row["k"], row["position"])
         if same.empty:
             continue
         objective = float(selection_objective(same).max())
@@ -435,6 +459,10 @@ def tables_markdown(run_dir: Path) -> list[str]:
     the file it was read from."""
     sections = [
         ("Steering (test split) — `05_steering_sweeps/results.csv`", "05_steering_sweeps/results.csv", steering_table),
+        ("Diff-in-means against spans of SAE decoder directions, val split — `05_steering_sweeps/decomposition.csv`",
+         "05_steering_sweeps/decomposition.csv", decomposition_table),
+        ("Does the calibration objective track following? — `05_steering_sweeps/calibration_diagnosis.csv`",
+         "05_steering_sweeps/calibration_diagnosis.csv", diagnosis_table),
         ("Causal ablation (instruction in the prompt) — `04_causal_ablation/ablation.csv`",
          "04_causal_ablation/ablation.csv", ablation_table),
         ("SAE quality, every SAE family on the same held-out text — `01_sae_loading/sae_metrics.csv`",

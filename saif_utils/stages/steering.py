@@ -426,6 +426,7 @@ class MethodFitter:
         self.setup = setup
         self._targets: dict[str, tuple[dict[str, Targets], pd.DataFrame]] = {}
         self._latent_scores: pd.DataFrame | None = None
+        self._gradients: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def source(self) -> VectorSource:
@@ -472,7 +473,10 @@ class MethodFitter:
 
     def output_gradient(self, task: str, layer: int) -> torch.Tensor:
         """d(mean NLL per response token)/d v at v = 0, v a vector added at block `layer`'s output, over the task's
-        train targets (the instruction absent from their prompts): `[d_model]`, cached by content."""
+        train targets (the instruction absent from their prompts): `[d_model]`, cached by content and, for the
+        other positions of the same layer, in memory."""
+        if (task, layer) in self._gradients:
+            return self._gradients[task, layer]
         ctx, cfg = self.setup.ctx, self.setup.cfg
         targets = self.targets("train")[task]
         d_model = int(ctx.saes[layer].W_dec.shape[1])
@@ -487,7 +491,8 @@ class MethodFitter:
             return {"gradient": pd.DataFrame({"grad": (grad / n_tokens).numpy()})}
 
         frame = cached_frames("output_gradient", key, compute)["gradient"]
-        return torch.tensor(frame["grad"].to_numpy(), dtype=torch.float32)
+        self._gradients[task, layer] = torch.tensor(frame["grad"].to_numpy(), dtype=torch.float32)
+        return self._gradients[task, layer]
 
     def output_ranking(self, task: str, layer: int, position: str) -> pd.DataFrame:
         """SAIF's candidates (`candidates`) ordered by their effect on the output: `output_score`, the first-order
@@ -591,10 +596,7 @@ def calibration_diagnosis(setup: SteeringSetup, tuned: dict[Search, Condition], 
         for cond in reported_conditions(cfg, tuned):
             if cond.task != task or cond.method not in nll:
                 continue
-            acc = val_rows[(val_rows["task"] == task) & (val_rows["method"] == cond.method)
-                           & (val_rows["layer"] == cond.layer) & (val_rows["alpha"] == cond.alpha)
-                           & (val_rows["position"] == cond.position)]
-            acc = acc[acc["k"] == cond.k] if cond.k is not None else acc
+            acc = rows_at(val_rows, task, cond.method, cond.layer, cond.alpha, cond.k, cond.position)
             objective = nll[cond.method]
             rows.append({"task": task, "method": cond.method, "layer": cond.layer, "k": cond.k, "alpha": cond.alpha,
                          "position": cond.position, "n_val_targets": len(targets),
@@ -811,14 +813,20 @@ def layer_curve(sweep: pd.DataFrame, k_start: int, first_position: str) -> pd.Da
             .groupby(["task", "method", "layer"]).head(1).reset_index(drop=True))
 
 
+def rows_at(rows: pd.DataFrame, task: str, method: str, layer: int, alpha: float, k: float | None,
+            position: str | None = None) -> pd.DataFrame:
+    """The rows of `rows` at one configuration; k is not matched when missing (methods without latents), nor the
+    position when None."""
+    same = rows[(rows["task"] == task) & (rows["method"] == method) & (rows["layer"] == layer)
+                & (rows["alpha"] == alpha)]
+    same = same[same["position"] == position] if position is not None else same
+    return same[same["k"] == k] if pd.notna(k) else same
+
+
 def pre_post_pairs(sweep: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """For every task and tuned method, its val rows at the chosen layer, k and α, one per extraction position (in the
     order of `results`)."""
     val = sweep[sweep["split"] == "val"]
     tuned = results[results["method"].map(lambda m: m in METHODS and METHODS[m].tuned)]
-    parts = []
-    for row in tuned.itertuples():
-        same = val[(val["task"] == row.task) & (val["method"] == row.method) & (val["layer"] == row.layer)
-                   & (val["alpha"] == row.alpha)]
-        parts.append(same[same["k"] == row.k] if pd.notna(row.k) else same)
+    parts = [rows_at(val, row.task, row.method, row.layer, row.alpha, row.k) for row in tuned.itertuples()]
     return pd.concat(parts, ignore_index=True) if parts else val.iloc[:0]
