@@ -792,8 +792,8 @@ def k_curve(sweep: pd.DataFrame, results: pd.DataFrame, first_position: str) -> 
     """SAIF's val rows over k at each task's chosen layer and α, extracted at `first_position` (where the staged
     search varies k)."""
     val = sweep[(sweep["split"] == "val") & (sweep["method"] == "saif") & sweep["k"].notna()]
-    parts = [val[(val["task"] == task) & (val["layer"] == c.layer) & (val["alpha"] == c.alpha)
-                 & (val["position"] == first_position)] for task, c in chosen_configs(results).iterrows()]
+    parts = [rows_at(val, task, "saif", c.layer, c.alpha, None, first_position)
+             for task, c in chosen_configs(results).iterrows()]
     return pd.concat(parts, ignore_index=True) if parts else val.iloc[:0]
 
 
