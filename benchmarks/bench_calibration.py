@@ -4,7 +4,7 @@ greedy generation of up to 48 tokens), both at the default profile's sizes on it
 
 Calibration targets are no-instruction prompts of train passages teacher-forced on 40-token responses taken from the
 passages' own text (the study uses the model's accepted prompted answers, of similar length: the same compute, other
-tokens), as many as the default profile keeps at most: 96 train and 48 val. 8 rounds run (no early stop); a
+tokens), as many as the default profile keeps at most: 64 train and 32 val. 8 rounds run (no early stop); a
 calibration now runs until its val NLL settles, and `calibration.csv` says how many rounds each took, so its cost is
 this one's × rounds / 8.
 
@@ -20,7 +20,7 @@ import torch
 from common import content_prompts, default_model, median_seconds, report
 
 LAYERS, ALPHAS, N_VAL, MAX_NEW = (10, 15, 20, 25, 29), (0.3, 0.5, 0.7), 16, 48
-K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER, N_ROUNDS = 15, 96, 48, 40, 15, 8
+K, N_TRAIN_TARGETS, N_VAL_TARGETS, RESPONSE_TOKENS, LAYER, N_ROUNDS = 15, 64, 32, 40, 15, 8
 
 
 def calibration_targets(tokenizer, n: int, split: str):

@@ -6,7 +6,8 @@ parameters are their weights (the SAE's directions stay fixed); for `optimized_d
 every residual coordinate is free (the upper bound on what any vector at that layer can do under this objective).
 The model and the SAE stay frozen. Each round is one seeded pass of Adam over the train targets, in fixed
 minibatches visited in a new order each round; rounds go on until the validation NLL has not improved for `patience`
-rounds (`max_rounds` only caps a run that never settles), and the round with the best validation NLL is kept.
+rounds (by more than `min_improvement`; `max_rounds` only caps a run that never settles), and the round with the best
+validation NLL is kept.
 Between rounds, latents whose weight fell below a fraction of the largest are pruned (fixed at zero).
 """
 from __future__ import annotations
@@ -78,8 +79,11 @@ class CalibrationConfig:
     """Cap on rounds (one Adam pass over the train targets each) for a run whose validation NLL never settles; the
     history says whether a run stopped by `patience` (converged) or by this cap."""
     patience: int = 2
-    """Stop after this many rounds without a better validation NLL."""
-    lr: float = 0.05
+    """Stop after this many rounds without a validation objective better by `min_improvement`."""
+    min_improvement: float = 0.002
+    """Relative fall in the validation objective below the best so far that counts as progress: a run creeping down
+    by less (0.1 % a round on a plateau) has settled, and patience alone would let it run to the cap."""
+    lr: float = 0.1
     """Adam step per coordinate, relative to the initial parameters' RMS (the same relative step for k weights and
     for a d_model vector)."""
     batch_size: int = 16
@@ -102,8 +106,9 @@ class CalibrationConfig:
             raise ValueError("max_rounds, patience, batch_size and grad_rows must be ≥ 1")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; allowed: {list(OBJECTIVES)}")
-        if not (self.lr > 0 and 0 <= self.prune_fraction < 1):
-            raise ValueError(f"lr={self.lr} must be > 0 and prune_fraction={self.prune_fraction} in [0, 1)")
+        if not (self.lr > 0 and 0 <= self.prune_fraction < 1 and 0 <= self.min_improvement < 1):
+            raise ValueError(f"lr={self.lr} must be > 0, prune_fraction={self.prune_fraction} and "
+                             f"min_improvement={self.min_improvement} in [0, 1)")
 
 
 @contextlib.contextmanager
@@ -338,6 +343,7 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
 
     history = [{"round": 0, "n_steps": 0} | evaluate()]
     best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_objective"], active, 0
+    progress_mark = best_val  # the objective a round must beat by `min_improvement` to reset the patience count
     n_steps, converged = 0, False
     with frozen_weights(model._module):
         for round_no in tqdm(range(1, cfg.max_rounds + 1), desc=desc, leave=False):
@@ -351,9 +357,12 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                     with torch.no_grad():
                         params[~active] = 0.0
             history.append({"round": round_no, "n_steps": n_steps} | evaluate())
-            if history[-1]["val_objective"] < best_val:
-                best_params, best_val, since_best = params.detach().clone(), history[-1]["val_objective"], 0
+            val_objective = history[-1]["val_objective"]
+            if val_objective < best_val:
+                best_params, best_val = params.detach().clone(), val_objective
                 best_active = active.clone() if active is not None else None
+            if val_objective < progress_mark - cfg.min_improvement * abs(progress_mark):
+                progress_mark, since_best = val_objective, 0
             else:
                 since_best += 1
             if active is not None and cfg.prune_fraction > 0:

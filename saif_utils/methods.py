@@ -97,6 +97,9 @@ class SteeringMethod:
     """The vector is built from selected SAE latents, so k is a knob and a layer needs selected latents."""
     borrows: ClassVar[str | None] = None
     """Name of the tuned method whose chosen configuration this method is evaluated at."""
+    anchored_on: ClassVar[str | None] = None
+    """For a tuned method: name of the tuned method whose chosen layer and extraction position its search keeps (it
+    searches k and α there, after that method's search)."""
     random_draws: ClassVar[bool] = False
     """Prompts are assigned independent random draws round-robin (`n_random_draws`)."""
 
@@ -159,6 +162,11 @@ def register(cls: type[SteeringMethod]) -> type[SteeringMethod]:
         raise ValueError(f"a steering method named {cls.name!r} is already registered ({type(old).__module__})")
     if cls.borrows is not None and not METHODS.get(cls.borrows, SteeringMethod()).tuned:
         raise ValueError(f"{cls.name!r} borrows from {cls.borrows!r}, which is not a registered tuned method")
+    if cls.anchored_on is not None:
+        anchor = METHODS.get(cls.anchored_on)
+        if not cls.tuned or anchor is None or not anchor.tuned or anchor.anchored_on is not None:
+            raise ValueError(f"{cls.name!r} is anchored on {cls.anchored_on!r}: both must be tuned, and "
+                             f"{cls.anchored_on!r} a registered method searched on its own (not anchored itself)")
     METHODS[cls.name] = cls()
     return cls
 
@@ -207,6 +215,9 @@ class SaifOutput(SteeringMethod):
     name = "saif_output"
     tuned = True
     uses_latents = True
+    # Its candidates are SAIF's own at a layer and position, so it re-ranks them where SAIF chose to steer: the search
+    # (and the output gradient behind the ranking) then covers one layer and position per task, not all of them.
+    anchored_on = "saif"
 
     def rank(self, fitter: MethodFitter, task: str, layer: int, position: str) -> pd.DataFrame:
         return fitter.output_ranking(task, layer, position)

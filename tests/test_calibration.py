@@ -145,13 +145,27 @@ def test_calibration_runs_until_the_val_nll_stops_improving(tiny_model, targets,
     cut by the cap says it did not."""
     train, val = targets
     init = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
-    cfg = CalibrationConfig(max_rounds=40, patience=1, lr=2.0, batch_size=3, prune_fraction=0.0)
+    cfg = CalibrationConfig(max_rounds=40, patience=1, lr=2.0, batch_size=3, prune_fraction=0.0, min_improvement=0.0)
     history = calibrate(tiny_model, LAYER, init, basis, train, val, cfg).history
     best_round = int(history.loc[history["best"], "round"].iloc[0])
     assert history["round"].iloc[-1] == best_round + 1 < 40 and history["converged"].all()
     assert (history["val_nll"].iloc[best_round + 1:] >= history["val_nll"].iloc[best_round]).all()
     capped = calibrate(tiny_model, LAYER, init, basis, train, val, CalibrationConfig(max_rounds=1, patience=5, lr=0.3))
     assert list(capped.history["round"]) == [0, 1] and not capped.history["converged"].any()
+
+
+def test_calibration_on_a_plateau_stops_though_the_val_nll_still_creeps_down(tiny_model, targets, basis):
+    """Only a fall of `min_improvement` (relative) below the last mark counts as progress: with a mark no round can
+    beat, the run stops after `patience` rounds, and still keeps its best round."""
+    train, val = targets
+    init = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5])
+    cfg = CalibrationConfig(max_rounds=40, patience=2, lr=0.3, batch_size=3, prune_fraction=0.0, min_improvement=0.9)
+    result = calibrate(tiny_model, LAYER, init, basis, train, val, cfg)
+    history = result.history
+    assert list(history["round"]) == [0, 1, 2] and history["converged"].all()
+    best = history[history["best"]].iloc[0]
+    assert best["round"] > 0 and best["val_nll"] < history["val_nll"].iloc[0]
+    assert mean_nll(tiny_model, LAYER, result.params, basis, val, 4) == pytest.approx(best["val_nll"], rel=1e-5)
 
 
 def test_kl_objective_is_zero_against_itself_and_descends(tiny_model, targets, basis):

@@ -4,7 +4,7 @@ import pytest
 
 from saif_utils.data import prompting_instructions
 from saif_utils.methods import Condition
-from saif_utils.stages.steering import SweepConfig, best_condition, search_space
+from saif_utils.stages.steering import SweepConfig, best_condition, search_plans, search_space
 
 
 def test_staged_search_refines_layer_alpha_then_k_then_position():
@@ -19,6 +19,26 @@ def test_staged_search_refines_layer_alpha_then_k_then_position():
     assert [len(s) for s in dim] == [4, 1] and all(c.k is None for s in dim for c in s)
     grid = search_space(SweepConfig(search="grid", k_grid=(1, 5), alpha_grid=(0.3, 0.5)), "json", "saif", (10, 20))
     assert len(grid) == 1 and len(grid[0]) == 2 * 2 * 2 * 2
+
+
+def test_anchored_search_keeps_its_anchors_layer_and_position_and_searches_k_and_alpha():
+    cfg = SweepConfig(k_grid=(1, 5), alpha_grid=(0.3, 0.5), k_start=5)
+    anchors = {("json", "saif"): Condition("json", "saif", 20, 1, 0.3, "pre")}
+    searches = [("json", "saif_output"), ("summarize", "saif_output"), ("json", "saif")]
+    plans = search_plans(cfg, searches, (10, 20), anchors)
+    assert set(plans) == {("json", "saif_output"), ("json", "saif")}  # summarize's anchor chose nothing
+    first, ks = plans[("json", "saif_output")]  # no position stage: the anchor's position is kept
+    assert {(c.layer, c.alpha, c.k, c.position) for c in first} == {(20, 0.3, 5, "pre"), (20, 0.5, 5, "pre")}
+    assert [c.k for c in ks] == [1, 5]
+    assert plans[("json", "saif")] == search_space(cfg, "json", "saif", (10, 20))
+    grid = search_plans(SweepConfig(search="grid", k_grid=(1, 5), alpha_grid=(0.3, 0.5)), searches[:1], (10, 20),
+                        anchors)[("json", "saif_output")]
+    assert {(c.layer, c.position) for c in grid[0]} == {(20, "pre")} and len(grid[0]) == 2 * 2
+
+
+def test_an_anchored_method_needs_its_anchor_among_the_methods():
+    with pytest.raises(ValueError, match="saif_output.*add them to methods"):
+        SweepConfig(methods=("no_instruction", "saif_output"))
 
 
 def test_best_condition_prefers_accuracy_with_degenerate_failing_then_fewer_degenerate_then_smaller_settings():

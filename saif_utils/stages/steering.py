@@ -88,7 +88,7 @@ class SweepConfig:
     the targets calibration fits and `saif_output` ranks by (every variant, so no one wording sets them)."""
     calibration_n_val: int = 4
     """Val passages each variant is written on for the validation targets (which stop calibration)."""
-    calibration_max_targets: tuple[int, int] = (96, 48)
+    calibration_max_targets: tuple[int, int] = (64, 32)
     """At most this many accepted (train, val) targets per task are kept (a seeded sample): what a calibration round
     costs grows with them."""
     calibration_tasks: tuple[str, ...] | None = None
@@ -99,8 +99,11 @@ class SweepConfig:
     calibration_rounds: int = 30
     """Cap on calibration rounds (one Adam pass over the train targets each) for a run that never settles."""
     calibration_patience: int = 2
-    """Calibration stops after this many rounds without a better validation NLL."""
-    calibration_lr: float = 0.05
+    """Calibration stops after this many rounds without a validation objective better by
+    `calibration_min_improvement` (relative)."""
+    calibration_min_improvement: float = 0.002
+    """Relative fall of the validation objective that counts as progress (`CalibrationConfig.min_improvement`)."""
+    calibration_lr: float = 0.1
     """Adam step relative to the initial parameters' RMS."""
     output_pool: int = 100
     """SAIF's top candidates (positive score, by SAIF's rank) that `saif_output` re-ranks by their effect on the
@@ -123,6 +126,10 @@ class SweepConfig:
         if missing:
             borrowers = sorted(m for m in self.methods if METHODS[m].borrows in missing)
             raise ValueError(f"methods {borrowers} reuse the tuned configuration of {missing}; add {missing} to methods")
+        unanchored = sorted(m for m in self.methods if METHODS[m].anchored_on not in (None, *self.methods))
+        if unanchored:
+            raise ValueError(f"methods {unanchored} search at the layer and position that "
+                             f"{sorted({METHODS[m].anchored_on for m in unanchored})} chose; add them to methods")
         for name in ("k_grid", "alpha_grid", "positions"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty; give at least one value")
@@ -149,6 +156,11 @@ class SweepConfig:
         return tuple(m for m in self.methods if METHODS[m].tuned)
 
     @property
+    def anchored_methods(self) -> tuple[str, ...]:
+        """The tuned methods searched after the method they are anchored on, at its layer and position."""
+        return tuple(m for m in self.tuned_methods if METHODS[m].anchored_on is not None)
+
+    @property
     def ranking_methods(self) -> tuple[str, ...]:
         """The methods that order the latents themselves before the search (`SteeringMethod.rank`)."""
         return tuple(m for m in self.methods if METHODS[m].ranks)
@@ -166,7 +178,8 @@ class SweepConfig:
     def calibration(self) -> CalibrationConfig:
         """The optimiser settings of the calibrated methods."""
         return CalibrationConfig(max_rounds=self.calibration_rounds, patience=self.calibration_patience,
-                                 lr=self.calibration_lr, seed=self.seed)
+                                 min_improvement=self.calibration_min_improvement, lr=self.calibration_lr,
+                                 seed=self.seed)
 
 
 @dataclass
@@ -312,7 +325,8 @@ def search_space(cfg: SweepConfig, task: str, method: str, layers: tuple[int, ..
     stages = [first]
     if uses_latents:
         stages.append([Condition(task, method, None, k, None, None) for k in ks])
-    stages.append([Condition(task, method, None, None, None, pos) for pos in cfg.positions[1:]])
+    if cfg.positions[1:]:
+        stages.append([Condition(task, method, None, None, None, pos) for pos in cfg.positions[1:]])
     return stages
 
 
@@ -331,15 +345,34 @@ Search = tuple[str, str]
 """A tuned (task, method) pair."""
 
 
-def tune(setup: SteeringSetup, searches: list[Search]) -> tuple[dict[Search, Condition], list[pd.DataFrame]]:
-    """Search (layer, k, α, position) on val for every (task, method) in `searches`; returns the best condition of
-    each and every judged table. The searches advance in lockstep: stage s of all of them is generated in one
-    `evaluate_many` call, so each layer's batches are full (a single search's later stages hold few prompts)."""
-    plans = {search: search_space(setup.cfg, *search, setup.layers) for search in searches}
-    summaries: dict[Search, list[dict]] = {search: [] for search in searches}
+def search_plans(cfg: SweepConfig, searches: list[Search], layers: tuple[int, ...],
+                 anchors: dict[Search, Condition] | None = None) -> dict[Search, list[list[Condition]]]:
+    """The staged conditions (`search_space`) of every search over `layers`; an anchored method
+    (`SteeringMethod.anchored_on`) searches only k and α, at the layer and position its anchor chose (`anchors`: the
+    anchors' chosen conditions), and is left out where its anchor chose nothing."""
+    plans = {}
+    for task, method in searches:
+        anchor_name = get_method(method).anchored_on
+        if anchor_name is None:
+            plans[(task, method)] = search_space(cfg, task, method, layers)
+        elif (task, anchor_name) in (anchors or {}):
+            anchor = anchors[(task, anchor_name)]
+            plans[(task, method)] = search_space(replace(cfg, positions=(anchor.position,)), task, method,
+                                                 (anchor.layer,))
+    return plans
+
+
+def tune(setup: SteeringSetup, searches: list[Search], anchors: dict[Search, Condition] | None = None
+         ) -> tuple[dict[Search, Condition], list[pd.DataFrame]]:
+    """Search (layer, k, α, position) on val for every (task, method) in `searches` (`search_plans`; `anchors` for
+    the anchored methods); returns the best condition of each and every judged table. The searches advance in
+    lockstep: stage s of all of them is generated in one `evaluate_many` call, so each layer's batches are full (a
+    single search's later stages hold few prompts)."""
+    plans = search_plans(setup.cfg, searches, setup.layers, anchors)
+    summaries: dict[Search, list[dict]] = {search: [] for search in plans}
     best: dict[Search, Condition] = {}
     judged = []
-    n_stages = max(len(stages) for stages in plans.values())
+    n_stages = max((len(stages) for stages in plans.values()), default=0)
     for stage_index in tqdm(range(n_stages), desc="val search stages", leave=False):
         active = [search for search, stages in plans.items() if stage_index < len(stages)]
         todo: list[Condition] = []
@@ -521,11 +554,17 @@ class MethodFitter:
                                    replace(self.setup.cfg.calibration, objective=objective), desc)
 
 
-def rank_methods(setup: SteeringSetup, fitter: MethodFitter) -> dict[str, pd.DataFrame]:
-    """Every ranking method's own order of latents (`SteeringMethod.rank`) at each task, swept layer and position."""
+def rank_methods(setup: SteeringSetup, fitter: MethodFitter, names: tuple[str, ...],
+                 anchors: dict[Search, Condition] | None = None) -> dict[str, pd.DataFrame]:
+    """The own order of latents (`SteeringMethod.rank`) of each ranking method in `names`: at each task, swept layer
+    and position, or for an anchored method only where its anchor chose to steer (`anchors`)."""
     cfg, rankings = setup.cfg, {}
-    for name in cfg.ranking_methods:
-        jobs = list(itertools.product(cfg.tasks, setup.layers, cfg.positions))
+    for name in names:
+        anchor_name = METHODS[name].anchored_on
+        jobs = (list(itertools.product(cfg.tasks, setup.layers, cfg.positions)) if anchor_name is None else
+                [(task, c.layer, c.position) for (task, method), c in (anchors or {}).items() if method == anchor_name])
+        if not jobs:
+            continue
         parts = [METHODS[name].rank(fitter, task, layer, position)
                  for task, layer, position in tqdm(jobs, desc=f"ranking latents for {name}", leave=False)]
         rankings[name] = pd.concat(parts, ignore_index=True)
@@ -703,10 +742,18 @@ def run(ctx: RunContext, cfg: SweepConfig) -> SweepResult:
     setup = build_setup(ctx, cfg)
     validate_setup(setup)
     fitter = MethodFitter(setup)
-    rankings = rank_methods(setup, fitter)
+    rankings = rank_methods(setup, fitter, tuple(m for m in cfg.ranking_methods if m not in cfg.anchored_methods))
     setup.source = replace(setup.source, rankings=rankings)
-    searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods]
+    searches = [(task, method) for task in cfg.tasks for method in cfg.tuned_methods
+                if method not in cfg.anchored_methods]
     tuned, judged = tune(setup, searches) if searches else ({}, [])
+    if cfg.anchored_methods:  # searched where their anchor chose, so after it, ranked there first if they rank
+        rankings |= rank_methods(setup, fitter, tuple(m for m in cfg.ranking_methods if m in cfg.anchored_methods),
+                                 tuned)
+        setup.source = replace(setup.source, rankings=rankings)
+        anchored, anchored_judged = tune(setup, [(task, m) for task in cfg.tasks for m in cfg.anchored_methods],
+                                         tuned)
+        tuned, judged = tuned | anchored, judged + anchored_judged
     decomposition, decomposition_judged = decompose(setup, tuned, fitter)
     calibration, weights = pd.DataFrame(), pd.DataFrame()
     if cfg.fitted_methods:
