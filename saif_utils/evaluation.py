@@ -238,7 +238,9 @@ def code_fingerprint(fn: Callable, _seen: set | None = None) -> str:
     parts = [inspect.getsource(fn)]
     for name in sorted(set(fn.__code__.co_names)):
         value = fn.__globals__.get(name)
-        if isinstance(value, (int, float, str, bool, tuple, frozenset)):
+        if isinstance(value, frozenset):  # its repr's order follows string hashing, which differs per process
+            parts.append(f"{name}={sorted(map(repr, value))!r}")
+        elif isinstance(value, (int, float, str, bool, tuple)):
             parts.append(f"{name}={value!r}")
         elif isinstance(value, re.Pattern):
             parts.append(f"{name}={value.pattern!r}")

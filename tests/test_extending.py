@@ -127,6 +127,20 @@ def test_adding_a_task_rejudges_no_other_tasks_verdicts(tmp_path, restore_regist
     assert changed == {"summarize"}, changed
 
 
+def test_checker_fingerprints_are_the_same_in_every_process():
+    """A warm rerun's kernels read the verdicts an earlier process cached: every checker's fingerprint must not depend
+    on the process's string-hash seed (a frozenset's repr does)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from saif_utils import evaluation; "
+              "print({n: evaluation.code_fingerprint(f) for n, f in sorted(evaluation.CHECKERS.items())})")
+    prints = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(prints) == 1, prints
+
+
 def test_bad_plugins_tasks_and_profile_files_are_refused_before_any_model_work(tmp_path, capsys, restore_registries):
     study = user_study(tmp_path / "study")
     broken = tmp_path / "broken_ext.py"

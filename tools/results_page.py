@@ -1,5 +1,5 @@
 """Write docs/results.md — the results page the README links to — from a finished run's tables, and copy its
-steering figure to docs/figures/. The page is generated: rerun this after a run instead of editing it.
+steering figures to docs/figures/. The page is generated: rerun this after a run instead of editing it.
 
     .venv/bin/python tools/results_page.py outputs/default
 """
@@ -21,6 +21,14 @@ REQUIRED = ("01_sae_loading/sae_metrics.csv", "02_feature_discovery/summary.csv"
             "05_steering_sweeps/results.csv", "05_steering_sweeps/results.png", "06_report/environment.csv",
             "06_report/claims.csv")
 """What the page is made of: a run that lacks one is not finished, and the committed page is not rewritten from it."""
+FIGURES = {"05_steering_sweeps/results.png": ("steering_results.png", "Steering results: strict and loose accuracy "
+                                              "with 95 % CIs per task and method"),
+           "05_steering_sweeps/recovered_share.png": ("recovered_share.png", "Share of prompting's gain over no "
+                                                      "instruction that each method recovers, paired 95 % CIs"),
+           "05_steering_sweeps/decomposition.png": ("decomposition.png", "Diff-in-means inside spans of k SAE decoder "
+                                                    "directions: norm share and val accuracy of the projection")}
+"""The run's figures the page shows, by their name in docs/figures/ and their alt text; a run without the last two
+(a profile with no decomposition) shows the first alone."""
 
 
 def missing_files(run_dir: Path) -> list[str]:
@@ -42,8 +50,8 @@ def results_page(run_dir: Path) -> str:
         "bootstrap CIs and their n; a degenerate response (a loop, a token flood, gibberish) fails whatever its "
         "checker says — the checker's raw verdict is the secondary column; "
         "the run's own `report.md` has the same tables with every figure, run times and the environment.", "",
-        "![Steering results: strict and loose accuracy with 95 % CIs per task and method](figures/steering_results.png)",
-        "", "## The paper's claims, measured here", "", markdown_table(claims), "", *tables_markdown(run_dir),
+        *[f"![{alt}](figures/{name})\n" for source, (name, alt) in FIGURES.items() if (run_dir / source).is_file()],
+        "## The paper's claims, measured here", "", markdown_table(claims), "", *tables_markdown(run_dir),
         *agreement_markdown()])
 
 
@@ -65,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     page = results_page(run_dir)
     with atomic_path(DOCS / "results.md") as tmp:
         tmp.write_text(page)
-    with atomic_path(DOCS / "figures" / "steering_results.png") as tmp:
-        shutil.copyfile(run_dir / "05_steering_sweeps" / "results.png", tmp)
+    for source, (name, _) in FIGURES.items():
+        if (run_dir / source).is_file():
+            with atomic_path(DOCS / "figures" / name) as tmp:
+                shutil.copyfile(run_dir / source, tmp)
     print(DOCS / "results.md")
 
 
