@@ -55,9 +55,16 @@ def sha256_file_memo(path: str | Path, settle_seconds: float = 2.0) -> str:
 
 
 def content_hash(obj: Any) -> str:
-    """Short stable hash of a JSON-serialisable object (dict keys sorted); used as cache keys."""
-    payload = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()
+    """Short stable hash of a JSON-serialisable object (dict keys sorted, sets sorted, anything else as `str`); used
+    as cache keys."""
+    payload = json.dumps(obj, sort_keys=True, default=_stable_json, ensure_ascii=False).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _stable_json(value: Any) -> Any:
+    """A value JSON cannot write, in a form that is the same in every process: a set's own order follows string
+    hashing, which Python seeds per process, so it is sorted."""
+    return sorted(value, key=repr) if isinstance(value, (set, frozenset)) else str(value)
 
 
 @contextmanager

@@ -128,14 +128,15 @@ def test_adding_a_task_rejudges_no_other_tasks_verdicts(tmp_path, restore_regist
 
 
 def test_checker_fingerprints_are_the_same_in_every_process():
-    """A warm rerun's kernels read the verdicts an earlier process cached: every checker's fingerprint must not depend
-    on the process's string-hash seed (a frozenset's repr does)."""
+    """A warm rerun's kernels read the verdicts an earlier process cached: every checker's fingerprint, and a cache
+    key holding a set, must not depend on the process's string-hash seed (a frozenset's repr does)."""
     import os
     import subprocess
     import sys
 
-    script = ("from saif_utils import evaluation; "
-              "print({n: evaluation.code_fingerprint(f) for n, f in sorted(evaluation.CHECKERS.items())})")
+    script = ("from saif_utils import evaluation; from saif_utils.io import content_hash; "
+              "print({n: evaluation.code_fingerprint(f) for n, f in sorted(evaluation.CHECKERS.items())}, "
+              "content_hash({'words': frozenset(['the', 'a', 'de', 'la', 'of', 'and'])}))")
     prints = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(prints) == 1, prints
