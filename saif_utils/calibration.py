@@ -7,7 +7,8 @@ every residual coordinate is free (the upper bound on what any vector at that la
 The model and the SAE stay frozen. Each round is one seeded pass of Adam over the train targets, in fixed
 minibatches visited in a new order each round; rounds go on until the validation NLL has not improved for `patience`
 rounds (by more than `min_improvement`; `max_rounds` only caps a run that never settles), and the round with the best
-validation NLL is kept.
+validation NLL is kept. The train split is evaluated only where it is reported: at the start and at the kept round
+(between them, the objective the Adam steps saw comes free with their gradients).
 Between rounds, latents whose weight fell below a fraction of the largest are pruned (fixed at zero).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from .architectures import blocks, final_norm
 from .interventions import AddVector
-from .logits import coarse_kl, scored_token_logprob
+from .logits import coarse_kl, coarse_kl_and_logprob, scored_token_logprob
 from .models import length_buckets, residual_batches, server_errors, trim_heap
 from .progress import tqdm
 from .stats import ratio_ci
@@ -129,13 +130,18 @@ class SteeredNLL(NamedTuple):
     """What `steered_nll` measured on a batch of targets."""
 
     total: float
-    """Summed NLL of every response token."""
+    """Summed objective (NLL or KL) over every response token."""
     n_tokens: int
     grad: torch.Tensor | None
     """d total / d params (with `backward`)."""
-    row_nll: np.ndarray
-    """Each target's summed NLL, in the order given (the units a confidence interval resamples)."""
+    row_nll: np.ndarray | None
+    """Each target's summed NLL, in the order given (the units a confidence interval resamples); None for a 'kl'
+    backward pass, which does not need it."""
     row_tokens: np.ndarray
+    row_objective: np.ndarray
+    """Each target's summed objective (the NLL itself for 'nll')."""
+    nll_total: float | None
+    """Summed NLL of every response token (`total` for 'nll'; None where `row_nll` is)."""
 
 
 def block_outputs(model, layer: int, targets: Targets, batch_size: int) -> list[torch.Tensor]:
@@ -202,7 +208,8 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
     without their cost.
 
     With `objective` 'kl' the summed quantity is instead KL(prompted ‖ steered) at each response token
-    (`logits.coarse_kl` against `targets.teacher`, see `with_teacher`)."""
+    (`logits.coarse_kl` against `targets.teacher`, see `with_teacher`); without `backward` the NLL comes from the
+    same LM-head pass."""
     full = targets.sequences()
     batch = next(iter(length_buckets(full, len(full), model.tokenizer.pad_token_id)))
     if below is not None and below.shape[:2] != batch.input_ids.shape:
@@ -215,7 +222,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
     if objective == "kl":  # in the order the predictions flatten: batch row by row
         teacher_idx = torch.cat([targets.teacher[i][0] for i in batch.rows])
         teacher_logp = torch.cat([targets.teacher[i][1] for i in batch.rows])
-    grad = None
+    grad = token_nll = None  # set before the trace: nnsight hands back only what the trace `save`s
     # Without `backward` no graph at all: the model's weights require grad outside `frozen_weights` (the round-0
     # evaluation), and the graph of a 16-target batch through every block held ≈ 2 GB of activations.
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
@@ -233,54 +240,89 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
             blocks(model)[layer].skip(stand_in + AddVector(vector).delta(stand_in))
         normed = final_norm(model).output
         hidden = normed[:, :-1][predicts.to(normed.device)]
-        if objective == "kl":
-            token_nll = coarse_kl(model, hidden, teacher_idx.to(hidden.device), teacher_logp.to(hidden.device))
+        if objective == "kl" and backward:
+            token_objective = coarse_kl(model, hidden, teacher_idx.to(hidden.device), teacher_logp.to(hidden.device))
+        elif objective == "kl":
+            token_objective, token_logprob = coarse_kl_and_logprob(
+                model, hidden, teacher_idx.to(hidden.device), teacher_logp.to(hidden.device),
+                next_ids.to(hidden.device))
+            token_nll = (-token_logprob).cpu().save()
         else:
-            token_nll = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
-        nll = token_nll.sum()  # bit-identical to summing first and negating after: negation is exact
+            token_objective = -scored_token_logprob(model, hidden, next_ids.to(hidden.device))
+        summed = token_objective.sum()  # bit-identical to summing first and negating after: negation is exact
         if backward:
-            grad = torch.autograd.grad(nll, leaf)[0].cpu().save()
-        total = nll.detach().cpu().save()
-        per_token = token_nll.detach().cpu().save()
+            grad = torch.autograd.grad(summed, leaf)[0].cpu().save()
+        total = summed.detach().cpu().save()
+        per_token = token_objective.detach().cpu().save()
         tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours ran in chunks
     trim_heap()  # the stopped trace left the model's frames in a reference cycle (see `trim_heap`); not measured here
     # `predicts` is row-major: each batch row's predictions are contiguous; batch row r holds target batch.rows[r].
     row_tokens = np.zeros(len(full), dtype=np.int64)
     row_tokens[batch.rows] = predicts.sum(1).numpy()
-    row_nll = np.zeros(len(full))
-    row_nll[batch.rows] = [part.double().sum().item() for part in per_token.split(predicts.sum(1).tolist())]
-    return SteeredNLL(float(total), int(predicts.sum()), grad, row_nll, row_tokens)
+
+    def row_sums(values: torch.Tensor) -> np.ndarray:
+        sums = np.zeros(len(full))
+        sums[batch.rows] = [part.double().sum().item() for part in values.split(predicts.sum(1).tolist())]
+        return sums
+
+    row_objective = row_sums(per_token)
+    if objective == "nll":
+        row_nll, nll_total = row_objective, float(total)
+    else:  # the float32 sum the 'nll' path takes, over the same per-token values
+        row_nll, nll_total = (None, None) if token_nll is None else (row_sums(token_nll), float(token_nll.sum()))
+    return SteeredNLL(float(total), int(predicts.sum()), grad, row_nll, row_tokens, row_objective, nll_total)
+
+
+class TargetScores(NamedTuple):
+    """What `target_scores` measured over all targets."""
+
+    nll: float
+    """Mean NLL per response token."""
+    row_nll: np.ndarray
+    """Each target's summed NLL (the units a confidence interval resamples)."""
+    row_tokens: np.ndarray
+    objective: float
+    """Mean objective per response token (the NLL itself for 'nll')."""
+
+
+def target_scores(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
+                  batch_size: int, remote: bool = False, below: Sequence[torch.Tensor] | None = None,
+                  objective: str = "nll") -> TargetScores:
+    """The NLL and `objective` of all targets (no gradient, one pass) with the vector `params @ basis`. `below`:
+    `block_outputs(model, layer, targets, batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
+    parts = []
+    with torch.no_grad():
+        for b, part_targets in enumerate(targets.batches(batch_size)):
+            parts.append(steered_nll(model, layer, params, basis, part_targets, remote=remote,
+                                     below=None if below is None else below[b], objective=objective))
+    n_tokens = sum(part.n_tokens for part in parts)
+    return TargetScores(sum(part.nll_total for part in parts) / n_tokens,
+                        np.concatenate([part.row_nll for part in parts]),
+                        np.concatenate([part.row_tokens for part in parts]),
+                        sum(part.total for part in parts) / n_tokens)
 
 
 def target_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
-               remote: bool = False, below: Sequence[torch.Tensor] | None = None, objective: str = "nll"
+               remote: bool = False, below: Sequence[torch.Tensor] | None = None
                ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean NLL (or, with `objective` 'kl', KL) per response token over all targets (no gradient) with the vector
-    `params @ basis`, and each target's sum and response length (for a confidence interval over targets). `below`:
-    `block_outputs(model, layer, targets, batch_size)`, which then skips the blocks up to `layer` (see `steered_nll`)."""
-    total, n, row_nll, row_tokens = 0.0, 0, [], []
-    with torch.no_grad():
-        for b, part_targets in enumerate(targets.batches(batch_size)):
-            part = steered_nll(model, layer, params, basis, part_targets, remote=remote,
-                               below=None if below is None else below[b], objective=objective)
-            total, n = total + part.total, n + part.n_tokens
-            row_nll.append(part.row_nll)
-            row_tokens.append(part.row_tokens)
-    return total / n, np.concatenate(row_nll), np.concatenate(row_tokens)
+    """Mean NLL per response token over all targets (no gradient) with the vector `params @ basis`, and each target's
+    sum and response length (for a confidence interval over targets); `below` as in `target_scores`."""
+    return target_scores(model, layer, params, basis, targets, batch_size, remote, below)[:3]
 
 
 def summed_gradient(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets,
                     rows_per_pass: int, remote: bool = False, below: Sequence[torch.Tensor] | None = None,
-                    objective: str = "nll") -> tuple[torch.Tensor, int]:
-    """d(summed NLL of `targets`)/d params, backpropagated `rows_per_pass` targets at a time (the NLL is a sum over
-    targets, so the chunks' gradients add up to the whole batch's), and the number of response tokens. `below`:
-    `block_outputs(model, layer, targets, rows_per_pass)`, which then skips the blocks up to `layer`."""
-    grad, n_tokens = torch.zeros_like(params), 0
+                    objective: str = "nll") -> tuple[torch.Tensor, int, float]:
+    """d(summed objective of `targets`)/d params, backpropagated `rows_per_pass` targets at a time (the objective is a
+    sum over targets, so the chunks' gradients add up to the whole batch's), the number of response tokens and the
+    summed objective itself. `below`: `block_outputs(model, layer, targets, rows_per_pass)`, which then skips the
+    blocks up to `layer`."""
+    grad, n_tokens, total = torch.zeros_like(params), 0, 0.0
     for c, chunk in enumerate(targets.batches(rows_per_pass)):
         part = steered_nll(model, layer, params, basis, chunk, backward=True, remote=remote,
                            below=None if below is None else below[c], objective=objective)
-        grad, n_tokens = grad + part.grad, n_tokens + part.n_tokens
-    return grad, n_tokens
+        grad, n_tokens, total = grad + part.grad, n_tokens + part.n_tokens, total + part.total
+    return grad, n_tokens, total
 
 
 def mean_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | None, targets: Targets, batch_size: int,
@@ -295,9 +337,11 @@ class Calibration:
 
     params: torch.Tensor
     history: pd.DataFrame
-    """One row per round (0 = the initial vector): train_nll, val_nll (each with a 95 % CI over targets), n_active,
-    train_objective, val_objective (what is minimised: the NLL itself, or the KL), n_steps (Adam steps so far), best,
-    and converged (the run stopped because val stopped improving, not at the round cap)."""
+    """One row per round (0 = the initial vector): val_nll (with a 95 % CI over targets), val_objective (what is
+    minimised: the NLL itself, or the KL), n_active, n_steps (Adam steps so far), best, converged (the run stopped
+    because val stopped improving, not at the round cap); train_nll (with its CI) and train_objective at round 0 and
+    at the kept round only (NaN between); and from round 1, train_running_objective, the mean objective of the
+    round's minibatches as each Adam step saw it (before its update)."""
     active: torch.Tensor
 
 
@@ -330,33 +374,35 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
              for split, targets in splits.items()}
     chunks_below = [None if remote else block_outputs(model, layer, batch, cfg.grad_rows) for batch in minibatches]
 
-    def evaluate() -> dict:
-        row = {"n_active": int(active.sum()) if active is not None else params.numel()}
-        for split, targets in splits.items():
-            mean, row_nll, row_tokens = target_nll(model, layer, params, basis, targets, cfg.batch_size, remote,
-                                                   below[split])
-            _, low, high = ratio_ci(row_nll, row_tokens, seed=cfg.seed)
-            row |= {f"{split}_nll": mean, f"{split}_nll_ci_low": low, f"{split}_nll_ci_high": high}
-            row[f"{split}_objective"] = mean if cfg.objective == "nll" else target_nll(
-                model, layer, params, basis, targets, cfg.batch_size, remote, below[split], cfg.objective)[0]
-        return row
+    def evaluate(at: torch.Tensor, split: str) -> dict:
+        scores = target_scores(model, layer, at, basis, splits[split], cfg.batch_size, remote, below[split],
+                               cfg.objective)
+        _, low, high = ratio_ci(scores.row_nll, scores.row_tokens, seed=cfg.seed)
+        return {f"{split}_nll": scores.nll, f"{split}_nll_ci_low": low, f"{split}_nll_ci_high": high,
+                f"{split}_objective": scores.objective}
 
-    history = [{"round": 0, "n_steps": 0} | evaluate()]
+    def n_active() -> int:
+        return int(active.sum()) if active is not None else params.numel()
+
+    history = [{"round": 0, "n_steps": 0, "n_active": n_active()} | evaluate(params, "train") | evaluate(params, "val")]
     best_params, best_val, best_active, since_best = params.detach().clone(), history[0]["val_objective"], active, 0
     progress_mark = best_val  # the objective a round must beat by `min_improvement` to reset the patience count
     n_steps, converged = 0, False
     with frozen_weights(model._module):
         for round_no in tqdm(range(1, cfg.max_rounds + 1), desc=desc, leave=False):
+            seen, seen_tokens = 0.0, 0
             for b in torch.randperm(len(minibatches), generator=order).tolist():
-                grad, n_tokens = summed_gradient(model, layer, params, basis, minibatches[b], cfg.grad_rows, remote,
-                                                 chunks_below[b], cfg.objective)
+                grad, n_tokens, total = summed_gradient(model, layer, params, basis, minibatches[b], cfg.grad_rows,
+                                                        remote, chunks_below[b], cfg.objective)
+                seen, seen_tokens = seen + total, seen_tokens + n_tokens
                 params.grad = grad / n_tokens  # the step follows the batch's mean per-token NLL
                 optimiser.step()
                 n_steps += 1
                 if active is not None:
                     with torch.no_grad():
                         params[~active] = 0.0
-            history.append({"round": round_no, "n_steps": n_steps} | evaluate())
+            history.append({"round": round_no, "n_steps": n_steps, "n_active": n_active(),
+                            "train_running_objective": seen / seen_tokens} | evaluate(params, "val"))
             val_objective = history[-1]["val_objective"]
             if val_objective < best_val:
                 best_params, best_val = params.detach().clone(), val_objective
@@ -374,6 +420,10 @@ def calibrate(model, layer: int, init: torch.Tensor, basis: torch.Tensor | None,
                 break
     table = pd.DataFrame(history)
     table["best"] = table["val_objective"] == best_val
+    kept_round = table.index[table["best"]][0]
+    if kept_round > 0:  # the train split at the kept parameters: the same numbers as evaluating it in that round
+        for column, value in evaluate(best_params, "train").items():
+            table.loc[kept_round, column] = value
     table["converged"] = converged
     kept = best_active if best_active is not None else torch.ones_like(best_params, dtype=torch.bool)
     return Calibration(best_params, table, kept)

@@ -38,13 +38,27 @@ def coarse_kl(model, hidden: torch.Tensor, teacher_idx: torch.Tensor, teacher_lo
     tokens `teacher_idx` [N, K] and their log-probabilities `teacher_logp` [N, K]: both distributions are coarsened
     to those K tokens plus one bucket for the rest of the vocabulary (a lower bound on the full KL, tight when the
     teacher's mass sits in its top K), `chunk` positions at a time."""
-    out = []
+    return torch.cat([_chunk_kl(vocab_logprobs(model, hidden[start:start + chunk]), teacher_idx[start:start + chunk],
+                                teacher_logp[start:start + chunk]) for start in range(0, hidden.shape[0], chunk)])
+
+
+def coarse_kl_and_logprob(model, hidden: torch.Tensor, teacher_idx: torch.Tensor, teacher_logp: torch.Tensor,
+                          targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`coarse_kl` and `scored_token_logprob` of `targets` at each row, from one LM-head pass: the same numbers as the
+    two functions give apart, at the cost of one."""
+    kl, logprob = [], []
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        student = vocab_logprobs(model, hidden[rows]).gather(-1, teacher_idx[rows])
-        teacher = teacher_logp[rows]
-        rest_teacher = (1 - teacher.exp().sum(-1)).clamp_min(1e-12)
-        rest_student = (1 - student.exp().sum(-1)).clamp_min(1e-12)
-        out.append((teacher.exp() * (teacher - student)).sum(-1)
-                   + rest_teacher * (rest_teacher.log() - rest_student.log()))
-    return torch.cat(out)
+        logp = vocab_logprobs(model, hidden[rows])
+        kl.append(_chunk_kl(logp, teacher_idx[rows], teacher_logp[rows]))
+        logprob.append(logp.gather(-1, targets[rows, None])[:, 0])
+    return torch.cat(kl), torch.cat(logprob)
+
+
+def _chunk_kl(logp: torch.Tensor, teacher_idx: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Coarse KL(teacher ‖ model) per row from the model's full log-probabilities `logp` [n, vocab]."""
+    student = logp.gather(-1, teacher_idx)
+    rest_teacher = (1 - teacher_logp.exp().sum(-1)).clamp_min(1e-12)
+    rest_student = (1 - student.exp().sum(-1)).clamp_min(1e-12)
+    return ((teacher_logp.exp() * (teacher_logp - student)).sum(-1)
+            + rest_teacher * (rest_teacher.log() - rest_student.log()))

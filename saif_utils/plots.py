@@ -345,9 +345,9 @@ def _with_n(rows: pd.DataFrame, column: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- calibration
 def calibration_rounds(history: pd.DataFrame):
-    """Validation (solid, shaded: 95 % CI over targets) and train (dashed) NLL of the target responses per calibration
-    round, one panel per calibrating method, one colour per task; round 0 is SAIF's vector, the ringed dot the round
-    kept."""
+    """Validation (solid, shaded: 95 % CI over targets) NLL of the target responses per calibration round, and train
+    NLL (dashed) from the start to the kept round (the two rounds it is evaluated at), one panel per calibrating
+    method, one colour per task; round 0 is SAIF's vector, the ringed dot the round kept."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -366,7 +366,8 @@ def calibration_rounds(history: pd.DataFrame):
                     label=f"{task} (n = {n_train} train / {n_val} val)")
             ax.fill_between(rows["round"], rows["val_nll_ci_low"], rows["val_nll_ci_high"], color=colours[task],
                             alpha=0.12, lw=0)
-            ax.plot(rows["round"], rows["train_nll"], "--", color=colours[task], alpha=0.6)
+            train = rows.dropna(subset=["train_nll"])
+            ax.plot(train["round"], train["train_nll"], "x--", color=colours[task], alpha=0.6)
             kept = rows[rows["best"]]
             ax.scatter(kept["round"], kept["val_nll"], s=80, facecolors="none", edgecolors=colours[task])
         ax.set(title=method, xlabel="round (0 = SAIF's vector)", ylabel="NLL per response token")
@@ -374,7 +375,7 @@ def calibration_rounds(history: pd.DataFrame):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Calibration objective per round: val NLL (solid; shaded: 95 % bootstrap CI over targets), "
-                 "train NLL (dashed)", fontsize=10)
+                 "train NLL at the start and the kept round (dashed)", fontsize=10)
     fig.tight_layout()
     return fig
 

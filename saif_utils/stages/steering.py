@@ -519,7 +519,7 @@ class MethodFitter:
 
         def compute() -> dict[str, pd.DataFrame]:
             with frozen_weights(ctx.model._module):
-                grad, n_tokens = summed_gradient(ctx.model, layer, torch.zeros(d_model), None, targets,
+                grad, n_tokens, _ = summed_gradient(ctx.model, layer, torch.zeros(d_model), None, targets,
                                                  cfg.calibration.grad_rows, ctx.remote)
             return {"gradient": pd.DataFrame({"grad": (grad / n_tokens).numpy()})}
 
