@@ -320,7 +320,10 @@ def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_s
     replacing the residual, with the residual zero-ablated instead (the floor of "CE loss recovered"), and the mean
     KL(clean ‖ spliced), over every real token after the first `skip_first` (the splice and the ablation skip them
     too). `per_text` holds each text's sums of the same quantities and its number of predictions, the units a
-    confidence interval resamples."""
+    confidence interval resamples.
+
+    Locally, an edited pass starts from the clean pass's output of its block instead of recomputing the blocks below
+    (bitwise the same numbers), and the zero ablation, which depends on the layer only, runs once per layer."""
     from .interventions import SAEWeights
     from .logits import LOGIT_CHUNK, vocab_logprobs
 
@@ -328,42 +331,65 @@ def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_s
     # On NDIF the splice runs on the server, which has no sae-lens: the SAE's maths travels as plain tensors.
     reconstruct = {label: SAEWeights.of(sae).reconstruct if remote else sae for label, sae in saes.items()}
 
-    def final_hidden(inputs, keep, layer=None, splice=None, sae=None):
-        """Final-norm hidden states at the scored positions [n, d]; with `layer`, that block's output at the `splice`
-        positions replaced by `sae`'s reconstruction, or by zeros without an `sae`."""
-        with server_errors(remote, f"splicing SAEs ({'layer ' + str(layer) if layer is not None else 'clean'})"), \
+    spliced_layers = sorted(set(layer_of.values()))
+
+    def clean_pass(inputs, keep):
+        """Final-norm hidden states at the scored positions [n, d], unedited, and (locally) each spliced layer's block
+        output [B, S, d], from which the edited passes start."""
+        with server_errors(remote, "splicing SAEs (clean)"), \
                 model.trace(inputs, use_cache=False, remote=remote) as tracer:
-            if layer is not None:
-                resid = blocks(model)[layer].output
-                replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
-                resid[:] = torch.where(splice.to(resid.device), replacement, resid)
+            below = nnsight.save({} if remote else {layer: blocks(model)[layer].output.detach()
+                                                    for layer in spliced_layers})
             hidden = final_norm(model).output
             saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
             tracer.stop()  # the model's LM head would build [batch, seq, vocab] logits; ours runs in chunks
-        # Eleven passes per batch (clean, then spliced and zeroed per layer) each left ≈ 120 MB of freed heap resident
-        # until the batch ended (sampled: 1.8 → 3.1 GB within one batch on the default profile).
+        trim_heap()
+        return saved, below
+
+    def edited_pass(inputs, keep, layer, splice, below, sae=None):
+        """Final-norm hidden states at the scored positions [n, d] with block `layer`'s output at the `splice`
+        positions replaced by `sae`'s reconstruction, or by zeros without an `sae`; with `below` (that block's clean
+        output) the blocks up to `layer` are skipped, as they would recompute it exactly."""
+        with server_errors(remote, f"splicing SAEs (layer {layer})"), \
+                model.trace(inputs, use_cache=False, remote=remote) as tracer:
+            if below is None:
+                resid = blocks(model)[layer].output
+                replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
+                resid[:] = torch.where(splice.to(resid.device), replacement, resid)
+            else:
+                for block in blocks(model)[:layer]:
+                    block.skip(below)  # any tensor of the block's shape: only the next block, skipped too, reads it
+                replacement = sae(below) if sae is not None else torch.zeros_like(below)
+                blocks(model)[layer].skip(torch.where(splice.to(below.device), replacement, below))
+            hidden = final_norm(model).output
+            saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
+            tracer.stop()
+        # Every pass left ≈ 120 MB of freed heap resident until the batch ended (sampled: 1.8 → 3.1 GB within one
+        # batch on the default profile).
         trim_heap()
         return saved
 
-    def scores(clean, edited, targets):
-        """Per prediction [n]: clean, spliced and zero-ablated cross-entropy and KL(clean ‖ spliced) for every layer,
-        the LM head run in chunks where the weights are (an nnsight trace: the module calls are ad hoc, the traced
-        one-token input is never read)."""
+    def scores(clean, spliced, zeroed, targets):
+        """Per prediction [n]: clean cross-entropy; spliced cross-entropy and KL(clean ‖ spliced) per SAE label;
+        zero-ablated cross-entropy per layer — the LM head run in chunks where the weights are (an nnsight trace: the
+        module calls are ad hoc, the traced one-token input is never read)."""
         with server_errors(remote, "scoring SAE splices"), \
                 model.trace(torch.tensor([[model.tokenizer.eos_token_id]]), remote=remote) as tracer:
             device = lm_head(model).weight.device
-            parts = {"ce_clean": [], **{(layer, name): [] for layer in edited for name in ("ce_spliced", "ce_zero", "kl")}}
+            parts = {"ce_clean": [], **{(label, name): [] for label in spliced for name in ("ce_spliced", "kl")},
+                     **{(layer, "ce_zero"): [] for layer in zeroed}}
             for start in range(0, len(targets), LOGIT_CHUNK):
                 rows = slice(start, start + LOGIT_CHUNK)
                 chunk_targets = targets[rows].to(device)
                 lp_clean = vocab_logprobs(model, clean[rows].to(device))  # once per chunk, shared by every layer
                 parts["ce_clean"].append(-lp_clean.gather(1, chunk_targets)[:, 0].cpu())
-                for layer, (spliced, zeroed) in edited.items():
-                    lp_spliced = vocab_logprobs(model, spliced[rows].to(device))
-                    lp_zero = vocab_logprobs(model, zeroed[rows].to(device))
-                    parts[layer, "ce_spliced"].append(-lp_spliced.gather(1, chunk_targets)[:, 0].cpu())
+                for label, hidden in spliced.items():
+                    lp_spliced = vocab_logprobs(model, hidden[rows].to(device))
+                    parts[label, "ce_spliced"].append(-lp_spliced.gather(1, chunk_targets)[:, 0].cpu())
+                    parts[label, "kl"].append((lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).cpu())
+                for layer, hidden in zeroed.items():
+                    lp_zero = vocab_logprobs(model, hidden[rows].to(device))
                     parts[layer, "ce_zero"].append(-lp_zero.gather(1, chunk_targets)[:, 0].cpu())
-                    parts[layer, "kl"].append((lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).cpu())
             per_prediction = nnsight.save({name: torch.cat(values) for name, values in parts.items()})
             tracer.stop()
         return per_prediction
@@ -371,28 +397,32 @@ def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_s
     names = ("ce_clean", "ce_spliced", "ce_zero", "kl")
     per_text = {label: {name: np.zeros(len(token_ids)) for name in (*names, "n")} for label in saes}
     batches = list(length_buckets(token_ids, batch_size, model.tokenizer.pad_token_id))
-    # One step per forward pass (clean, then spliced and zeroed per SAE) and per scoring: a batch alone takes minutes.
-    progress = tqdm(total=len(batches) * (2 + 2 * len(saes)), desc=f"spliced CE ({len(saes)} SAEs, "
+    # One step per forward pass (clean, spliced per SAE, zeroed per layer) and per scoring: a batch takes minutes.
+    progress = tqdm(total=len(batches) * (2 + len(saes) + len(spliced_layers)), desc=f"spliced CE ({len(saes)} SAEs, "
                     f"{len(batches)} batches)", leave=False)
     for batch in batches:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         splice = real_token_mask(batch, token_ids, skip_first)[..., None]  # [B, S, 1]
         keep = splice[:, :-1, 0]  # predictions made at spliced positions, scored against the next token
         targets = batch.input_ids[:, 1:][keep][:, None]
-        clean = final_hidden(inputs, keep)
+        clean, below = clean_pass(inputs, keep)
         progress.update()
-        edited = {}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
+        spliced, zeroed = {}, {}  # [n, d] each: small beside one chunk's [chunk, vocab] log-probs
         for label in saes:
-            spliced = final_hidden(inputs, keep, layer_of[label], splice, reconstruct[label])
+            layer = layer_of[label]
+            spliced[label] = edited_pass(inputs, keep, layer, splice, below.get(layer), reconstruct[label])
             progress.update()
-            edited[label] = (spliced, final_hidden(inputs, keep, layer_of[label], splice))
+        for layer in spliced_layers:
+            zeroed[layer] = edited_pass(inputs, keep, layer, splice, below.get(layer))
             progress.update()
-        scored = scores(clean, edited, targets)
+        del below
+        scored = scores(clean, spliced, zeroed, targets)
         progress.update()
         text = np.repeat(np.asarray(batch.rows), keep.sum(1).numpy())  # the text each prediction belongs to
         for label, sums in per_text.items():
             for name in names:
-                values = scored[name] if name == "ce_clean" else scored[label, name]
+                values = (scored[name] if name == "ce_clean" else
+                          scored[layer_of[label], name] if name == "ce_zero" else scored[label, name])
                 sums[name] += np.bincount(text, values.double().numpy(), len(token_ids))
             sums["n"] += np.bincount(text, minlength=len(token_ids))
         trim_heap()

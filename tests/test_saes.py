@@ -205,3 +205,38 @@ def test_spliced_cross_entropy_against_a_plain_forward(tiny_model):
     assert got["ce_clean"] == pytest.approx(nll / n, abs=1e-4)
     assert got["ce_spliced"] == pytest.approx(got["ce_clean"], abs=1e-5) and abs(got["kl"]) < 1e-5
     assert got["ce_zero"] > got["ce_clean"] + 1
+
+
+def test_spliced_and_zeroed_passes_match_a_hooked_forward(tiny_model):
+    """An edited pass starts from the clean pass's block output and two SAEs at one layer share its zero ablation: each
+    text's spliced and zero-ablated CE still equal a plain forward whose block output is replaced by a hook."""
+    from saif_utils.models import chat_prompt, tokenize
+    from saif_utils.saes import spliced_cross_entropy
+
+    tok = tiny_model.tokenizer
+    ids = tokenize(tok, [chat_prompt(tok, "Name a colour."), chat_prompt(tok, "Bees dance to show where flowers are.")])
+    saes = {"half": lambda x: 0.5 * x, "flip": lambda x: -x, "deep": lambda x: 0.5 * x}
+    layers = {"half": 3, "flip": 3, "deep": 5}
+    got = spliced_cross_entropy(tiny_model, saes, ids, batch_size=2, skip_first=1, layers=layers)
+
+    def hooked_ce(row: list[int], layer: int, edit) -> float:
+        def hook(module, args, output):
+            resid = output[0] if isinstance(output, tuple) else output
+            edited = resid.clone()
+            edited[:, 1:] = edit(resid[:, 1:])  # the splice skips the first token, as `skip_first=1` does
+            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+        handle = tiny_model._module.model.layers[layer].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                lp = tiny_model._module(torch.tensor([row])).logits[0, 1:-1].float().log_softmax(-1)
+        finally:
+            handle.remove()
+        return -lp.gather(-1, torch.tensor(row[2:])[:, None]).sum().item()
+
+    for label, edit in saes.items():
+        for i, row in enumerate(ids):
+            assert got[label]["per_text"]["ce_spliced"][i] == pytest.approx(hooked_ce(row, layers[label], edit), rel=1e-4)
+            assert got[label]["per_text"]["ce_zero"][i] == pytest.approx(
+                hooked_ce(row, layers[label], torch.zeros_like), rel=1e-4)
+    assert got["half"]["ce_zero"] == got["flip"]["ce_zero"] != got["deep"]["ce_zero"]
