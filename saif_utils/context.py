@@ -142,12 +142,13 @@ class RunContext:
                                self.remote, desc)
 
     def logprob(self, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]], layer: int | None = None,
-                edit=None, batch_size: int = 8) -> np.ndarray:
+                edit=None, batch_size: int = 8, desc: str = "log-probs") -> np.ndarray:
         """Mean token log-probability of each continuation after its prefix, with `edit` at `layer`, cached per item
         (`likelihood.cached_logprob`)."""
         from .likelihood import cached_logprob
 
-        return cached_logprob(self.model, self.model_key, prefix_ids, cont_ids, layer, edit, batch_size, self.remote)
+        return cached_logprob(self.model, self.model_key, prefix_ids, cont_ids, layer, edit, batch_size, self.remote,
+                              desc)
 
 
 def open_run(profile: str | Profile, output_dir: str | Path | None = None, remote: bool = False,

@@ -21,6 +21,7 @@ from .data import Task, load_tasks
 from .degeneracy import degeneracy_signals
 from .io import cached_json_items, content_hash
 from .language import dictionary_share, is_french, words
+from .progress import tqdm
 
 TRANSLATION_SIM_MIN = 0.83
 """e5 cosine above which a response counts as a translation of its source (measured on this repo's data: en–fr
@@ -273,7 +274,7 @@ def judge(responses: pd.DataFrame, tasks: Mapping[str, Task] | None = None) -> p
     fingerprints = {task: _checker_key(tasks[task.partition(":")[0]].checker_name) for task in checkers}
 
     def compute(missing: list[int]) -> list[dict]:
-        return [verdict(i) for i in missing]
+        return [verdict(i) for i in tqdm(missing, desc="judging", leave=False)]
 
     def verdict(i: int) -> dict:
         task, response, source = rows[i]

@@ -18,14 +18,16 @@ from .models import (
     shared_prefix_batches,
     trim_heap,
 )
+from .progress import tqdm
 
 
 @torch.inference_mode()
 def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
                          layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
-                         remote: bool = False) -> np.ndarray:
+                         remote: bool = False, desc: str = "log-probs") -> np.ndarray:
     """Mean log-probability per token of each continuation given its prefix (teacher-forced), optionally with
-    `edit` (shared, or per row as `cached_logprob` stacks it) applied at every position of decoder block `layer`.
+    `edit` (shared, or per row as `cached_logprob` stacks it) applied at every position of decoder block `layer`;
+    a progress bar named `desc` counts the batches.
 
     Without an edit, the tokens every prefix shares (fluency scores every response after one empty user turn) run
     once and their KV cache serves every batch."""
@@ -43,7 +45,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
     else:
         batches = ((b.rows, b.input_ids, {"attention_mask": b.attention_mask, "use_cache": False}, None)
                    for b in length_buckets(full, batch_size, model.tokenizer.pad_token_id))
-    for rows, ids, inputs, shared in batches:
+    for rows, ids, inputs, shared in tqdm(batches, total=-(-len(full) // batch_size), desc=desc, leave=False):
         # Scored positions: for row r, the columns whose next token is a continuation token (right-padded suffixes
         # start after the shared prefix, left-padded rows end at the last column).
         firsts = [len(prefix_ids[i]) - 1 - shared if shared is not None else ids.shape[1] - 1 - len(cont_ids[i])
@@ -73,7 +75,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
 
 def cached_logprob(model, model_key: str, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
                    layer: int | None = None, edit: Intervention | Sequence[Intervention | None] | None = None,
-                   batch_size: int = 8, remote: bool = False) -> np.ndarray:
+                   batch_size: int = 8, remote: bool = False, desc: str = "log-probs") -> np.ndarray:
     """`continuation_logprob` with one cache entry per (model, intervention, prefix, continuation): warm reruns of
     ablation and steering score likelihood and fluency without a forward pass. `edit` may be one per prompt, as in
     `cached_generate`, so several conditions share batches."""
@@ -84,7 +86,7 @@ def cached_logprob(model, model_key: str, prefix_ids: Sequence[Sequence[int]], c
     def compute(missing: list[int]) -> list[dict]:
         batch_edit = stack_edits([edits[i] for i in missing]) if per_prompt else edit
         fresh = continuation_logprob(model, [prefix_ids[i] for i in missing], [cont_ids[i] for i in missing],
-                                     layer, batch_edit, batch_size, remote)
+                                     layer, batch_edit, batch_size, remote, desc)
         return [{"logprob": None if np.isnan(v) else float(v)} for v in fresh]
 
     # An empty continuation has no log-probability (stored as null); a 1-tuple keeps it apart from a missing entry.

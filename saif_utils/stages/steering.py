@@ -296,7 +296,7 @@ def evaluate_jobs(setup: SteeringSetup, jobs: list[GenerationJob], split: str, k
         for (c, i), generated in zip(rows, out):
             new_ids[c][i] = generated
     flat = [g for ids in new_ids for g in ids]
-    nll = -ctx.logprob([setup.nll_prefix] * len(flat), flat, batch_size=cfg.gen_batch_size)
+    nll = -ctx.logprob([setup.nll_prefix] * len(flat), flat, batch_size=cfg.gen_batch_size, desc=f"{split} fluency")
     tok, tables, start, tasks = ctx.tokenizer, [], 0, ctx.data.tasks()
     for job, ids in zip(jobs, new_ids):
         cond, prompts, draws, n_latents = job.cond, job.prompts, job.draws, job.n_latents
