@@ -138,8 +138,6 @@ class SteeredNLL(NamedTuple):
     """Each target's summed NLL, in the order given (the units a confidence interval resamples); None for a 'kl'
     backward pass, which does not need it."""
     row_tokens: np.ndarray
-    row_objective: np.ndarray
-    """Each target's summed objective (the NLL itself for 'nll')."""
     nll_total: float | None
     """Summed NLL of every response token (`total` for 'nll'; None where `row_nll` is)."""
 
@@ -265,12 +263,11 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
         sums[batch.rows] = [part.double().sum().item() for part in values.split(predicts.sum(1).tolist())]
         return sums
 
-    row_objective = row_sums(per_token)
     if objective == "nll":
-        row_nll, nll_total = row_objective, float(total)
+        row_nll, nll_total = row_sums(per_token), float(total)
     else:  # the float32 sum the 'nll' path takes, over the same per-token values
         row_nll, nll_total = (None, None) if token_nll is None else (row_sums(token_nll), float(token_nll.sum()))
-    return SteeredNLL(float(total), int(predicts.sum()), grad, row_nll, row_tokens, row_objective, nll_total)
+    return SteeredNLL(float(total), int(predicts.sum()), grad, row_nll, row_tokens, nll_total)
 
 
 class TargetScores(NamedTuple):
