@@ -3,24 +3,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .architectures import blocks
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
-from .models import check_model_layer, length_buckets, server_errors, trim_heap
+from .models import Batch, check_model_layer, distinct_rows, length_buckets, server_errors, trim_heap
 from .progress import tqdm
 
 
 @torch.inference_mode()
 def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit: Intervention | torch.Tensor | None,
                      max_new_tokens: int, span: Span = "both", batch_size: int = 8, remote: bool = False,
-                     desc: str = "generating", min_new_tokens: int | None = None) -> list[list[int]]:
+                     desc: str = "generating", min_new_tokens: int | None = None, share_prompts: bool = True
+                     ) -> list[list[int]]:
     """Greedy generation of up to `max_new_tokens` per prompt (stopping at end-of-turn, never before
     `min_new_tokens` — benchmarks use it to fix the amount of work) with `edit` applied to the
     output of decoder block `layer` at the prompt positions, at every generated token, or both. A bare tensor means
-    `AddVector(tensor)`. Returns the new token ids per prompt, without the end-of-turn token.
+    `AddVector(tensor)`. Returns the new token ids per prompt, without the end-of-turn token. With `share_prompts`,
+    the blocks up to `layer` run once per distinct prompt of a batch (`shared_prompt_pass`; same tokens).
 
     nnsight's `tracer.iter[:]` visits the forward pass of each step: step 0 is the whole (left-padded) prompt,
     each later step one new token under the KV cache — so "generated" really reaches every new token. The loop is
@@ -39,22 +42,32 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
     # Even one batch gets a bar: it names the phase that is running (a sweep's layer, a split) in the live status.
     for batch in tqdm(batches, desc=desc, leave=False, disable=not batches):
         batch_edit = None if edit is None else edit.rows(batch.rows)
+        # Rows that share a prompt (one passage under several vectors) share what the blocks up to the edited one
+        # compute on it: that runs once per distinct prompt. On NDIF the server recomputes it (its KV cache stays there).
+        shared = None if batch_edit is None or remote or not share_prompts else shared_prompt_pass(model, batch, layer)
+        cache = {} if shared is None else {"cache": shared.cache}
         # Only plain tensors and the intervention (shipped by value) enter the block: on NDIF it runs on the server.
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         with warnings.catch_warnings(), server_errors(remote, f"generating ({desc})"):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with model.generate(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-                                pad_token_id=model.tokenizer.pad_token_id, remote=remote) as tracer:
+                                pad_token_id=model.tokenizer.pad_token_id, remote=remote, **cache) as tracer:
                 with tracer.invoke(inputs):
-                    if batch_edit is not None and span == "prompt":
-                        resid = blocks(model)[layer].output  # the first forward: the whole prompt
-                        resid[:] += batch_edit.delta(resid)
+                    if batch_edit is not None and span == "prompt":  # the first forward only: the whole prompt
+                        if shared is not None:
+                            shared.replay(model, layer, batch_edit)
+                        else:
+                            resid = blocks(model)[layer].output
+                            resid[:] += batch_edit.delta(resid)
                     elif batch_edit is not None:
                         # Every step must touch the module: a step that waits on nothing would spin forever.
                         for step in tracer.iter[:]:
-                            resid = blocks(model)[layer].output
-                            if step > 0 or span == "both":
-                                resid[:] += batch_edit.delta(resid)
+                            if step == 0 and shared is not None:
+                                shared.replay(model, layer, batch_edit if span == "both" else None)
+                            else:
+                                resid = blocks(model)[layer].output
+                                if step > 0 or span == "both":
+                                    resid[:] += batch_edit.delta(resid)
                 with tracer.invoke():
                     result = tracer.result.save()
         width = batch.input_ids.shape[1]
@@ -64,6 +77,52 @@ def generate_steered(model, token_ids: Sequence[Sequence[int]], layer: int, edit
         del result  # not shipped again with the next batch's remote trace (see models.residual_batches)
         trim_heap()  # the batch's KV cache is freed: give its pages back before the next, longer batch
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPromptPass:
+    """What blocks 0 … `layer` compute on a generation batch's prompts, computed once per distinct prompt and repeated
+    over the rows that share it, and the empty KV cache the batch's generation starts from."""
+
+    below: torch.Tensor
+    """Block `layer`'s unedited output `[B, S, d]`, row for row."""
+    filled: list
+    """Per block 0 … `layer`: its KV-cache layer over the prompt, row for row."""
+    cache: object
+    """The `DynamicCache` to generate with: `replay` hands it `filled`."""
+
+    def replay(self, model, layer: int, edit: Intervention | None) -> None:
+        """Inside the batch's generation trace, at its first forward: skip blocks 0 … `layer`, handing on block
+        `layer`'s output with `edit` applied, and give the cache what they would have written."""
+        for block in blocks(model)[:layer]:
+            block.skip(self.below)  # any tensor of the block's shape: only the next block, skipped too, reads it
+        blocks(model)[layer].skip(self.below if edit is None else self.below + edit.delta(self.below))
+        # The model is now inside that forward, past the masks and positions it derived from the (empty) cache.
+        self.cache.layers[:len(self.filled)] = self.filled
+
+
+@torch.inference_mode()
+def shared_prompt_pass(model, batch: Batch, layer: int) -> SharedPromptPass | None:
+    """`SharedPromptPass` of a left-padded batch, or None when no two rows share a prompt. The distinct prompts run
+    as rows of the batch's width at the positions generation derives from the attention mask, which gives the
+    batch's own values bit for bit on the CPU (tested against generating every row through every block)."""
+    from transformers import DynamicCache
+
+    repeats = distinct_rows(batch.input_ids)
+    if repeats is None:
+        return None
+    distinct, rows = repeats
+    ids, mask = batch.input_ids[distinct], batch.attention_mask[distinct]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    config = model._module.config
+    prompt_cache = DynamicCache(config=config)
+    with model.trace(ids, attention_mask=mask, position_ids=positions, cache=prompt_cache) as tracer:
+        below = blocks(model)[layer].output.save()
+        tracer.stop()  # nothing above the edited block is shared
+    filled = prompt_cache.layers[:layer + 1]
+    for cache_layer in filled:  # repeated over the rows in place: the generation's cache grows from these tensors
+        cache_layer.keys, cache_layer.values = cache_layer.keys[rows], cache_layer.values[rows]
+    return SharedPromptPass(below[rows], filled, DynamicCache(config=config))
 
 
 def cached_generate(model, model_key: str, token_ids: Sequence[Sequence[int]], layer: int | None,

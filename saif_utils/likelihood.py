@@ -13,6 +13,7 @@ from .logits import scored_token_logprob
 from .models import (
     check_model_layer,
     common_prefix_length,
+    distinct_rows,
     length_buckets,
     server_errors,
     shared_prefix_batches,
@@ -24,10 +25,11 @@ from .progress import tqdm
 @torch.inference_mode()
 def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
                          layer: int | None = None, edit: Intervention | None = None, batch_size: int = 8,
-                         remote: bool = False, desc: str = "log-probs") -> np.ndarray:
+                         remote: bool = False, desc: str = "log-probs", share_rows: bool = True) -> np.ndarray:
     """Mean log-probability per token of each continuation given its prefix (teacher-forced), optionally with
     `edit` (shared, or per row as `cached_logprob` stacks it) applied at every position of decoder block `layer`;
-    a progress bar named `desc` counts the batches.
+    a progress bar named `desc` counts the batches. With `share_rows`, rows of a batch that score the same sequence
+    run blocks 0 … `layer` once (`shared_block_output`; the same values).
 
     Without an edit, the tokens every prefix shares (fluency scores every response after one empty user turn) run
     once and their KV cache serves every batch."""
@@ -56,8 +58,15 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         if len(pos_rows) == 0:
             continue
         targets = ids[pos_rows, pos_cols + 1]
+        # Rows that score one sequence under several edits (an ablation's conditions) share blocks 0 … layer.
+        shared = edit is not None and share_rows and not remote
+        below = shared_block_output(model, ids, inputs["attention_mask"], layer) if shared else None
         with server_errors(remote, "scoring continuations"), model.trace(ids, **inputs, remote=remote) as tracer:
-            if edit is not None:
+            if below is not None:
+                for block in blocks(model)[:layer]:
+                    block.skip(below)  # any tensor of the block's shape: only the next block, skipped too, reads it
+                blocks(model)[layer].skip(below + edit.rows(rows).delta(below))
+            elif edit is not None:
                 resid = blocks(model)[layer].output
                 resid[:] += edit.rows(rows).delta(resid)
             hidden = final_norm(model).output
@@ -71,6 +80,19 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         del token_lp  # not shipped again with the next batch's remote trace (see models.residual_batches)
         trim_heap()
     return out
+
+
+def shared_block_output(model, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Block `layer`'s output `[B, S, d]` over a left-padded batch without the KV cache, computed once per distinct
+    row and repeated over the rows that share it (the same values bit for bit on the CPU); None when no row repeats."""
+    repeats = distinct_rows(ids)
+    if repeats is None:
+        return None
+    distinct, rows = repeats
+    with model.trace(ids[distinct], attention_mask=mask[distinct], use_cache=False) as tracer:
+        below = blocks(model)[layer].output.save()
+        tracer.stop()
+    return below[rows]
 
 
 def cached_logprob(model, model_key: str, prefix_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],

@@ -348,6 +348,17 @@ def length_buckets(token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: 
         yield Batch(rows, ids, mask)
 
 
+def distinct_rows(input_ids: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+    """`(distinct, source)` for a batch whose rows repeat: the first row of each distinct sequence, and for every row
+    the index into `distinct` of its own; None when every row is distinct."""
+    first: dict[tuple[int, ...], int] = {}
+    firsts = [first.setdefault(tuple(row), r) for r, row in enumerate(input_ids.tolist())]
+    if len(first) == len(firsts):
+        return None
+    index = {r: d for d, r in enumerate(first.values())}
+    return list(first.values()), torch.tensor([index[r] for r in firsts])
+
+
 def check_model_layer(model, layer: int) -> None:
     """Raise, naming the valid range, unless `layer` indexes a decoder block of the loaded `model`."""
     n_layers = len(blocks(model))

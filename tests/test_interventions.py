@@ -299,3 +299,50 @@ def test_sae_weights_encode_and_reconstruct_as_sae_lens_does(kind):
         full = weights.encode(x)
         cols = torch.cat([torch.nonzero(full[0, 0] > 0)[:3, 0], torch.tensor([0, 7, 255])])  # active and (mostly) not
         assert torch.equal(weights.encode_columns(x, cols), full[..., cols])
+
+
+@pytest.mark.parametrize("span", ["both", "prompt", "generated"])
+def test_rows_sharing_a_prompt_run_its_lower_blocks_once_with_the_same_tokens(tiny_model, setup, span):
+    """Generation runs blocks 0 … layer once per distinct prompt of a batch and hands their output and KV cache to
+    every row of it: the tokens equal a generation that runs every row through every block."""
+    from saif_utils.generation import shared_prompt_pass
+    from saif_utils.interventions import AblateLatents, stack_edits
+
+    ids, vector = setup
+    rows = [ids[0], ids[1], ids[0], ids[0], ids[1]]
+    vectors = AddVector(torch.stack([vector, -vector, 0.5 * vector, 0 * vector, 0.7 * vector]))
+    ablations = stack_edits([AblateLatents(_toy_sae(), (3, 7, 11), "toy"), None, None,
+                             AblateLatents(_toy_sae(), (5, 9), "toy"), AblateLatents(_toy_sae(), (3,), "toy")])
+    (batch,) = length_buckets(rows, 8, tiny_model.tokenizer.pad_token_id)
+    shared = shared_prompt_pass(tiny_model, batch, LAYER)
+    assert shared is not None and shared.below.shape[0] == len(rows) and len(shared.filled) == LAYER + 1
+    for edit in (vectors, ablations):
+        fast = generate_steered(tiny_model, rows, LAYER, edit, N_NEW, span=span)
+        slow = generate_steered(tiny_model, rows, LAYER, edit, N_NEW, span=span, share_prompts=False)
+        assert fast == slow
+        assert len({tuple(t) for t in fast}) >= 3, "the rows' edits must change their continuations"
+    (distinct,) = length_buckets(ids, 8, tiny_model.tokenizer.pad_token_id)
+    assert shared_prompt_pass(tiny_model, distinct, LAYER) is None, "no prompt is shared: nothing to run once"
+
+
+def test_rows_scoring_one_sequence_under_several_edits_share_their_lower_blocks(tiny_model, setup):
+    """Teacher-forced scoring runs blocks 0 … layer once per distinct sequence of a batch: the log-probabilities
+    equal, bit for bit, those of a pass that runs every row through every block."""
+    import numpy as np
+
+    from saif_utils.interventions import AblateLatents, stack_edits
+    from saif_utils.likelihood import continuation_logprob, shared_block_output
+
+    ids, vector = setup
+    cont = tiny_model.tokenizer("Bonjour, le chat dort.")["input_ids"]
+    rows, conts = [ids[0], ids[1], ids[0], ids[0]], [cont, cont[:3], cont, cont]
+    sae = _toy_sae()
+    for edit in (stack_edits([AblateLatents(sae, (3, 7, 11), "toy"), None, None, AblateLatents(sae, (5,), "toy")]),
+                 AddVector(torch.stack([vector, -vector, 0 * vector, 0.5 * vector]))):
+        fast = continuation_logprob(tiny_model, rows, conts, LAYER, edit)
+        slow = continuation_logprob(tiny_model, rows, conts, LAYER, edit, share_rows=False)
+        np.testing.assert_array_equal(fast, slow)
+        assert len(set(fast[[0, 2, 3]].tolist())) == 3, "each edit must change the score for the test to mean anything"
+    (batch,) = length_buckets([p + c for p, c in zip(rows, conts)], 8, tiny_model.tokenizer.pad_token_id)
+    below = shared_block_output(tiny_model, batch.input_ids, batch.attention_mask, LAYER)
+    assert below is not None and below.shape[0] == len(rows)
