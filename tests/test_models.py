@@ -178,3 +178,30 @@ def test_trim_heap_frees_the_tensors_a_stopped_trace_leaves_in_reference_cycles(
         gc.garbage.clear()
         gc.enable()
     assert left == [], f"{len(left)} tensors of a stopped trace were left for the cyclic collector"
+
+
+def test_trim_heap_freezes_what_its_first_collection_keeps_and_still_frees_later_traces(tiny_model, monkeypatch):
+    """The first collection freezes the long-lived objects (later full collections skip them), not the garbage it
+    frees; the garbage of a trace stopped after that is still freed."""
+    import gc
+
+    from saif_utils import models
+
+    monkeypatch.setattr(models, "_collect_trace_cycles", models._CycleCollector(every_s=0.0))
+    ids = [tokenize(tiny_model.tokenizer, [chat_prompt(tiny_model.tokenizer, p)])[0] for p in PROMPTS[:2]]
+    gc.unfreeze()  # as in a fresh kernel
+    gc.disable()  # only the collections the code itself runs
+    try:
+        batches = models.residual_batches(tiny_model, ids, [1], batch_size=1)
+        next(batches)  # a stopped trace, then the first trim: collect and freeze
+        assert gc.get_freeze_count() > 10_000, "the first collection freezes the imported libraries and the model"
+        next(batches)  # a trace stopped after the freeze, then a trim
+        gc.unfreeze()  # what was frozen is inspected too: a trace's garbage frozen before it was collected is a leak
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == [], f"{len(left)} tensors of stopped traces were left for the cyclic collector or frozen"
