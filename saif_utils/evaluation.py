@@ -10,15 +10,15 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import cache
 
 import numpy as np
 import pandas as pd
 
 from .data import Task, load_tasks
-from .degeneracy import degeneracy_signals
+from .degeneracy import DegeneracySignals, degeneracy_signals
 from .io import cached_json_items, content_hash
 from .language import dictionary_share, is_french, words
 from .progress import tqdm
@@ -256,6 +256,22 @@ def _checker_key(name: str) -> str:
     return f"{name}:{code_fingerprint(get_checker(name))}"
 
 
+def cached_degeneracy_signals(texts: Sequence[str]) -> list[DegeneracySignals]:
+    """`degeneracy_signals` of each text, cached per text under the signals' code fingerprint (the thresholds apply
+    to the cached values, so editing one re-reads rather than recomputes): a warm rerun of the sweeps reads ≈ 8k
+    texts' signals instead of rerunning their regexes, language detection and dictionary lookups."""
+    fingerprint = _signals_key()
+    return cached_json_items("degeneracy", [{"signals": fingerprint, "text": t} for t in texts],
+                             lambda missing: [asdict(degeneracy_signals(texts[i])) for i in missing],
+                             lambda entry: DegeneracySignals(**entry))
+
+
+@cache
+def _signals_key() -> str:
+    """The code fingerprint of `degeneracy_signals`, as it enters the signals' cache keys."""
+    return code_fingerprint(degeneracy_signals)
+
+
 def _verdict_entry(verdict: Verdict) -> dict:
     """A verdict as a JSON cache entry."""
     return {"strict": bool(verdict.strict), "loose": bool(verdict.loose)}
@@ -288,7 +304,7 @@ def judge(responses: pd.DataFrame, tasks: Mapping[str, Task] | None = None) -> p
     # fingerprint, so a new task or an edited checker re-judges only that checker's verdicts.
     keys = [{"checker": fingerprints[t], "task": t, "response": r, "source": src} for t, r, src in rows]
     verdicts = cached_json_items("verdicts", keys, compute, lambda e: Verdict(bool(e["strict"]), bool(e["loose"])))
-    signals = [degeneracy_signals(r) for r in responses["response"]]
+    signals = cached_degeneracy_signals(list(responses["response"]))
     degenerate = np.array([s.degenerate for s in signals])
     strict, loose = np.array([v.strict for v in verdicts]), np.array([v.loose for v in verdicts])
     return responses.assign(checker_strict=strict, checker_loose=loose, degenerate=degenerate,

@@ -148,3 +148,20 @@ def test_judge_fails_loops_that_a_checker_accepts():
     assert judged["degenerate"].tolist() == [False, True, True]
     assert judged["loose"].tolist() == [True, False, False] and judged["strict"].tolist()[1:] == [False, False]
     assert judged["degenerate_reasons"].iloc[0] == "" and "char_loop" in judged["degenerate_reasons"].iloc[1]
+
+
+def test_degeneracy_signals_are_cached_per_text_and_read_back_equal(tmp_path, monkeypatch):
+    from saif_utils.degeneracy import degeneracy_signals
+    from saif_utils.evaluation import cached_degeneracy_signals
+
+    monkeypatch.setenv("SAIF_CACHE_DIR", str(tmp_path))
+    texts = ["ocean-ocean-ocean-ocean-ocean-ocean-ocean", FRENCH[3], "", "ocean-ocean-ocean-ocean-ocean-ocean-ocean",
+             "The coffee cherry is the fruit of the coffee bean."]
+    fresh = [degeneracy_signals(t) for t in texts]
+    assert cached_degeneracy_signals(texts) == fresh
+    entries = sorted((tmp_path / "degeneracy").glob("*.json"))
+    assert len(entries) == 4, "one entry per distinct text"
+    stamp = {p: p.stat().st_mtime_ns for p in entries}
+    again = cached_degeneracy_signals(texts)
+    assert again == fresh and [s.reasons for s in again] == [s.reasons for s in fresh]
+    assert {p: p.stat().st_mtime_ns for p in entries} == stamp, "a warm read recomputes nothing"
