@@ -158,6 +158,19 @@ def test_a_corrupted_dequantised_cache_is_detected_and_rebuilt(tiny_model, tiny_
     assert sha256_file(weights) == recorded, "the corrupted cache was rebuilt from the GGUF"
 
 
+def _unreachable_tensors() -> list:
+    """The tensors a full collection finds unreachable now (kept for inspection, then released)."""
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 def test_trim_heap_frees_the_tensors_a_stopped_trace_leaves_in_reference_cycles(tiny_model, monkeypatch):
     import gc
 
@@ -170,12 +183,8 @@ def test_trim_heap_frees_the_tensors_a_stopped_trace_leaves_in_reference_cycles(
     try:
         batches = models.residual_batches(tiny_model, ids, [1], batch_size=len(ids))
         next(batches)  # one stopped trace, then `trim_heap` before the batch is yielded
-        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what this collection finds unreachable, for inspection
-        gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+        left = _unreachable_tensors()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.enable()
     assert left == [], f"{len(left)} tensors of a stopped trace were left for the cyclic collector"
 
@@ -197,11 +206,7 @@ def test_trim_heap_freezes_what_its_first_collection_keeps_and_still_frees_later
         assert gc.get_freeze_count() > 10_000, "the first collection freezes the imported libraries and the model"
         next(batches)  # a trace stopped after the freeze, then a trim
         gc.unfreeze()  # what was frozen is inspected too: a trace's garbage frozen before it was collected is a leak
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+        left = _unreachable_tensors()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.enable()
     assert left == [], f"{len(left)} tensors of stopped traces were left for the cyclic collector or frozen"
