@@ -72,6 +72,14 @@ def blocks(model):
     return _get(model, architecture_of(model).blocks)
 
 
+def skip_blocks_through(model, layer: int, below, output) -> None:
+    """Inside a trace: skip decoder blocks 0 … `layer`, block `layer` handing on `output`. `below` stands in for the
+    blocks under it (any tensor of the block's output shape: only the next block, skipped too, reads it)."""
+    for block in blocks(model)[:layer]:
+        block.skip(below)
+    blocks(model)[layer].skip(output)
+
+
 def final_norm(model):
     """The norm between the last block and the unembedding."""
     return _get(model, architecture_of(model).final_norm)

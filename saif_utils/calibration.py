@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architectures import blocks, final_norm
+from .architectures import blocks, final_norm, skip_blocks_through
 from .interventions import AddVector
 from .logits import coarse_kl, coarse_kl_and_logprob, scored_token_logprob
 from .models import length_buckets, residual_batches, server_errors, trim_heap
@@ -233,9 +233,7 @@ def steered_nll(model, layer: int, params: torch.Tensor, basis: torch.Tensor | N
             resid[:] = resid + AddVector(vector).delta(resid)
         else:
             stand_in = below.to(blocks(model)[0].input.device)  # the device the blocks run on (a no-op on CPU)
-            for block in blocks(model)[:layer]:
-                block.skip(stand_in)  # any tensor of the block's shape: only the next block, skipped too, reads it
-            blocks(model)[layer].skip(stand_in + AddVector(vector).delta(stand_in))
+            skip_blocks_through(model, layer, stand_in, stand_in + AddVector(vector).delta(stand_in))
         normed = final_norm(model).output
         hidden = normed[:, :-1][predicts.to(normed.device)]
         if objective == "kl" and backward:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import blocks
+from .architectures import blocks, skip_blocks_through
 from .interventions import SPANS, AddVector, Intervention, Span, per_prompt_edits, stack_edits
 from .io import cached_json_items
 from .models import Batch, check_model_layer, distinct_rows, length_buckets, server_errors, trim_heap
@@ -94,9 +94,8 @@ class SharedPromptPass:
     def replay(self, model, layer: int, edit: Intervention | None) -> None:
         """Inside the batch's generation trace, at its first forward: skip blocks 0 … `layer`, handing on block
         `layer`'s output with `edit` applied, and give the cache what they would have written."""
-        for block in blocks(model)[:layer]:
-            block.skip(self.below)  # any tensor of the block's shape: only the next block, skipped too, reads it
-        blocks(model)[layer].skip(self.below if edit is None else self.below + edit.delta(self.below))
+        skip_blocks_through(model, layer, self.below,
+                            self.below if edit is None else self.below + edit.delta(self.below))
         # The model is now inside that forward, past the masks and positions it derived from the (empty) cache.
         self.cache.layers[:len(self.filled)] = self.filled
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .architectures import blocks, final_norm
+from .architectures import blocks, final_norm, skip_blocks_through
 from .interventions import Intervention, per_prompt_edits, stack_edits
 from .io import cached_json_items
 from .logits import scored_token_logprob
@@ -63,9 +63,7 @@ def continuation_logprob(model, prefix_ids: Sequence[Sequence[int]], cont_ids: S
         below = shared_block_output(model, ids, inputs["attention_mask"], layer) if shared else None
         with server_errors(remote, "scoring continuations"), model.trace(ids, **inputs, remote=remote) as tracer:
             if below is not None:
-                for block in blocks(model)[:layer]:
-                    block.skip(below)  # any tensor of the block's shape: only the next block, skipped too, reads it
-                blocks(model)[layer].skip(below + edit.rows(rows).delta(below))
+                skip_blocks_through(model, layer, below, below + edit.rows(rows).delta(below))
             elif edit is not None:
                 resid = blocks(model)[layer].output
                 resid[:] += edit.rows(rows).delta(resid)

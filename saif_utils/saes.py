@@ -13,7 +13,7 @@ import nnsight
 import numpy as np
 import torch
 
-from .architectures import blocks, final_norm, lm_head
+from .architectures import blocks, final_norm, lm_head, skip_blocks_through
 from .corpus import TokenCorpus, build_token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
 from .models import (
@@ -357,10 +357,8 @@ def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_s
                 replacement = sae(resid) if sae is not None else torch.zeros_like(resid)
                 resid[:] = torch.where(splice.to(resid.device), replacement, resid)
             else:
-                for block in blocks(model)[:layer]:
-                    block.skip(below)  # any tensor of the block's shape: only the next block, skipped too, reads it
                 replacement = sae(below) if sae is not None else torch.zeros_like(below)
-                blocks(model)[layer].skip(torch.where(splice.to(below.device), replacement, below))
+                skip_blocks_through(model, layer, below, torch.where(splice.to(below.device), replacement, below))
             hidden = final_norm(model).output
             saved = hidden[:, :-1][keep.to(hidden.device)].detach().cpu().save()
             tracer.stop()
