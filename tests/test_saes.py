@@ -140,6 +140,49 @@ def test_v2_corpus_keeps_long_texts_and_reads_the_extra_prompts(tiny_model):
 
 
 @pytest.mark.slow
+def test_token_corpus_is_read_back_until_its_tokenizer_sources_or_arguments_change(tiny_model, monkeypatch, tmp_path):
+    """A rerun reads the cached corpus back (the same ids and manifest, nothing rebuilt), also from a copy of a source
+    file elsewhere; another tokenizer, an edited source file or another argument builds it anew."""
+    import copy
+    import shutil
+
+    from saif_utils import corpus
+
+    tok = tiny_model.tokenizer
+    built = corpus.token_corpus(tok, 20_000, 5_000, 64)
+
+    def rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(corpus, "build_token_corpus", rebuild)
+    read = corpus.token_corpus(tok, 20_000, 5_000, 64)
+    assert (read.train_ids, read.eval_ids, read.manifest) == (built.train_ids, built.eval_ids, built.manifest)
+
+    moved = tmp_path / "data" / "sae_corpus" / corpus.INSTRUCTION_PROMPTS.name
+    moved.parent.mkdir(parents=True)
+    shutil.copy(corpus.INSTRUCTION_PROMPTS, moved)
+    monkeypatch.setattr(corpus, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(corpus, "INSTRUCTION_PROMPTS", moved)
+    assert corpus.token_corpus(tok, 20_000, 5_000, 64).train_ids == built.train_ids
+
+    other_template, other_truncation = copy.deepcopy(tok), copy.deepcopy(tok)
+    other_template.chat_template = tok.chat_template.replace("You are", "You were")
+    other_truncation.truncation_side = "left"
+    changes = {"context size": lambda: corpus.token_corpus(tok, 20_000, 5_000, 32),
+               "seed": lambda: corpus.token_corpus(tok, 20_000, 5_000, 64, seed=1),
+               "chat template": lambda: corpus.token_corpus(other_template, 20_000, 5_000, 64),
+               "truncation side": lambda: corpus.token_corpus(other_truncation, 20_000, 5_000, 64)}
+    for change, call in changes.items():
+        with pytest.raises(AssertionError, match="rebuilt"):
+            call()
+            pytest.fail(f"a corpus built with another {change} was read from the cache")
+    with moved.open("a", encoding="utf-8") as fh:
+        fh.write('{"text": "One more prompt."}\n')
+    with pytest.raises(AssertionError, match="rebuilt"):
+        corpus.token_corpus(tok, 20_000, 5_000, 64)
+
+
+@pytest.mark.slow
 def test_v2_windows_begin_like_a_prompt_and_hold_no_attention_sink(tiny_model):
     """A window cut from the middle of a long text repeats its document's chat-template opening: without it the model
     turns the window's first content tokens into attention sinks (~150× the median residual norm) that would
