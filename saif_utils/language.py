@@ -45,10 +45,40 @@ def is_french(text: str, p_min: float = FRENCH_P_MIN) -> bool:
     return lang == "fr" and p >= p_min and _langid().classify(text)[0] == "fr"
 
 
+MAX_WORDLISTS = 4
+"""wordfreq word lists held in memory at once (≈ 35–60 MB each, see `_WordlistBudget`)."""
+
+
+class _WordlistBudget:
+    """Bounds the word lists wordfreq keeps loaded. wordfreq caches every list it loads for good, and a sweep's steered
+    gibberish is detected as dozens of languages, so the judge's memory grew by a list per new language. Past
+    `max_lists` languages, wordfreq's list caches are emptied; the next lookups reload what they need (≈ 0.2 s a list),
+    and every lookup returns what it would have returned anyway."""
+
+    def __init__(self, max_lists: int):
+        self.max_lists, self.loaded = max_lists, set()
+
+    def admit(self, lang: str) -> None:
+        """Make room for `lang`'s list before a lookup in it."""
+        if lang in self.loaded:
+            return
+        if len(self.loaded) >= self.max_lists:
+            from wordfreq import get_frequency_dict, get_frequency_list
+
+            get_frequency_dict.cache_clear()
+            get_frequency_list.cache_clear()
+            self.loaded.clear()
+        self.loaded.add(lang)
+
+
+_wordlists = _WordlistBudget(MAX_WORDLISTS)
+
+
 @cache
 def _zipf(word: str, lang: str) -> float:
     from wordfreq import zipf_frequency
 
+    _wordlists.admit(lang)
     return zipf_frequency(word, lang)
 
 

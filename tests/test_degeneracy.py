@@ -72,6 +72,22 @@ def test_each_signal_measures_its_own_pattern():
     assert dictionary_share(words("Thrumble vasquet orindal presh"), ("en", "fr")) == 0.0
 
 
+def test_dictionary_lookups_in_many_languages_keep_a_bounded_number_of_word_lists_loaded():
+    """Steered gibberish is detected as dozens of languages; wordfreq would keep every list it loads (≈ 35–60 MB
+    each), so the judge holds at most `MAX_WORDLISTS` of them, and a word's verdict does not depend on which are held."""
+    from wordfreq import get_frequency_dict, zipf_frequency
+
+    from saif_utils.language import MAX_WORDLISTS
+
+    languages = ("de", "es", "it", "pt", "nl", "pl", "sv", "da")
+    assert len(languages) > MAX_WORDLISTS
+    # Words no earlier test looked up, so every language's list is consulted (the lookups themselves are memoised).
+    shares = [dictionary_share(words(f"haus katze hund qqbounded{lang}"), ("en", "fr", lang)) for lang in languages]
+    assert get_frequency_dict.cache_info().currsize <= MAX_WORDLISTS
+    assert shares[0] == 0.75 and shares[-1] == 0.5, "German words are German, not Danish"
+    assert zipf_frequency("katze", "de") >= 2.0 > zipf_frequency("katze", "da")
+
+
 def test_reasons_name_every_crossed_threshold():
     signals = degeneracy_signals(DEGENERATE["repeated_lines"])
     assert {"char_loop", "line_repeat"} <= set(signals.reasons)
