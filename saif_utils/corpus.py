@@ -215,7 +215,7 @@ def token_corpus(tokenizer, n_train_tokens: int, n_eval_tokens: int, context_siz
     corpus = build_token_corpus(tokenizer, n_train_tokens, n_eval_tokens, context_size, seed, version)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, manifest=np.array(json.dumps(corpus.manifest)),
-                 **{name: np.fromiter((t for ids in texts for t in ids), dtype=np.int64)
+                 **{name: np.fromiter((t for ids in texts for t in ids), dtype=np.int32)
                     for name, texts in (("train", corpus.train_ids), ("eval", corpus.eval_ids))},
                  **{f"{name}_lengths": np.array([len(ids) for ids in texts], dtype=np.int64)
                     for name, texts in (("train", corpus.train_ids), ("eval", corpus.eval_ids))})
