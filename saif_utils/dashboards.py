@@ -154,6 +154,12 @@ def render_page(title: str, intro: str, layers: list[dict], n_tokens: int) -> st
 def task_layers(task_selected: pd.DataFrame, proximity: pd.DataFrame, breakdown: pd.DataFrame,
                 cards: dict[int, dict[int, dict]], urls: dict[int, str]) -> list[dict]:
     """The cards of one task's selected latents per layer (rank order, both positions merged)."""
+    # Every latent's language × kind breakdown in one aggregation, looked up per card (one per card took seconds).
+    breakdowns: dict[tuple[int, int], list[dict]] = {}
+    for rec in (breakdown.groupby(["layer", "latent", "language", "kind"], as_index=False)
+                .agg(n_pairs=("n_pairs", "first"), consistency=("consistency", "mean"), freq_pos=("freq_pos", "mean"))
+                .to_dict("records")):
+        breakdowns.setdefault((int(rec.pop("layer")), int(rec.pop("latent"))), []).append(rec)
     layers = []
     for layer, group in task_selected.groupby("layer"):
         merged = (group.sort_values(["rank", "position"]).groupby("latent", sort=False)
@@ -166,14 +172,11 @@ def task_layers(task_selected: pd.DataFrame, proximity: pd.DataFrame, breakdown:
         for rec in merged.to_dict("records"):
             latent, card = int(rec["latent"]), cards[layer][int(rec["latent"])]
             peak = max((t["act"] for c in card["contexts"] for t in c["tokens"]), default=0.0)
-            parts = breakdown[(breakdown["layer"] == layer) & (breakdown["latent"] == latent)]
             rows.append(rec | card | {
                 "latent": latent, "scale": peak or 1.0, "url": f"{urls[layer]}/{latent}" if layer in urls else None,
                 "top_tokens": lens.at[latent, "top_tokens"] if latent in lens.index else "",
                 "bottom_tokens": lens.at[latent, "bottom_tokens"] if latent in lens.index else "",
-                "breakdown": parts.groupby(["language", "kind"], as_index=False)
-                .agg(n_pairs=("n_pairs", "first"), consistency=("consistency", "mean"), freq_pos=("freq_pos", "mean"))
-                .to_dict("records")})
+                "breakdown": breakdowns.get((int(layer), latent), [])})
         layers.append({"layer": int(layer), "cards": rows})
     return layers
 

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from saif_utils.dashboards import DashboardConfig, held_out_budget, latent_cards, render_page
+from saif_utils.dashboards import DashboardConfig, held_out_budget, latent_cards, render_page, task_layers
 from saif_utils.profiles import PROFILES
 from saif_utils.saes import neuronpedia_ids
 
@@ -40,6 +40,33 @@ def test_a_page_escapes_tokens_and_needs_no_network():
     assert not re.search(r"<(script|link|img)\b", page), "self-contained: no script, stylesheet or image fetch"
     assert 'id="layer-6"' in page and 'href="https://www.neuronpedia.org/g/6-x/7"' in page
     assert "rgba(224,123,0,1.00)" in page and page.count("<rect") == 2
+
+
+def test_each_card_holds_its_own_latents_breakdown_by_language_and_kind():
+    """A card's table aggregates the breakdown rows of its layer and latent only (pairs: first; consistency and firing:
+    mean over the rows of a language and kind), in language then kind order; a latent without rows gets none."""
+    import pandas as pd
+
+    selected = pd.DataFrame({"layer": [6, 6, 6, 9], "latent": [7, 7, 3, 7], "rank": [2, 1, 3, 1],
+                             "position": ["pre", "post", "post", "post"], "weight": [0.5, 0.5, 0.2, 0.9],
+                             "consistency": [0.8, 0.8, 0.6, 0.7]})
+    breakdown = pd.DataFrame({"layer": [6, 6, 6, 6, 9], "latent": [7, 7, 7, 4, 7],
+                              "language": ["fr", "en", "fr", "en", "en"],
+                              "kind": ["paraphrase", "paraphrase", "paraphrase", "paraphrase", "translation"],
+                              "n_pairs": [12, 5, 12, 9, 4], "consistency": [0.5, 0.9, 1.0, 0.1, 0.2],
+                              "freq_pos": [0.25, 0.6, 0.75, 0.3, 0.4]})
+    proximity = pd.DataFrame({"layer": [6, 9], "latent": [7, 7], "control": [False, False],
+                              "top_tokens": ["a", "b"], "bottom_tokens": ["c", "d"]})
+    card = {"contexts": [], "freq": 0.0, "hist_counts": [], "hist_edges": []}
+    layers = task_layers(selected, proximity, breakdown, {6: {7: card, 3: card}, 9: {7: card}}, {})
+    by_latent = {(layer["layer"], c["latent"]): c for layer in layers for c in layer["cards"]}
+    assert by_latent[(6, 7)]["breakdown"] == [
+        {"language": "en", "kind": "paraphrase", "n_pairs": 5, "consistency": 0.9, "freq_pos": 0.6},
+        {"language": "fr", "kind": "paraphrase", "n_pairs": 12, "consistency": 0.75, "freq_pos": 0.5}]
+    assert by_latent[(9, 7)]["breakdown"] == [
+        {"language": "en", "kind": "translation", "n_pairs": 4, "consistency": 0.2, "freq_pos": 0.4}]
+    assert by_latent[(6, 3)]["breakdown"] == []
+    assert [c["latent"] for c in layers[0]["cards"]] == [7, 3] and by_latent[(6, 7)]["positions"] == "post and pre"
 
 
 def test_held_out_budget_keeps_whole_texts():
