@@ -117,7 +117,9 @@ def test_notebooks_remote_equal_the_local_run_and_write_no_key(local_ndif, tiny_
     for name in HEADLINE_TABLES:
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
         remote, local = read(run_dir / name), read(local_dir / name)
-        pd.testing.assert_frame_equal(remote, local, check_exact=False, rtol=1e-4, atol=1e-6, obj=name)
+        # Log-prob drops near 0 are differences of float32 means: the server scores rows in other batch layouts (no
+        # shared lower blocks), which moves them by ~1e-6 on some CPUs; a real divergence is orders larger.
+        pd.testing.assert_frame_equal(remote, local, check_exact=False, rtol=1e-4, atol=1e-5, obj=name)
         exact = [c for c in local if local[c].dtype.kind != "f" or c.endswith(("_acc", "_ci_low", "_ci_high"))]
         pd.testing.assert_frame_equal(remote[exact], local[exact], check_exact=True, obj=f"{name} (exact columns)")
     executed = sorted(run_dir.glob("0[2-5]_*/*.ipynb"))
